@@ -1,0 +1,49 @@
+"""`ctnocvr` command line: one sub-command group per package area.
+
+Each area registers its own sub-commands through ``register(subparsers)`` in its ``commands``
+module, so this file only wires them together (and imports torch lazily per command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: (module, help) of every command area, in --help order
+AREAS = [
+    ("ctnocvr_rec.data.commands", "data: synth | prepare | stats"),
+    ("ctnocvr_rec.train.commands", "train / eval"),
+    ("ctnocvr_rec.plan.commands", "plan: embedding sharding plans"),
+    ("ctnocvr_rec.experiments.commands", "experiment / report: the paper's tables and figures"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctnocvr", description="TorchRec multi-task CVR trainer with the CTnoCVR auxiliary task"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name, _ in AREAS:
+        module = importlib.import_module(module_name)
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as e:
+        # user-facing errors (bad config, bad input files) print one clear line, not a traceback
+        if getattr(args, "debug", False):
+            raise
+        print(f"ctnocvr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

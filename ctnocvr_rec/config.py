@@ -1,0 +1,268 @@
+"""Typed run configuration: nested dataclasses loaded from YAML with dotted overrides.
+
+``load_config("configs/mmoe.yaml", ["model.num_experts=8", "train.steps=200"])`` returns a
+:class:`RunConfig`. Unknown keys (in YAML or in an override) raise :class:`ConfigError` listing the
+valid keys at that level, so a typo never silently falls back to a default.
+
+Each section belongs to one part of the package (``data``, ``model``, ``train``, ``eval``,
+``plan``); the owners add fields to their own section only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that does not fit the schema."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared shards live and how they are read."""
+
+    #: folder written by ``ctnocvr data prepare`` (holds manifest.json, vocab, train/ valid/ test/)
+    prepared_dir: str = "artifacts/data/prepared"
+    #: field schema YAML (see configs/fields/aliccp.yaml)
+    schema: str = "configs/fields/aliccp.yaml"
+    train_split: str = "train"
+    eval_split: str = "valid"
+    test_split: str = "test"
+    batch_size: int = 4096
+    eval_batch_size: int = 8192
+    num_workers: int = 0
+    #: seed of the per-epoch shuffle of shard order and of rows inside a read buffer
+    shuffle_seed: int = 0
+    shuffle_buffer_batches: int = 4
+
+
+@dataclass
+class ModelConfig:
+    """Ranker architecture (paper Sec. 2.3 / 3.2; defaults are the paper's)."""
+
+    #: one of esmm | mmoe | cgc | ple
+    arch: str = "mmoe"
+    #: False = the paper's "Base" model; True = "+CTnoCVR"
+    use_ctnocvr: bool = True
+    #: default embedding dim of every field (paper sweeps {12, 18, 24})
+    embedding_dim: int = 18
+    #: per-field overrides of the embedding dim, e.g. {"101": 24}
+    field_embedding_dims: dict[str, int] = field(default_factory=dict)
+    num_experts: int = 8  # MMoE shared experts
+    num_shared_experts: int = 4  # CGC/PLE shared experts (m_s)
+    num_task_experts: int = 4  # CGC/PLE experts per task (m_k)
+    num_levels: int = 2  # PLE extraction levels (CGC is PLE with 1 level)
+    expert_hidden: list[int] = field(default_factory=lambda: [16])
+    tower_hidden: list[int] = field(default_factory=lambda: [300, 200, 80])
+    dropout: float = 0.0
+    #: loss weights of eq. 6 (lambda_cvr: paper best 0.5; lambda_ctnocvr: weight of the CTnoCVR term)
+    loss_weight_ctr: float = 1.0
+    loss_weight_cvr: float = 0.5
+    loss_weight_ctnocvr: float = 1.0
+    loss_weight_ctcvr: float = 1.0  # ESMM only
+    #: the paper's "score weight" omega (Fig. 3b, best 0.01): weight of BCE(c, pCTR*(1-pCVR))
+    score_weight: float = 0.01
+
+
+@dataclass
+class OptimConfig:
+    #: fused sparse optimiser of the tables: exact_rowwise_adagrad | exact_adagrad | exact_sgd
+    #: (CPU kernels support only these three; GPU also: adam, partial_rowwise_adam, lamb, lars_sgd)
+    sparse: str = "exact_rowwise_adagrad"
+    sparse_lr: float = 0.05
+    sparse_eps: float = 1e-8
+    #: dense optimiser: adam | adagrad | sgd
+    dense: str = "adam"
+    dense_lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    #: none | linear | cosine (decay over train.steps after warm-up)
+    decay: str = "none"
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 1
+    #: stop after this many steps (0 = run the epochs)
+    steps: int = 0
+    eval_every_steps: int = 0
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 2
+    log_every_steps: int = 20
+    run_dir: str = "runs/default"
+    #: cpu | cuda | auto
+    device: str = "auto"
+    bf16: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class EvalConfig:
+    #: write per-row predictions to Parquet in the run folder
+    save_predictions: bool = False
+    gauc: bool = True
+
+
+@dataclass
+class PlanConfig:
+    """Embedding sharding plan inputs (shared by `ctnocvr train` and `ctnocvr plan`)."""
+
+    #: path of a saved plan (JSON) to enforce instead of planning
+    plan_file: str = ""
+    #: none | fixed | heuristic  storage reservation used by the planner
+    storage_reservation: str = "fixed"
+    storage_reservation_percentage: float = 0.15
+    #: per-table constraints: {"t_101": {"sharding_types": ["table_wise"], "compute_kernels": ["fused"]}}
+    constraints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: hbm/ddr capacity per rank in GiB (0 = TorchRec's defaults for the device)
+    hbm_gb: float = 0.0
+    ddr_gb: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Strict loading
+# --------------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError as e:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from e
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from e
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], values: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from ``values``; unknown keys are errors naming the valid ones."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        at = where or "top level"
+        raise ConfigError(f"unknown key(s) {unknown} at {at}; valid keys: {names}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
+    """Apply ``a.b.c=raw`` to the nested dict ``tree`` (validated against ``cls``)."""
+    keys = dotted.split(".")
+    node, node_cls = tree, cls
+    for i, key in enumerate(keys):
+        names = [f.name for f in dataclasses.fields(node_cls)]
+        if key not in names:
+            at = ".".join(keys[:i]) or "top level"
+            raise ConfigError(f"unknown key {key!r} in override {dotted!r} at {at}; valid keys: {names}")
+        tp = typing.get_type_hints(node_cls)[key]
+        if i == len(keys) - 1:
+            # YAML parses the value so that lists/dicts/numbers/bools can be given on the CLI
+            node[key] = yaml.safe_load(raw) if raw != "" else ""
+            return
+        if typing.get_origin(tp) is dict:
+            # dotted keys into a free-form mapping: model.field_embedding_dims.101=24
+            sub = node.setdefault(key, {})
+            rest = ".".join(keys[i + 1 :])
+            sub[rest] = yaml.safe_load(raw)
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is not a section")
+        node = node.setdefault(key, {})
+        node_cls = tp
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, cls: type[T] = RunConfig
+) -> T:
+    """Load ``cls`` from a YAML file (optional) and ``key.sub=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if path:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        tree = loaded
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        dotted, raw = item.split("=", 1)
+        _set_dotted(tree, cls, dotted.strip(), raw.strip())
+    try:
+        return from_dict(cls, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path or '<overrides>'}: {e}") from None
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

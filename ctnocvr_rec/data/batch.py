@@ -1,0 +1,112 @@
+"""The batch contract between the data loader, the rankers and the training pipeline.
+
+A :class:`CtnocvrBatch` holds one weighted ``KeyedJaggedTensor`` of every schema field (keys
+``f_<field>`` in schema order; weights are 1.0 for unweighted fields, the logged value for weighted
+ones) and the per-row labels. It is a ``torchrec.streamable.Pipelineable`` so that
+``TrainPipelineSparseDist`` can move it and overlap its input distribution.
+
+The CTnoCVR label (paper Sec. 2.2: c = 1 iff click = 1 and conversion = 0) is derived here and only
+here, in :func:`derive_ctnocvr_label`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+
+def derive_ctnocvr_label(click: torch.Tensor, conversion: torch.Tensor) -> torch.Tensor:
+    """c = click AND NOT conversion, as float {0, 1} of the same shape (paper Sec. 2.2).
+
+    >>> derive_ctnocvr_label(torch.tensor([0., 1., 1.]), torch.tensor([0., 0., 1.]))
+    tensor([0., 1., 0.])
+    """
+    return ((click > 0.5) & ~(conversion > 0.5)).to(torch.float32)
+
+
+@dataclass
+class CtnocvrBatch(Pipelineable):
+    """One training/evaluation batch.
+
+    Attributes:
+        sparse_features: weighted KJT, keys ``f_<field>`` (schema order), ``stride() == B``.
+        click: float32 ``[B]`` in {0, 1}.
+        conversion: float32 ``[B]`` in {0, 1} (never 1 where click is 0: such rows are rejected).
+        ctnocvr: float32 ``[B]``, :func:`derive_ctnocvr_label` of the two above.
+        sample_id: int64 ``[B]``, the row's ``sample_id`` from the skeleton file (joins predictions
+            to the synthetic ground-truth sidecar).
+        request_id: int64 ``[B]``, the row's ``common_feature_index`` mapped to an integer: the
+            impressions of one request (used for ranking reports).
+        user_id: int64 ``[B]``, raw user id (field 101) or -1 (used for GAUC).
+    """
+
+    sparse_features: KeyedJaggedTensor
+    click: torch.Tensor
+    conversion: torch.Tensor
+    ctnocvr: torch.Tensor
+    sample_id: torch.Tensor
+    request_id: torch.Tensor
+    user_id: torch.Tensor
+
+    @classmethod
+    def from_labels(
+        cls,
+        sparse_features: KeyedJaggedTensor,
+        click: torch.Tensor,
+        conversion: torch.Tensor,
+        sample_id: torch.Tensor | None = None,
+        request_id: torch.Tensor | None = None,
+        user_id: torch.Tensor | None = None,
+    ) -> CtnocvrBatch:
+        """Build a batch, deriving ``ctnocvr`` and defaulting the id columns."""
+        n = click.shape[0]
+        click = click.to(torch.float32)
+        conversion = conversion.to(torch.float32)
+        ids = torch.arange(n, dtype=torch.int64)
+        return cls(
+            sparse_features=sparse_features,
+            click=click,
+            conversion=conversion,
+            ctnocvr=derive_ctnocvr_label(click, conversion),
+            sample_id=ids if sample_id is None else sample_id,
+            request_id=ids if request_id is None else request_id,
+            user_id=torch.full((n,), -1, dtype=torch.int64) if user_id is None else user_id,
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.click.shape[0])
+
+    @property
+    def clicked_mask(self) -> torch.Tensor:
+        return self.click > 0.5
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> CtnocvrBatch:
+        return CtnocvrBatch(
+            sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
+            click=self.click.to(device=device, non_blocking=non_blocking),
+            conversion=self.conversion.to(device=device, non_blocking=non_blocking),
+            ctnocvr=self.ctnocvr.to(device=device, non_blocking=non_blocking),
+            sample_id=self.sample_id.to(device=device, non_blocking=non_blocking),
+            request_id=self.request_id.to(device=device, non_blocking=non_blocking),
+            user_id=self.user_id.to(device=device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.sparse_features.record_stream(stream)
+        for t in (self.click, self.conversion, self.ctnocvr, self.sample_id, self.request_id, self.user_id):
+            t.record_stream(stream)
+
+    def pin_memory(self) -> CtnocvrBatch:
+        return CtnocvrBatch(
+            sparse_features=self.sparse_features.pin_memory(),
+            click=self.click.pin_memory(),
+            conversion=self.conversion.pin_memory(),
+            ctnocvr=self.ctnocvr.pin_memory(),
+            sample_id=self.sample_id.pin_memory(),
+            request_id=self.request_id.pin_memory(),
+            user_id=self.user_id.pin_memory(),
+        )

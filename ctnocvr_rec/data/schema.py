@@ -1,0 +1,150 @@
+"""Field schema: which Ali-CCP fields exist, their group, arity, weighting and id mapping.
+
+The schema is data (``configs/fields/aliccp.yaml``), not code: readers, loaders and the embedding
+module all iterate over :class:`FieldSchema` instead of naming fields.
+
+Naming conventions used across the package:
+
+* ``spec.name`` – the Ali-CCP field id (``"101"``, ``"109_14"``), also the Parquet column name;
+* ``spec.weight_column`` – ``"<name>__w"``, the Parquet column of weights of a weighted field;
+* ``spec.feature_name`` – ``"f_<name>"``, the key in the ``KeyedJaggedTensor``;
+* ``spec.table_name`` – ``"t_<name>"`` unless the YAML sets ``table:`` to share a table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+GROUPS = ("user", "item", "combination", "context")
+MAPPINGS = ("vocab", "hash")
+OOV_ID = 0  # vocab mapping: id 0 is the out-of-vocabulary bucket; known ids are 1..V
+
+
+class SchemaError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    name: str
+    group: str
+    multi_valued: bool = False
+    weighted: bool = False
+    mapping: str = "vocab"
+    min_count: int = 1
+    num_buckets: int = 0
+    table: str = ""
+
+    @property
+    def feature_name(self) -> str:
+        return f"f_{self.name}"
+
+    @property
+    def table_name(self) -> str:
+        return self.table or f"t_{self.name}"
+
+    @property
+    def weight_column(self) -> str:
+        return f"{self.name}__w"
+
+    @property
+    def is_user(self) -> bool:
+        """User fields are stored in the common-features file, keyed by common_feature_index."""
+        return self.group == "user"
+
+
+@dataclass(frozen=True)
+class FieldSchema:
+    fields: tuple[FieldSpec, ...]
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __iter__(self) -> Iterator[FieldSpec]:
+        return iter(self.fields)
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+    def __getitem__(self, name: str) -> FieldSpec:
+        for spec in self.fields:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"field {name!r} not in schema {self.source or ''}; fields: {self.names}")
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.fields]
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.feature_name for f in self.fields]
+
+    def by_group(self, group: str) -> list[FieldSpec]:
+        return [f for f in self.fields if f.group == group]
+
+    @property
+    def user_fields(self) -> list[FieldSpec]:
+        return [f for f in self.fields if f.is_user]
+
+    @property
+    def skeleton_fields(self) -> list[FieldSpec]:
+        return [f for f in self.fields if not f.is_user]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fields": [
+                {
+                    "name": f.name,
+                    "group": f.group,
+                    "multi_valued": f.multi_valued,
+                    "weighted": f.weighted,
+                    "mapping": f.mapping,
+                    "min_count": f.min_count,
+                    "num_buckets": f.num_buckets,
+                    "table": f.table,
+                }
+                for f in self.fields
+            ]
+        }
+
+    @classmethod
+    def from_dict(cls, tree: dict[str, Any], source: str = "") -> FieldSchema:
+        defaults = dict(tree.get("defaults") or {})
+        raw_fields = tree.get("fields")
+        if not isinstance(raw_fields, list) or not raw_fields:
+            raise SchemaError(f"{source}: 'fields' must be a non-empty list")
+        valid = set(FieldSpec.__dataclass_fields__)
+        specs: list[FieldSpec] = []
+        for i, entry in enumerate(raw_fields):
+            where = f"{source}: fields[{i}]"
+            if not isinstance(entry, dict) or "name" not in entry:
+                raise SchemaError(f"{where}: each field needs at least 'name' and 'group'")
+            unknown = set(entry) - valid
+            if unknown:
+                raise SchemaError(f"{where}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(valid)}")
+            merged = {**{k: v for k, v in defaults.items() if k in valid}, **entry}
+            merged["name"] = str(merged["name"])
+            spec = FieldSpec(**merged)
+            if spec.group not in GROUPS:
+                raise SchemaError(f"{where} ({spec.name}): group {spec.group!r} not in {GROUPS}")
+            if spec.mapping not in MAPPINGS:
+                raise SchemaError(f"{where} ({spec.name}): mapping {spec.mapping!r} not in {MAPPINGS}")
+            if spec.mapping == "hash" and spec.num_buckets <= 0:
+                raise SchemaError(f"{where} ({spec.name}): mapping 'hash' needs num_buckets > 0")
+            specs.append(spec)
+        names = [s.name for s in specs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise SchemaError(f"{source}: duplicate field name(s) {dup}")
+        return cls(tuple(specs), source=source)
+
+
+def load_schema(path: str | Path) -> FieldSchema:
+    with open(path, encoding="utf-8") as f:
+        tree = yaml.safe_load(f) or {}
+    return FieldSchema.from_dict(tree, source=str(path))
