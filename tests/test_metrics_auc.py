@@ -12,6 +12,6 @@ def test_auc_matches_sklearn_with_ties():
 
 
 def test_auc_hand_case_and_degenerate():
-    assert roc_auc(np.array([0, 1, 0, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == 0.75
+    assert roc_auc(np.array([0, 1, 0, 1]), np.array([0.1, 0.4, 0.45, 0.8])) == 0.75
     assert roc_auc(np.array([0, 1]), np.array([0.5, 0.5])) == 0.5
     assert np.isnan(roc_auc(np.array([1, 1]), np.array([0.1, 0.2])))
