@@ -1,0 +1,525 @@
+"""The one place that builds TorchRec's sharders, topology and planner.
+
+``ctnocvr train`` (through DMP) and ``ctnocvr plan`` (what-if plans on a laptop) both call these
+functions, so the plan printed by the tool is the plan the trainer would make for the same inputs.
+
+* :func:`make_sharders` – the sharder list *with* the fused sparse optimiser. The same list must go to
+  the planner and to ``DistributedModelParallel``: the planner sizes optimiser state from the sharder's
+  ``fused_params`` and DMP builds the fused kernels from them (a sharder without them silently falls
+  back to fbgemm's EXACT_SGD).
+* :func:`make_topology` – ``Topology`` through ``TopologyFactory`` (no "build it with the factory"
+  warning), capacities per rank in GiB.
+* :func:`build_planner` – ``EmbeddingShardingPlanner`` with a storage reservation that does not warn
+  and per-table ``ParameterConstraints`` from :class:`~ctnocvr_rec.config.PlanConfig`, checked against
+  the CPU rules first so a CPU run asking for row-wise sharding or UVM gets an explanation instead of
+  "No available sharding type".
+* :func:`plan_to_json` / :func:`plan_from_json` / :func:`check_plan_compatible` – the saved plan
+  format for ``ctnocvr plan --save`` and ``ctnocvr train --plan``.
+
+Heavy imports (torch, torchrec) are at module level here: this module is only imported by code that
+is about to plan or shard anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torch import nn
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.storage_reservations import (
+    FixedPercentageStorageReservation,
+    HeuristicalStorageReservation,
+)
+from torchrec.distributed.planner.types import (
+    HardwareConfig,
+    KernelConfig,
+    StorageReservation,
+    TopologyFactory,
+    TrainerConfig,
+)
+from torchrec.distributed.types import (
+    EnumerableShardingSpec,
+    ModuleSharder,
+    ParameterSharding,
+    ShardingPlan,
+    ShardingType,
+    ShardMetadata,
+)
+
+from ctnocvr_rec.config import OptimConfig, PlanConfig
+
+GIB = 1 << 30
+
+#: version of the saved plan format (bumped when the JSON layout changes)
+PLAN_FORMAT_VERSION = 1
+
+# ---------------------------------------------------------------------------------------------
+# Device rules (checked on torchrec 1.8.0 / fbgemm-gpu-cpu 1.8.0, see docs/design.md)
+# ---------------------------------------------------------------------------------------------
+
+#: config name -> fbgemm optimiser
+SPARSE_OPTIMISERS: dict[str, EmbOptimType] = {
+    "exact_sgd": EmbOptimType.EXACT_SGD,
+    "exact_adagrad": EmbOptimType.EXACT_ADAGRAD,
+    "exact_rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+    "adam": EmbOptimType.ADAM,
+    "partial_rowwise_adam": EmbOptimType.PARTIAL_ROWWISE_ADAM,
+    "lamb": EmbOptimType.LAMB,
+    "partial_rowwise_lamb": EmbOptimType.PARTIAL_ROWWISE_LAMB,
+    "lars_sgd": EmbOptimType.LARS_SGD,
+}
+#: the fbgemm CPU kernels implement only these (others fail with "not supported in CPU mode")
+CPU_SPARSE_OPTIMISERS = ("exact_sgd", "exact_adagrad", "exact_rowwise_adagrad")
+
+#: sharding types the EBC sharder offers on CPU; the rest (row-wise family, grid) need CUDA
+CPU_SHARDING_TYPES = (
+    ShardingType.DATA_PARALLEL.value,
+    ShardingType.TABLE_WISE.value,
+    ShardingType.COLUMN_WISE.value,
+    ShardingType.TABLE_COLUMN_WISE.value,
+)
+#: compute kernels that exist on CPU (fused for the sharded types, dense for data-parallel)
+CPU_COMPUTE_KERNELS = (EmbeddingComputeKernel.FUSED.value, EmbeddingComputeKernel.DENSE.value)
+
+DEVICE_TYPES = ("cpu", "cuda")
+STORAGE_RESERVATIONS = ("fixed", "heuristic", "none")
+#: keys accepted in PlanConfig.constraints[<table>]
+CONSTRAINT_KEYS = (
+    "sharding_types",
+    "compute_kernels",
+    "min_partition",
+    "pooling_factors",
+    "num_poolings",
+    "enforce_hbm",
+)
+
+
+class PlanCompatibilityError(ValueError):
+    """A saved plan that does not fit the model/world it is being applied to."""
+
+
+def _check_device_type(device_type: str) -> None:
+    if device_type not in DEVICE_TYPES:
+        raise ValueError(f"device type {device_type!r} is not one of {list(DEVICE_TYPES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharders
+# ---------------------------------------------------------------------------------------------
+
+
+def fused_params(optim: OptimConfig, device_type: str) -> dict[str, Any]:
+    """The fbgemm ``fused_params`` of the sparse optimiser (validated for the device)."""
+    _check_device_type(device_type)
+    name = optim.sparse.lower()
+    if name not in SPARSE_OPTIMISERS:
+        raise ValueError(
+            f"train.optim.sparse={optim.sparse!r} is not a known fused sparse optimiser; "
+            f"choose one of {sorted(SPARSE_OPTIMISERS)}"
+        )
+    if device_type == "cpu" and name not in CPU_SPARSE_OPTIMISERS:
+        raise ValueError(
+            f"train.optim.sparse={optim.sparse!r} has no CPU kernel in fbgemm-gpu-cpu; on CPU use one of "
+            f"{list(CPU_SPARSE_OPTIMISERS)} (the others run on CUDA only)"
+        )
+    params: dict[str, Any] = {
+        "optimizer": SPARSE_OPTIMISERS[name],
+        "learning_rate": float(optim.sparse_lr),
+        "eps": float(optim.sparse_eps),
+    }
+    if optim.weight_decay:
+        params["weight_decay"] = float(optim.weight_decay)
+    return params
+
+
+def make_sharders(optim: OptimConfig, device_type: str) -> list[ModuleSharder[nn.Module]]:
+    """The one sharder list (fused sparse optimiser included) for both planner and DMP."""
+    sharder = EmbeddingBagCollectionSharder(fused_params=fused_params(optim, device_type))
+    return [sharder]  # type: ignore[list-item]
+
+
+# ---------------------------------------------------------------------------------------------
+# Topology
+# ---------------------------------------------------------------------------------------------
+
+
+def make_topology(
+    world_size: int,
+    local_world_size: int | None,
+    device_type: str,
+    hbm_gb: float = 0.0,
+    ddr_gb: float = 0.0,
+) -> Topology:
+    """A planner ``Topology``; ``hbm_gb`` / ``ddr_gb`` are per rank in GiB (0 = TorchRec's default).
+
+    On CPU the ranks have no HBM: TorchRec's planner then places the tables in "DDR", and
+    ``ddr_gb`` is the capacity that matters.
+    """
+    _check_device_type(device_type)
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size}")
+    local = local_world_size or world_size
+    if local < 1 or world_size % local != 0:
+        raise ValueError(f"local world size {local} must divide the world size {world_size} (ranks per host)")
+    if hbm_gb < 0 or ddr_gb < 0:
+        raise ValueError(f"memory capacities must be >= 0 GiB, got hbm={hbm_gb}, ddr={ddr_gb}")
+    trainer = TrainerConfig(
+        world_size=world_size,
+        local_world_size=local,
+        hbm_cap_bytes=int(hbm_gb * GIB) if hbm_gb else None,
+        ddr_cap_bytes=int(ddr_gb * GIB) if ddr_gb else None,
+    )
+    return TopologyFactory.create_topology(
+        trainer_config=trainer,
+        hardware_config=HardwareConfig(),
+        kernel_config=KernelConfig(compute_device=device_type),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Constraints and planner
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_list(value: Any, where: str) -> list[Any]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise ValueError(f"{where}: expected a list (or comma-separated string), got {value!r}")
+
+
+def make_constraints(
+    plan_cfg: PlanConfig, device_type: str, table_names: Iterable[str] | None = None
+) -> dict[str, ParameterConstraints]:
+    """Per-table ``ParameterConstraints`` from ``plan_cfg.constraints``, checked for the device.
+
+    ``table_names`` (when given) is the model's table set: a constraint on an unknown table is an
+    error naming the tables that exist.
+    """
+    _check_device_type(device_type)
+    known = set(table_names) if table_names is not None else None
+    all_types = [s.value for s in ShardingType]
+    all_kernels = [k.value for k in EmbeddingComputeKernel]
+    out: dict[str, ParameterConstraints] = {}
+    for table, spec in plan_cfg.constraints.items():
+        where = f"plan.constraints.{table}"
+        if known is not None and table not in known:
+            raise ValueError(f"{where}: no table named {table!r}; tables: {sorted(known)}")
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{where}: expected a mapping of {list(CONSTRAINT_KEYS)}, got {spec!r}")
+        unknown = sorted(set(spec) - set(CONSTRAINT_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {list(CONSTRAINT_KEYS)}")
+        kwargs: dict[str, Any] = {}
+        if "sharding_types" in spec:
+            types = [str(t).lower() for t in _as_list(spec["sharding_types"], f"{where}.sharding_types")]
+            bad = [t for t in types if t not in all_types]
+            if bad:
+                raise ValueError(f"{where}.sharding_types: unknown {bad}; valid: {all_types}")
+            cuda_only = [t for t in types if t not in CPU_SHARDING_TYPES]
+            if device_type == "cpu" and cuda_only:
+                raise ValueError(
+                    f"{where}.sharding_types: {cuda_only} exist only on CUDA (TorchRec's CPU "
+                    f"embedding kernels cannot shard a table by rows); on CPU use {list(CPU_SHARDING_TYPES)}"
+                )
+            kwargs["sharding_types"] = types
+        if "compute_kernels" in spec:
+            kernels = [str(k).lower() for k in _as_list(spec["compute_kernels"], f"{where}.compute_kernels")]
+            bad = [k for k in kernels if k not in all_kernels]
+            if bad:
+                raise ValueError(f"{where}.compute_kernels: unknown {bad}; valid: {all_kernels}")
+            cuda_only = [k for k in kernels if k not in CPU_COMPUTE_KERNELS]
+            if device_type == "cpu" and cuda_only:
+                raise ValueError(
+                    f"{where}.compute_kernels: {cuda_only} exist only on CUDA (UVM and caching kernels keep "
+                    f"rows in host memory for a GPU); on CPU use {list(CPU_COMPUTE_KERNELS)}"
+                )
+            kwargs["compute_kernels"] = kernels
+        if "min_partition" in spec:
+            kwargs["min_partition"] = int(spec["min_partition"])
+        for key in ("pooling_factors", "num_poolings"):
+            if key in spec:
+                values = [float(v) for v in _as_list(spec[key], f"{where}.{key}")]
+                if any(v <= 0 for v in values):
+                    raise ValueError(f"{where}.{key}: values must be > 0, got {values}")
+                kwargs[key] = values
+        if "enforce_hbm" in spec:
+            kwargs["enforce_hbm"] = bool(spec["enforce_hbm"])
+        out[table] = ParameterConstraints(**kwargs)
+    return out
+
+
+def dense_parameter_bytes(module: nn.Module | None) -> int:
+    """Bytes of the non-embedding parameters (×6: weights, Adam state, grads, DDP buckets)."""
+    if module is None:
+        return 0
+    total = 0
+    for name, param in module.named_parameters():
+        if "embedding_bag" in name or "embedding_bags" in name:
+            continue
+        total += param.numel() * param.element_size()
+    return 6 * total
+
+
+def make_storage_reservation(plan_cfg: PlanConfig, module: nn.Module | None = None) -> StorageReservation:
+    """The planner's storage reservation: ``fixed`` (a percentage of every rank), ``heuristic``
+    (percentage + dense parameters and input estimate) or ``none``."""
+    kind = plan_cfg.storage_reservation
+    pct = float(plan_cfg.storage_reservation_percentage)
+    if not 0.0 <= pct <= 1.0:
+        raise ValueError(f"plan.storage_reservation_percentage must be in [0, 1], got {pct}")
+    if kind == "fixed":
+        return FixedPercentageStorageReservation(percentage=pct)
+    if kind == "none":
+        return FixedPercentageStorageReservation(percentage=0.0)
+    if kind == "heuristic":
+        # Given a dense estimate the heuristic does not over-count a meta model; its constructor warns
+        # unconditionally, which is the case the warning itself recommends, so silence it here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return HeuristicalStorageReservation(
+                percentage=pct, dense_tensor_estimate=dense_parameter_bytes(module)
+            )
+    raise ValueError(f"plan.storage_reservation={kind!r} is not one of {list(STORAGE_RESERVATIONS)}")
+
+
+def build_planner(
+    topology: Topology,
+    batch_size: int,
+    plan_cfg: PlanConfig,
+    constraints: dict[str, ParameterConstraints] | None = None,
+    module: nn.Module | None = None,
+) -> EmbeddingShardingPlanner:
+    """The one planner construction, used by the trainer and ``ctnocvr plan``.
+
+    ``batch_size`` is the per-rank batch. ``constraints`` overrides the ones made from
+    ``plan_cfg.constraints`` (pass ``make_constraints(...)`` with the table names to get the table
+    check); ``module`` only feeds the ``heuristic`` reservation's dense estimate.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if constraints is None:
+        constraints = make_constraints(plan_cfg, topology.compute_device)
+    return EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=batch_size,
+        constraints=constraints or None,
+        storage_reservation=make_storage_reservation(plan_cfg, module),
+        # the stats table is printed by `ctnocvr plan` itself (rendering.py) from the same numbers
+        debug=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Saved plans
+# ---------------------------------------------------------------------------------------------
+
+
+def _shard_to_dict(shard: ShardMetadata) -> dict[str, Any]:
+    return {
+        "offsets": list(shard.shard_offsets),
+        "sizes": list(shard.shard_sizes),
+        "placement": str(shard.placement) if shard.placement is not None else None,
+    }
+
+
+def plan_to_dict(plan: ShardingPlan, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """JSON-able form of ``plan``: ``{"format", "meta", "modules": {fqn: {param: sharding}}}``."""
+    modules: dict[str, Any] = {}
+    for module_path, module_plan in plan.plan.items():
+        params: dict[str, Any] = {}
+        for param_name, ps in module_plan.items():  # type: ignore[union-attr]
+            spec = ps.sharding_spec
+            params[param_name] = {
+                "sharding_type": ps.sharding_type,
+                "compute_kernel": ps.compute_kernel,
+                "ranks": list(ps.ranks) if ps.ranks is not None else None,
+                "shards": [_shard_to_dict(s) for s in spec.shards]
+                if isinstance(spec, EnumerableShardingSpec)
+                else None,
+            }
+        modules[module_path] = params
+    return {"format": PLAN_FORMAT_VERSION, "meta": dict(meta or {}), "modules": modules}
+
+
+def plan_to_json(
+    plan: ShardingPlan, meta: Mapping[str, Any] | None = None, path: str | Path | None = None
+) -> str:
+    """Serialise ``plan`` (+ ``meta``: world_size, tables, ...) to JSON; also write ``path`` if given."""
+    text = json.dumps(plan_to_dict(plan, meta), indent=2, sort_keys=False)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n", encoding="utf-8")
+    return text
+
+
+def _shard_from_dict(entry: Mapping[str, Any], where: str) -> ShardMetadata:
+    try:
+        return ShardMetadata(
+            shard_offsets=[int(v) for v in entry["offsets"]],
+            shard_sizes=[int(v) for v in entry["sizes"]],
+            placement=entry.get("placement"),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: bad shard entry {entry!r} ({e})") from None
+
+
+def plan_from_dict(tree: Mapping[str, Any], source: str = "<plan>") -> tuple[ShardingPlan, dict[str, Any]]:
+    """Inverse of :func:`plan_to_dict`; returns ``(ShardingPlan, meta)``."""
+    # local import: the module-plan class lives with the EBC sharder
+    from torchrec.distributed.types import EmbeddingModuleShardingPlan
+
+    if not isinstance(tree, Mapping) or "modules" not in tree:
+        raise ValueError(f"{source}: not a ctnocvr plan file (no 'modules' key)")
+    if tree.get("format") != PLAN_FORMAT_VERSION:
+        raise ValueError(
+            f"{source}: plan format {tree.get('format')!r} is not the supported {PLAN_FORMAT_VERSION}"
+        )
+    plan: dict[str, Any] = {}
+    for module_path, params in tree["modules"].items():
+        module_plan = EmbeddingModuleShardingPlan()
+        for param_name, entry in params.items():
+            where = f"{source}: modules.{module_path}.{param_name}"
+            for key in ("sharding_type", "compute_kernel"):
+                if key not in entry:
+                    raise ValueError(f"{where}: missing {key!r}")
+            shards = entry.get("shards")
+            spec = (
+                EnumerableShardingSpec(
+                    [_shard_from_dict(s, f"{where}.shards[{i}]") for i, s in enumerate(shards)]
+                )
+                if shards is not None
+                else None
+            )
+            module_plan[param_name] = ParameterSharding(
+                sharding_type=str(entry["sharding_type"]),
+                compute_kernel=str(entry["compute_kernel"]),
+                ranks=[int(r) for r in entry["ranks"]] if entry.get("ranks") is not None else None,
+                sharding_spec=spec,
+            )
+        plan[module_path] = module_plan
+    return ShardingPlan(plan), dict(tree.get("meta") or {})
+
+
+def plan_from_json(source: str | Path) -> tuple[ShardingPlan, dict[str, Any]]:
+    """Load a plan written by :func:`plan_to_json` (a path, or the JSON text itself)."""
+    text: str
+    name: str
+    if isinstance(source, Path) or not str(source).lstrip().startswith("{"):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"plan file {path} does not exist")
+        text, name = path.read_text(encoding="utf-8"), str(path)
+    else:
+        text, name = str(source), "<plan json>"
+    try:
+        tree = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    return plan_from_dict(tree, name)
+
+
+def plan_table_names(plan: ShardingPlan) -> list[str]:
+    """Table names in ``plan`` (over all modules), sorted."""
+    return sorted({name for module_plan in plan.plan.values() for name in module_plan})  # type: ignore[union-attr]
+
+
+def check_plan_compatible(
+    plan_meta: Mapping[str, Any],
+    world_size: int,
+    table_names: Iterable[str],
+    plan: ShardingPlan | None = None,
+    device_type: str | None = None,
+) -> None:
+    """Refuse a saved plan made for another world size, table set (or device) with a clear message."""
+    source = plan_meta.get("source", "the plan")
+    planned_world = plan_meta.get("world_size")
+    if planned_world is not None and int(planned_world) != int(world_size):
+        raise PlanCompatibilityError(
+            f"{source} was made for world size {planned_world}, but this run has {world_size} ranks; "
+            f"make a new plan with `ctnocvr plan --world-size {world_size} --save ...`"
+        )
+    wanted = sorted(set(table_names))
+    planned = sorted(
+        set(plan_meta.get("tables") or {}) or (plan_table_names(plan) if plan is not None else [])
+    )
+    if planned and planned != wanted:
+        missing = sorted(set(wanted) - set(planned))
+        extra = sorted(set(planned) - set(wanted))
+        raise PlanCompatibilityError(
+            f"{source} was made for another table set: tables of this model not in the plan {missing}, "
+            f"tables in the plan not in this model {extra}"
+        )
+    planned_device = plan_meta.get("device")
+    if device_type is not None and planned_device is not None and planned_device != device_type:
+        raise PlanCompatibilityError(
+            f"{source} was made for device {planned_device!r}, but this run is on {device_type!r}"
+        )
+    if plan is not None:
+        for module_plan in plan.plan.values():
+            for table, ps in module_plan.items():  # type: ignore[union-attr]
+                for rank in ps.ranks or []:
+                    if not 0 <= rank < world_size:
+                        raise PlanCompatibilityError(
+                            f"{source}: table {table} is placed on rank {rank}, outside 0..{world_size - 1}"
+                        )
+
+
+def table_shapes(module: nn.Module) -> dict[str, list[int]]:
+    """``{table: [num_embeddings, embedding_dim]}`` of every EBC inside ``module``."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    shapes: dict[str, list[int]] = {}
+    for sub in module.modules():
+        if isinstance(sub, EmbeddingBagCollection):
+            for cfg in sub.embedding_bag_configs():
+                shapes[cfg.name] = [int(cfg.num_embeddings), int(cfg.embedding_dim)]
+    return shapes
+
+
+def check_plan_shapes(plan_meta: Mapping[str, Any], module: nn.Module) -> None:
+    """Refuse a plan whose recorded table shapes differ from ``module``'s (e.g. another vocabulary)."""
+    recorded = plan_meta.get("tables") or {}
+    actual = table_shapes(module)
+    diffs = [
+        f"{t}: plan {list(recorded[t])} vs model {actual[t]}"
+        for t in sorted(set(recorded) & set(actual))
+        if [int(v) for v in recorded[t]] != actual[t]
+    ]
+    if diffs:
+        raise PlanCompatibilityError(
+            f"{plan_meta.get('source', 'the plan')} was made for other table sizes "
+            f"([num_embeddings, dim]): {'; '.join(diffs)}"
+        )
+
+
+def plan_meta(
+    module: nn.Module,
+    topology: Topology,
+    batch_size: int,
+    plan_cfg: PlanConfig,
+    optim: OptimConfig | None = None,
+) -> dict[str, Any]:
+    """The ``meta`` block saved with a plan: what it was made for."""
+    return {
+        "world_size": topology.world_size,
+        "local_world_size": topology.local_world_size,
+        "device": topology.compute_device,
+        "hbm_gb_per_rank": topology.devices[0].storage.hbm / GIB,
+        "ddr_gb_per_rank": topology.devices[0].storage.ddr / GIB,
+        "batch_size_per_rank": batch_size,
+        "storage_reservation": plan_cfg.storage_reservation,
+        "storage_reservation_percentage": plan_cfg.storage_reservation_percentage,
+        "sparse_optimizer": optim.sparse if optim is not None else None,
+        "tables": table_shapes(module),
+        "torch": torch.__version__,
+    }
