@@ -1,0 +1,176 @@
+"""Distributed evaluation: every rank predicts its share, rank 0 computes exact whole-set metrics.
+
+A sharded model needs every rank in every forward (the table shards exchange embeddings), so ranks
+run the same number of forwards: while any rank still has a batch, a rank that ran out feeds an
+empty one-row batch whose outputs are thrown away (:func:`synced_batches` with ``until="all_done"``).
+Predictions and labels are then gathered to rank 0 (pickled over the gloo control group), where
+:func:`ctnocvr_rec.train.metrics.task_metrics` computes AUC / GAUC / log-loss / calibration over all
+rows of the split, and optionally writes them to Parquet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from ctnocvr_rec.data.batch import CtnocvrBatch
+from ctnocvr_rec.train.distributed import DistContext, all_reduce_cpu, gather_to_main
+from ctnocvr_rec.train.metrics import task_metrics
+
+T = TypeVar("T")
+
+#: columns gathered per row (predictions, labels and ids), in the order of the predictions Parquet
+PREDICTION_COLUMNS = (
+    "sample_id", "request_id", "user_id", "click", "conversion", "ctnocvr",
+    "p_ctr", "p_cvr", "p_ctcvr", "p_ctnocvr",
+)
+_INT_COLUMNS = ("sample_id", "request_id", "user_id")
+
+
+def synced_batches(ctx: DistContext, batches: Iterable[T], until: str) -> Iterator[T | None]:
+    """Iterate ``batches`` in lock-step with the other ranks.
+
+    ``until="any_done"`` (training) stops everyone as soon as one rank has no next batch, so all
+    ranks run the same number of steps and none waits forever in a collective.
+    ``until="all_done"`` (evaluation) goes on while any rank has a batch; exhausted ranks get ``None``.
+    One tiny all-reduce per batch over the gloo group decides.
+    """
+    if until not in ("any_done", "all_done"):
+        raise ValueError(f"until={until!r}")
+    iterator = iter(batches)
+    exhausted = False
+    flag = torch.zeros(1, dtype=torch.int32)
+    while True:
+        item: T | None = None
+        if not exhausted:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                exhausted = True
+        flag[0] = 0 if exhausted else 1
+        all_reduce_cpu(ctx, flag, "min" if until == "any_done" else "max")
+        if flag.item() == 0:
+            return
+        yield item
+
+
+def empty_batch(feature_names: list[str]) -> CtnocvrBatch:
+    """A one-row batch with no ids in any field (a stand-in forward for an exhausted rank)."""
+    n_keys = len(feature_names)
+    kjt = KeyedJaggedTensor(
+        keys=list(feature_names),
+        values=torch.empty(0, dtype=torch.int64),
+        lengths=torch.zeros(n_keys, dtype=torch.int32),
+        weights=torch.empty(0, dtype=torch.float32),
+    )
+    return CtnocvrBatch.from_labels(kjt, torch.zeros(1), torch.zeros(1))
+
+
+def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict(
+    ctx: DistContext,
+    model: torch.nn.Module,
+    batches: Iterable[CtnocvrBatch],
+    feature_names: list[str],
+    device: torch.device,
+    bf16: bool = False,
+    max_batches: int = 0,
+) -> dict[str, np.ndarray]:
+    """This rank's predictions + labels + ids as numpy columns (``PREDICTION_COLUMNS`` present)."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {}
+    filler: CtnocvrBatch | None = None
+    source: Iterable[CtnocvrBatch] = batches
+    if max_batches > 0:
+        source = (b for i, b in zip(range(max_batches), batches))
+    try:
+        for batch in synced_batches(ctx, source, until="all_done"):
+            real = batch is not None
+            if batch is None:
+                filler = filler or empty_batch(feature_names)
+                batch = filler
+            with _autocast(device, bf16):
+                _, outputs = model(batch.to(device))
+            if not real:
+                continue
+            for name in PREDICTION_COLUMNS:
+                value = outputs.get(name) if name.startswith("p_") else getattr(batch, name)
+                if value is None:
+                    continue
+                parts.setdefault(name, []).append(value.detach().float().cpu().numpy()
+                                                  if name not in _INT_COLUMNS
+                                                  else value.detach().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return {
+        name: np.concatenate(chunks) if chunks else np.empty(0)
+        for name, chunks in parts.items()
+    }
+
+
+def gather_columns(ctx: DistContext, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """Concatenate every rank's columns on rank 0 (None on other ranks)."""
+    gathered = gather_to_main(ctx, columns)
+    if gathered is None:
+        return None
+    names = [n for n in PREDICTION_COLUMNS if any(n in part for part in gathered)]
+    return {n: np.concatenate([part[n] for part in gathered if n in part]) for n in names}
+
+
+def write_predictions(columns: dict[str, np.ndarray], path: str | Path) -> Path:
+    """Predictions Parquet: ``sample_id, request_id, user_id, click, conversion, ctnocvr, p_*``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for name in PREDICTION_COLUMNS:
+        if name not in columns:
+            continue
+        values = columns[name]
+        if name in _INT_COLUMNS:
+            arrays[name] = pa.array(values.astype(np.int64))
+        elif name in ("click", "conversion", "ctnocvr"):
+            arrays[name] = pa.array(values.astype(np.int8))
+        else:
+            arrays[name] = pa.array(values.astype(np.float32))
+    pq.write_table(pa.table(arrays), path)
+    return path
+
+
+def evaluate(
+    ctx: DistContext,
+    model: torch.nn.Module,
+    batches: Iterable[CtnocvrBatch],
+    feature_names: list[str],
+    device: torch.device,
+    gauc: bool = True,
+    predictions_path: str | Path | None = None,
+    bf16: bool = False,
+    max_batches: int = 0,
+) -> dict[str, float] | None:
+    """Exact whole-split metrics on rank 0 (None on the other ranks). Collective: all ranks call it."""
+    local = predict(ctx, model, batches, feature_names, device, bf16=bf16, max_batches=max_batches)
+    columns = gather_columns(ctx, local)
+    if columns is None:
+        return None
+    if "click" not in columns or columns["click"].size == 0:
+        raise ValueError("the evaluation split has no rows")
+    metrics = task_metrics(columns, gauc=gauc)
+    if predictions_path is not None:
+        write_predictions(columns, predictions_path)
+    return metrics

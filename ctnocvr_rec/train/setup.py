@@ -1,0 +1,131 @@
+"""Build the sharded ranker: model on ``meta`` → plan (planned collectively or enforced) → DMP.
+
+The planner, topology and sharders come from :mod:`ctnocvr_rec.plan.sharding` (the same functions
+``ctnocvr plan`` uses), and the *same* sharder list goes to the planner and to DMP so the fused
+optimiser settings reach the kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
+
+from ctnocvr_rec.config import RunConfig
+from ctnocvr_rec.data.schema import FieldSchema, load_schema
+from ctnocvr_rec.train.distributed import DistContext, broadcast_from_main
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardedModel:
+    model: DistributedModelParallel
+    plan: ShardingPlan
+    plan_json: str
+    sharders: list[ModuleSharder[torch.nn.Module]]
+    schema: FieldSchema
+    num_embeddings: dict[str, int]
+
+
+def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
+    """``<prepared_dir>/manifest.json`` (written by ``ctnocvr data prepare``)."""
+    path = Path(prepared_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: data.prepared_dir must be a folder written by `ctnocvr data prepare`"
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+
+
+def model_inputs(cfg: RunConfig) -> tuple[FieldSchema, dict[str, int]]:
+    """Field schema and table sizes of the prepared set named by ``cfg.data``."""
+    manifest = read_manifest(cfg.data.prepared_dir)
+    schema = load_schema(cfg.data.schema)
+    num_embeddings = {str(k): int(v) for k, v in (manifest.get("num_embeddings") or {}).items()}
+    missing = [f.name for f in schema if f.name not in num_embeddings]
+    if missing:
+        raise ValueError(
+            f"{cfg.data.prepared_dir}/manifest.json: num_embeddings lacks field(s) {missing} of schema "
+            f"{cfg.data.schema} (prepared with another schema?)"
+        )
+    return schema, num_embeddings
+
+
+def build_unsharded_model(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+    """The plain ranker on ``device`` (evaluation/export of a checkpoint in one process)."""
+    from ctnocvr_rec.models import build_model
+
+    schema, num_embeddings = model_inputs(cfg)
+    return build_model(cfg.model, schema, num_embeddings, device=device)
+
+
+def _plan_meta(ctx: DistContext, model: torch.nn.Module, cfg: RunConfig) -> dict[str, Any]:
+    from ctnocvr_rec.plan.sharding import table_shapes
+
+    return {
+        "world_size": ctx.world_size,
+        "local_world_size": ctx.local_world_size,
+        "device": ctx.device_type,
+        "batch_size": cfg.data.batch_size,
+        "tables": table_shapes(model),
+        "source": "ctnocvr train",
+    }
+
+
+def build_sharded_model(cfg: RunConfig, ctx: DistContext, plan_file: str | None = None) -> ShardedModel:
+    """Model on meta, planned for the live topology (or ``plan_file`` enforced), wrapped in DMP."""
+    from ctnocvr_rec.models import build_model
+    from ctnocvr_rec.plan import sharding
+
+    schema, num_embeddings = model_inputs(cfg)
+    model = build_model(cfg.model, schema, num_embeddings, device=torch.device("meta"))
+    sharders = sharding.make_sharders(cfg.train.optim, ctx.device_type)
+    meta = _plan_meta(ctx, model, cfg)
+    tables = list(meta["tables"])
+    if plan_file:
+        plan, saved_meta = sharding.plan_from_json(plan_file)
+        saved_meta.setdefault("source", str(plan_file))
+        sharding.check_plan_compatible(saved_meta, ctx.world_size, tables, plan, ctx.device_type)
+        sharding.check_plan_shapes(saved_meta, model)
+    else:
+        topology = sharding.make_topology(
+            ctx.world_size, ctx.local_world_size, ctx.device_type, cfg.plan.hbm_gb, cfg.plan.ddr_gb
+        )
+        constraints = sharding.make_constraints(cfg.plan, ctx.device_type, tables)
+        planner = sharding.build_planner(topology, cfg.data.batch_size, cfg.plan, constraints, module=model)
+        if ctx.world_size > 1:
+            plan = planner.collective_plan(model, sharders, torch.distributed.group.WORLD)
+        else:
+            plan = planner.plan(model, sharders)
+    # every rank must shard with the identical plan: rank 0's text is the reference
+    plan_json = sharding.plan_to_json(plan, meta)
+    plan_json = broadcast_from_main(ctx, plan_json)
+    plan, _ = sharding.plan_from_json(plan_json)
+    dmp = DistributedModelParallel(
+        module=model,
+        env=ShardingEnv.from_process_group(torch.distributed.group.WORLD),
+        device=ctx.device,
+        plan=plan,
+        sharders=sharders,
+    )
+    return ShardedModel(dmp, plan, plan_json, sharders, schema, num_embeddings)
+
+
+def describe_plan(plan: ShardingPlan) -> str:
+    """One line per table: sharding type, kernel, ranks (what rank 0 prints at start)."""
+    lines = []
+    for module_path, module_plan in plan.plan.items():
+        for table, ps in module_plan.items():  # type: ignore[union-attr]
+            ranks = ",".join(str(r) for r in ps.ranks or [])
+            lines.append(f"  {module_path}.{table}: {ps.sharding_type}/{ps.compute_kernel} on rank(s) {ranks}")
+    return "\n".join(lines)
