@@ -1,0 +1,155 @@
+"""Experiment configuration: one YAML describing a data set, a base run config and the grids.
+
+Layout of ``configs/experiments/<name>.yaml`` (every key optional except ``run``)::
+
+    name: synth_preset
+    out_dir: runs/experiments/synth_preset     # run folders and reports go below this
+    base_config: ""                            # optional run YAML merged *under* ``run``
+    data_setup:                                # ctnocvr commands run once if the prepared set is missing
+      - [data, synth, --out, artifacts/synth_preset/raw, ...]
+      - [data, prepare, ...]
+    ground_truth: artifacts/synth_preset/raw   # folder of ground_truth_<split>.parquet ("" = none)
+    run: {data: {...}, model: {...}, train: {...}, eval: {...}}   # a RunConfig tree
+    table3: {archs: [esmm, mmoe, cgc, ple], seeds: [0, 1, 2, 3, 4]}
+    sweep: {archs: [mmoe, cgc], seeds: [0, 1, 2], grids: {model.loss_weight_cvr: [...], ...}}
+    ranking: {arch: mmoe, seed: 0, score: pctcvr, alpha: 1.0, top_k: 3}
+
+Keys are checked strictly (a typo is an error naming the valid keys), and the ``run`` tree is
+validated as a :class:`~ctnocvr_rec.config.RunConfig`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ctnocvr_rec.config import ConfigError, RunConfig, from_dict
+
+#: the paper's Sec. 3.2 grids
+PAPER_LOSS_WEIGHT_CVR_GRID = [0.2, 0.5, 0.8, 1.0, 2.0, 4.0, 5.0]
+PAPER_SCORE_WEIGHT_GRID = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.02, 0.03]
+ARCHS = ("esmm", "mmoe", "cgc", "ple")
+
+
+@dataclass
+class Table3Spec:
+    archs: list[str] = field(default_factory=lambda: list(ARCHS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+
+
+@dataclass
+class SweepSpec:
+    archs: list[str] = field(default_factory=lambda: ["mmoe", "cgc"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    #: dotted RunConfig key -> values; each key is swept on its own around the base config
+    grids: dict[str, list[float]] = field(
+        default_factory=lambda: {
+            "model.loss_weight_cvr": list(PAPER_LOSS_WEIGHT_CVR_GRID),
+            "model.score_weight": list(PAPER_SCORE_WEIGHT_GRID),
+        }
+    )
+    #: the paper sweeps the models *with* the CTnoCVR task (Fig. 3)
+    use_ctnocvr: bool = True
+
+
+@dataclass
+class RankingSpec:
+    #: which table3 runs `report ranking --config` compares when no run folders are given
+    arch: str = "mmoe"
+    seed: int = 0
+    #: ranking score: pctcvr | pctr | pcvr | pctr_pcvr_alpha (pCTR * pCVR^alpha)
+    score: str = "pctcvr"
+    alpha: float = 1.0
+    #: candidates exposed per request
+    top_k: int = 3
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    out_dir: str = ""
+    base_config: str = ""
+    data_setup: list[list[str]] = field(default_factory=list)
+    ground_truth: str = ""
+    run: dict[str, Any] = field(default_factory=dict)
+    table3: Table3Spec = field(default_factory=Table3Spec)
+    sweep: SweepSpec = field(default_factory=SweepSpec)
+    ranking: RankingSpec = field(default_factory=RankingSpec)
+    #: where the YAML came from (for messages), not a YAML key
+    source: str = field(default="", metadata={"internal": True})
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.out_dir or f"runs/experiments/{self.name}")
+
+
+def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an experiment YAML; ``overrides`` (``key.sub=value``) apply to the ``run`` tree."""
+    tree: dict[str, Any] = {}
+    if path:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        tree = loaded
+    if "source" in tree:
+        raise ConfigError(f"{path}: 'source' is not a configuration key")
+    try:
+        exp = from_dict(ExperimentConfig, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    exp.source = str(path or "<defaults>")
+    run_tree: dict[str, Any] = {}
+    if exp.base_config:
+        with open(exp.base_config, encoding="utf-8") as f:
+            run_tree = yaml.safe_load(f) or {}
+    run_tree = deep_merge(run_tree, exp.run)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        dotted, raw = item.split("=", 1)
+        set_dotted(run_tree, dotted.strip(), yaml.safe_load(raw.strip()) if raw.strip() else "")
+    exp.run = run_tree
+    build_run_config(exp, {})  # validate now, not 20 runs later
+    for arch in [*exp.table3.archs, *exp.sweep.archs, exp.ranking.arch]:
+        if arch not in ARCHS:
+            raise ConfigError(f"{exp.source}: unknown arch {arch!r}; valid: {list(ARCHS)}")
+    return exp
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, recursing into mappings; inputs are not modified."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for ``dotted = "a.b.c"``, creating mappings on the way."""
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def build_run_config(exp: ExperimentConfig, settings: dict[str, Any]) -> RunConfig:
+    """The experiment's base run tree with ``settings`` (dotted key -> value) applied, validated."""
+    tree = copy.deepcopy(exp.run)
+    for dotted, value in settings.items():
+        set_dotted(tree, dotted, value)
+    try:
+        return from_dict(RunConfig, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{exp.source}: run config: {e}") from None
