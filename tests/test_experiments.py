@@ -119,16 +119,27 @@ def _make_eval_set(gt_dir: Path) -> dict[str, np.ndarray]:
     segment_of_item = rng.choice(["normal", "clickbait", "gem"], size=N_ITEMS, p=[0.7, 0.15, 0.15])
     item = rng.integers(0, N_ITEMS, N_ROWS)
     seg = segment_of_item[item]
-    logit_ctr = rng.normal(-2.5, 0.6, N_ROWS) + np.where(seg == "clickbait", 1.2, 0) - np.where(seg == "gem", 1.0, 0)
-    logit_cvr = rng.normal(-1.0, 0.8, N_ROWS) - np.where(seg == "clickbait", 1.5, 0) + np.where(seg == "gem", 1.5, 0)
+    logit_ctr = (
+        rng.normal(-2.5, 0.6, N_ROWS) + np.where(seg == "clickbait", 1.2, 0) - np.where(seg == "gem", 1.0, 0)
+    )
+    logit_cvr = (
+        rng.normal(-1.0, 0.8, N_ROWS) - np.where(seg == "clickbait", 1.5, 0) + np.where(seg == "gem", 1.5, 0)
+    )
     p_ctr, p_cvr = 1 / (1 + np.exp(-logit_ctr)), 1 / (1 + np.exp(-logit_cvr))
     click = rng.random(N_ROWS) < p_ctr
     conversion = click & (rng.random(N_ROWS) < p_cvr)
     sample_id = rng.permutation(np.arange(1000, 1000 + N_ROWS))
     gt_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(
-        pa.table({"sample_id": sample_id, "item_id": item.astype(np.int64), "segment": seg,
-                  "p_ctr": p_ctr, "p_cvr": p_cvr}),  # fmt: skip
+        pa.table(
+            {
+                "sample_id": sample_id,
+                "item_id": item.astype(np.int64),
+                "segment": seg,
+                "p_ctr": p_ctr,
+                "p_cvr": p_cvr,
+            }
+        ),  # fmt: skip
         gt_dir / "ground_truth_test.parquet",
     )
     return {"sample_id": sample_id, "request_id": np.arange(N_ROWS) // REQUEST_SIZE, "click": click,
@@ -143,7 +154,9 @@ def _fake_trainer(eval_set: dict[str, np.ndarray]):
         calls.append(cfg.train.run_dir)
         run_dir = Path(cfg.train.run_dir)
         m = cfg.model
-        rng = np.random.default_rng([cfg.train.seed, int(m.use_ctnocvr), int(m.loss_weight_cvr * 1000), len(m.arch)])
+        rng = np.random.default_rng(
+            [cfg.train.seed, int(m.use_ctnocvr), int(m.loss_weight_cvr * 1000), len(m.arch)]
+        )
         noise = 1.2 - 0.3 * m.use_ctnocvr + 0.2 * abs(m.loss_weight_cvr - 0.5)
         logit = lambda p: np.log(p / (1 - p))  # noqa: E731
         p_ctr = 1 / (1 + np.exp(-(logit(eval_set["p_ctr"]) + rng.normal(0, 0.5, N_ROWS))))
@@ -224,11 +237,17 @@ def test_end_to_end_fake_trainer(tmp_path, monkeypatch):
         improved = rows[(arch, "+CTnoCVR")]
         diff = np.mean(np.subtract(per_variant["ctnocvr"], per_variant["base"]))
         assert float(improved["abs_improvement"]) == pytest.approx(diff, abs=1e-12)
-        assert float(improved["rel_improvement"]) == pytest.approx(diff / np.mean(per_variant["base"]), abs=1e-12)
-        assert float(improved["p_paired_t"]) == pytest.approx(paired_t_test(per_variant["base"], per_variant["ctnocvr"])[2])
+        assert float(improved["rel_improvement"]) == pytest.approx(
+            diff / np.mean(per_variant["base"]), abs=1e-12
+        )
+        assert float(improved["p_paired_t"]) == pytest.approx(
+            paired_t_test(per_variant["base"], per_variant["ctnocvr"])[2]
+        )
         assert float(improved["p_sign_flip"]) == pytest.approx(0.5)  # 2 seeds: 2 of 4 patterns always tie
         # oracle from the sidecar, recomputed independently of the report's join
-        preds = pq.read_table(out / "table3" / arch / "base" / "seed0" / "predictions" / "test.parquet").to_pydict()
+        preds = pq.read_table(
+            out / "table3" / arch / "base" / "seed0" / "predictions" / "test.parquet"
+        ).to_pydict()
         clicked = [i for i, c in enumerate(preds["click"]) if c]
         true_cvr = [truth_by_id[preds["sample_id"][i]][1] for i in clicked]
         expected_oracle = roc_auc(np.array(preds["conversion"])[clicked], np.array(true_cvr))

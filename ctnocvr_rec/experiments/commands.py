@@ -102,7 +102,9 @@ def _ranking(args: argparse.Namespace) -> int:
         out = Path(args.out or "ranking_report")
         score, alpha, top_k = args.score or "pctcvr", args.alpha, args.top_k
     elif args.base or args.ctnocvr:
-        raise ValueError("give both --base and --ctnocvr run folders, or neither (then --config picks table3 runs)")
+        raise ValueError(
+            "give both --base and --ctnocvr run folders, or neither (then --config picks table3 runs)"
+        )
     else:
         exp = _load(args)
         spec = exp.ranking
@@ -119,12 +121,17 @@ def _ranking(args: argparse.Namespace) -> int:
                    alpha=1.0 if alpha is None else alpha, top_k=3 if top_k is None else top_k,
                    top_items=args.top_items, command=_command_line())  # fmt: skip
     print((out / "ranking.md").read_text(encoding="utf-8"))
-    print(f"written: {out}/ranking.md, ranking_items.csv, ranking_summary.json, ranking_fig2.png", file=sys.stderr)
+    print(
+        f"written: {out}/ranking.md, ranking_items.csv, ranking_summary.json, ranking_fig2.png",
+        file=sys.stderr,
+    )
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    experiment = sub.add_parser("experiment", help="experiment: table3 | sweep (the paper's Table 3 and Fig. 3)")
+    experiment = sub.add_parser(
+        "experiment", help="experiment: table3 | sweep (the paper's Table 3 and Fig. 3)"
+    )
     exp_sub = experiment.add_subparsers(dest="experiment_command", required=True, metavar="EXPERIMENT")
 
     table3 = exp_sub.add_parser(
@@ -133,10 +140,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Resumable: runs whose metrics.json exists are not redone.",
     )
     _add_experiment_args(table3)
-    table3.add_argument("--ground-truth", default="", help="folder of ground_truth_<split>.parquet (oracle AUCs)")
+    table3.add_argument(
+        "--ground-truth", default="", help="folder of ground_truth_<split>.parquet (oracle AUCs)"
+    )
     table3.set_defaults(func=_table3)
 
-    sweep = exp_sub.add_parser("sweep", help="one-at-a-time sweeps like Fig. 3 -> sweep.csv + sweep_<key>.png")
+    sweep = exp_sub.add_parser(
+        "sweep", help="one-at-a-time sweeps like Fig. 3 -> sweep.csv + sweep_<key>.png"
+    )
     _add_experiment_args(sweep)
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                        help="replace the config's grids, e.g. --grid model.score_weight=0.001,0.01 (repeatable)")  # fmt: skip
@@ -151,8 +162,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     ranking.add_argument("--base", default="", help="run folder of the Base model")
     ranking.add_argument("--ctnocvr", default="", help="run folder of the +CTnoCVR model")
-    ranking.add_argument("--config", default=DEFAULT_EXPERIMENT, help="experiment YAML when no run folders given")
-    ranking.add_argument("--arch", default="", help="with --config: which arch's table3 runs (default: config)")
+    ranking.add_argument(
+        "--config", default=DEFAULT_EXPERIMENT, help="experiment YAML when no run folders given"
+    )
+    ranking.add_argument(
+        "--arch", default="", help="with --config: which arch's table3 runs (default: config)"
+    )
     ranking.add_argument("--seed", type=int, default=None, help="with --config: which seed (default: config)")
     ranking.add_argument("--split", default=None, help="evaluation split (default: the runs' metrics.json)")
     ranking.add_argument("--score", choices=["pctcvr", "pctr", "pcvr", "pctr_pcvr_alpha"], default=None,

@@ -45,7 +45,9 @@ def load_ground_truth(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
-def join_ground_truth(sample_ids: np.ndarray, truth: dict[str, np.ndarray], source: str = "") -> dict[str, np.ndarray]:
+def join_ground_truth(
+    sample_ids: np.ndarray, truth: dict[str, np.ndarray], source: str = ""
+) -> dict[str, np.ndarray]:
     """The truth rows for ``sample_ids`` in their order; every id must be present (else an error)."""
     truth_ids = np.asarray(truth["sample_id"], dtype=np.int64)
     order = np.argsort(truth_ids, kind="mergesort")
@@ -67,7 +69,9 @@ def join_ground_truth(sample_ids: np.ndarray, truth: dict[str, np.ndarray], sour
     return {k: np.asarray(v)[rows] for k, v in truth.items()}
 
 
-def oracle_aucs(click: np.ndarray, conversion: np.ndarray, p_ctr: np.ndarray, p_cvr: np.ndarray) -> dict[str, float]:
+def oracle_aucs(
+    click: np.ndarray, conversion: np.ndarray, p_ctr: np.ndarray, p_cvr: np.ndarray
+) -> dict[str, float]:
     """AUCs of the true probabilities on these rows (keys like the trainer's: ``auc_ctr`` ...)."""
     click = np.asarray(click).astype(bool)
     conversion = np.asarray(conversion).astype(bool)

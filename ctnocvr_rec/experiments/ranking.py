@@ -48,7 +48,10 @@ def ranking_score(preds: dict[str, np.ndarray], score: str, alpha: float = 1.0) 
     if score == "pcvr":
         return np.asarray(preds["p_cvr"], dtype=np.float64)
     if score == "pctr_pcvr_alpha":
-        return np.asarray(preds["p_ctr"], dtype=np.float64) * np.asarray(preds["p_cvr"], dtype=np.float64) ** alpha
+        return (
+            np.asarray(preds["p_ctr"], dtype=np.float64)
+            * np.asarray(preds["p_cvr"], dtype=np.float64) ** alpha
+        )
     raise ValueError(f"unknown ranking score {score!r}; valid: {list(SCORES)}")
 
 
@@ -124,7 +127,9 @@ def load_eval_rows(base_dir: Path, ctnocvr_dir: Path, split: str | None, gt_dir:
     split = split or eval_split(read_metrics(base_dir), base_dir)
     before = _sorted_predictions(base_dir, split)
     after = _sorted_predictions(ctnocvr_dir, split)
-    if before["sample_id"].size != after["sample_id"].size or not np.array_equal(before["sample_id"], after["sample_id"]):
+    if before["sample_id"].size != after["sample_id"].size or not np.array_equal(
+        before["sample_id"], after["sample_id"]
+    ):
         raise ValueError(
             f"{base_dir} and {ctnocvr_dir}: predictions/{split}.parquet cover different samples "
             f"({before['sample_id'].size} vs {after['sample_id'].size} rows); both must score the same split"
@@ -132,7 +137,9 @@ def load_eval_rows(base_dir: Path, ctnocvr_dir: Path, split: str | None, gt_dir:
     segment = true_ctr = true_cvr = None
     if gt_dir is not None:
         gt_file = oracle_mod.ground_truth_file(gt_dir, split)
-        truth = oracle_mod.join_ground_truth(before["sample_id"], oracle_mod.load_ground_truth(gt_file), str(gt_file))
+        truth = oracle_mod.join_ground_truth(
+            before["sample_id"], oracle_mod.load_ground_truth(gt_file), str(gt_file)
+        )
         item = truth["item_id"].astype(np.int64)
         segment, true_ctr, true_cvr = truth["segment"], truth["p_ctr"], truth["p_cvr"]
     else:
@@ -150,7 +157,9 @@ def load_eval_rows(base_dir: Path, ctnocvr_dir: Path, split: str | None, gt_dir:
     return rows, before, after, split
 
 
-def item_table(rows: EvalRows, exposed: np.ndarray, items: np.ndarray, inverse: np.ndarray) -> dict[str, np.ndarray]:
+def item_table(
+    rows: EvalRows, exposed: np.ndarray, items: np.ndarray, inverse: np.ndarray
+) -> dict[str, np.ndarray]:
     """Per item (``items[j]``): exposures, clicks, conversions, observed CTR/CVR, true CTR/CVR."""
     n = items.size
     weights = exposed.astype(np.float64)
@@ -194,7 +203,9 @@ def ranking_report(
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     base_dir, ctnocvr_dir, out_dir = Path(base_dir), Path(ctnocvr_dir), Path(out_dir)
-    rows, before, after, split = load_eval_rows(base_dir, ctnocvr_dir, split, Path(gt_dir) if gt_dir else None)
+    rows, before, after, split = load_eval_rows(
+        base_dir, ctnocvr_dir, split, Path(gt_dir) if gt_dir else None
+    )
     ranks = {
         name: rank_within_requests(rows.request_id, ranking_score(preds, score, alpha), rows.sample_id)
         for name, preds in (("before", before), ("after", after))
@@ -234,7 +245,9 @@ def ranking_report(
         }
         if rows.true_ctr is not None:
             mask = exposed[name]
-            stats["expected_conversions_per_1000"] = 1000 * float(np.mean(rows.true_ctr[mask] * rows.true_cvr[mask]))
+            stats["expected_conversions_per_1000"] = 1000 * float(
+                np.mean(rows.true_ctr[mask] * rows.true_cvr[mask])
+            )
             stats["expected_clicks_per_1000"] = 1000 * float(np.mean(rows.true_ctr[mask]))
         if rows.segment is not None:
             for seg in ("clickbait", "gem", "normal"):
@@ -301,7 +314,9 @@ def render_ranking_markdown(
         "impressions" + ("; true = sidecar probabilities" if has_truth else "") + "):",
         "",
     ]
-    cols = ["Item", "CTR (%)", "CVR (%)", "Exposures"] + (["true CTR", "true CVR", "segment"] if has_truth else [])
+    cols = ["Item", "CTR (%)", "CVR (%)", "Exposures"] + (
+        ["true CTR", "true CVR", "segment"] if has_truth else []
+    )
     header = [f"{c} ({side})" if i == 0 else c for side in ("before", "after") for i, c in enumerate(cols)]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
@@ -314,13 +329,24 @@ def render_ranking_markdown(
                 cells += [""] * len(cols)
                 continue
             j = tops[name][i]
-            cells += [str(items[j]), _fmt_pct(t["ctr"][j]), _fmt_pct(t["cvr"][j]), f"{int(t['exposures'][j])}"]
+            cells += [
+                str(items[j]),
+                _fmt_pct(t["ctr"][j]),
+                _fmt_pct(t["cvr"][j]),
+                f"{int(t['exposures'][j])}",
+            ]
             if has_truth:
                 seg = item_segment[j] if item_segment is not None else ""
                 cells += [_fmt_pct(t["true_ctr"][j]), _fmt_pct(t["true_cvr"][j]), seg]
         lines.append("| " + " | ".join(cells) + " |")
     b, a = summary["before"], summary["after"]
-    lines += ["", "## Summary (before = Base, after = +CTnoCVR)", "", "| | before | after | change |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Summary (before = Base, after = +CTnoCVR)",
+        "",
+        "| | before | after | change |",
+        "|---|---|---|---|",
+    ]
 
     def row(label: str, key: str, pct: bool) -> None:
         if key not in b:

@@ -130,7 +130,9 @@ def eval_split(data: dict[str, Any], run_dir: str | Path) -> str:
     raise ValueError(f"{run_dir}/metrics.json: no 'split' and {len(files)} prediction files")
 
 
-def read_predictions(run_dir: str | Path, split: str, columns: tuple[str, ...] = PREDICTION_COLUMNS) -> dict[str, np.ndarray]:
+def read_predictions(
+    run_dir: str | Path, split: str, columns: tuple[str, ...] = PREDICTION_COLUMNS
+) -> dict[str, np.ndarray]:
     """Columns of ``<run_dir>/predictions/<split>.parquet`` (a file or a folder of parts) as arrays."""
     path = Path(run_dir) / "predictions" / f"{split}.parquet"
     if not path.exists():
@@ -161,6 +163,8 @@ def run_data_setup(exp: ExperimentConfig, log: Callable[[str], None] | None = No
         log(f"[{exp.name}] data set-up: ctnocvr {' '.join(argv)}")
         rc = cli_main([str(a) for a in argv])
         if rc:
-            raise RuntimeError(f"{exp.source}: data_setup command failed (exit {rc}): ctnocvr {' '.join(argv)}")
+            raise RuntimeError(
+                f"{exp.source}: data_setup command failed (exit {rc}): ctnocvr {' '.join(argv)}"
+            )
     if not (prepared / "manifest.json").is_file():
         raise FileNotFoundError(f"{exp.source}: data_setup ran but {prepared}/manifest.json does not exist")

@@ -79,7 +79,9 @@ class PairedTest:
     wins: int  # pairs with after > before
 
 
-def paired_t_test(before: np.ndarray | list[float], after: np.ndarray | list[float]) -> tuple[float, int, float]:
+def paired_t_test(
+    before: np.ndarray | list[float], after: np.ndarray | list[float]
+) -> tuple[float, int, float]:
     """Two-sided paired t-test of ``after - before``; returns ``(t, df, p)``.
 
     Fewer than 2 pairs give NaNs; all differences equal and non-zero give ``t = +-inf, p = 0``;

@@ -107,13 +107,17 @@ def run_sweep(
         run_dir = spec.run_dir(exp.output_dir)
         if is_finished(run_dir):
             data = read_metrics(run_dir)
-            records.append({**spec.labels, **{m: metric(data, m) for m in TASK_METRICS}, "run_dir": str(run_dir)})
+            records.append(
+                {**spec.labels, **{m: metric(data, m) for m in TASK_METRICS}, "run_dir": str(run_dir)}
+            )
     if not records:
         raise FileNotFoundError(f"{exp.output_dir}/sweep: no finished runs")
     out = exp.output_dir
     write_csv(out / "sweep_runs.csv", records, ["param", "arch", "value", "seed", *TASK_METRICS, "run_dir"])
     rows = aggregate_sweep(records)
-    columns = ["param", "arch", "value", "n_seeds"] + [f"{m}_{s}" for m in TASK_METRICS for s in ("mean", "std")]
+    columns = ["param", "arch", "value", "n_seeds"] + [
+        f"{m}_{s}" for m in TASK_METRICS for s in ("mean", "std")
+    ]
     write_csv(out / "sweep.csv", rows, columns)
     for param, values in exp.sweep.grids.items():
         plot_sweep(rows, param, list(values), out / f"sweep_{param}.png", f"{exp.name}: {param}")

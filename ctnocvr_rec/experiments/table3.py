@@ -68,9 +68,7 @@ def find_ground_truth_dir(exp: ExperimentConfig, override: str = "") -> Path | N
     return path
 
 
-def per_run_records(
-    exp: ExperimentConfig, specs: list[RunSpec], gt_dir: Path | None
-) -> list[dict[str, Any]]:
+def per_run_records(exp: ExperimentConfig, specs: list[RunSpec], gt_dir: Path | None) -> list[dict[str, Any]]:
     """One record per finished run: its labels, metrics, and (with ground truth) oracle AUCs."""
     root = exp.output_dir
     truth_cache: dict[Path, dict[str, np.ndarray]] = {}
@@ -89,7 +87,9 @@ def per_run_records(
             if gt_file not in truth_cache:
                 truth_cache[gt_file] = oracle_mod.load_ground_truth(gt_file)
             preds = read_predictions(run_dir, split)
-            truth = oracle_mod.join_ground_truth(preds["sample_id"], truth_cache[gt_file], source=str(gt_file))
+            truth = oracle_mod.join_ground_truth(
+                preds["sample_id"], truth_cache[gt_file], source=str(gt_file)
+            )
             for name, value in oracle_mod.oracle_aucs(
                 preds["click"], preds["conversion"], truth["p_ctr"], truth["p_cvr"]
             ).items():
@@ -110,12 +110,20 @@ def aggregate(records: list[dict[str, Any]], archs: list[str]) -> list[ArchSumma
     """Per arch: per-variant mean/std over seeds, and the paired comparison on seeds run by both."""
     out = []
     for arch in archs:
-        by_variant = {v: {r["seed"]: r for r in records if r["arch"] == arch and r["variant"] == v} for v, _, _ in VARIANTS}
+        by_variant = {
+            v: {r["seed"]: r for r in records if r["arch"] == arch and r["variant"] == v}
+            for v, _, _ in VARIANTS
+        }
         paired = sorted(set(by_variant["base"]) & set(by_variant["ctnocvr"]))
         rows: dict[str, dict[str, Any]] = {}
         for variant, _, title in VARIANTS:
             recs = [by_variant[variant][s] for s in sorted(by_variant[variant])]
-            row: dict[str, Any] = {"model": ARCH_TITLES.get(arch, arch), "arch": arch, "variant": title, "n_seeds": len(recs)}
+            row: dict[str, Any] = {
+                "model": ARCH_TITLES.get(arch, arch),
+                "arch": arch,
+                "variant": title,
+                "n_seeds": len(recs),
+            }
             for key in [k for k in (recs[0] if recs else {}) if k.startswith(("auc_", "oracle_", "gap_"))]:
                 row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r[key] for r in recs])
             rows[variant] = row
@@ -200,7 +208,9 @@ def verdict(row: dict[str, Any]) -> str:
     return f"{model}: +CTnoCVR did NOT help significantly ({direction} on average, not significant at {SIGNIFICANCE}): {change}."
 
 
-def render_markdown(summaries: list[ArchSummary], records: list[dict[str, Any]], title: str, command: str) -> str:
+def render_markdown(
+    summaries: list[ArchSummary], records: list[dict[str, Any]], title: str, command: str
+) -> str:
     has_oracle = any("oracle_auc_cvr" in r for r in records)
     lines = [f"# Table 3 -- {title}", ""]
     if command:
