@@ -56,16 +56,19 @@ def _table3(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_grid(items: list[str]) -> dict[str, list[float]]:
-    grids: dict[str, list[float]] = {}
+def _parse_grid(items: list[str]) -> dict[str, list[object]]:
+    """``--grid key=v1,v2`` -> {key: [v1, v2]}; values are parsed as YAML scalars (ints stay ints)."""
+    import yaml
+
+    grids: dict[str, list[object]] = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"--grid {item!r} must look like model.score_weight=0.001,0.01")
         key, values = item.split("=", 1)
-        try:
-            grids[key.strip()] = [float(v) for v in values.split(",") if v.strip()]
-        except ValueError as e:
-            raise ValueError(f"--grid {item!r}: values must be numbers ({e})") from None
+        parsed = [yaml.safe_load(v) for v in values.split(",") if v.strip()]
+        if not parsed:
+            raise ValueError(f"--grid {item!r}: no values")
+        grids[key.strip()] = parsed
     return grids
 
 

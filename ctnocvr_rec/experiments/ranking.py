@@ -253,6 +253,11 @@ def ranking_report(
             for seg in ("clickbait", "gem", "normal"):
                 stats[f"{seg}_exposure_share"] = float(np.mean(rows.segment[exposed[name]] == seg))
         summary[name] = stats
+    if rows.true_ctr is not None and rows.true_cvr is not None:
+        # reference: the exposures an oracle ranking by the true p_ctr * p_cvr would pick
+        true_ctcvr = rows.true_ctr * rows.true_cvr
+        oracle_exposed = rank_within_requests(rows.request_id, true_ctcvr, rows.sample_id) < top_k
+        summary["oracle_expected_conversions_per_1000"] = 1000 * float(np.mean(true_ctcvr[oracle_exposed]))
     if rows.segment is not None:
         summary["segment_share_of_impressions"] = {
             seg: float(np.mean(rows.segment == seg)) for seg in ("clickbait", "gem", "normal")
@@ -351,7 +356,11 @@ def render_ranking_markdown(
     def row(label: str, key: str, pct: bool) -> None:
         if key not in b:
             return
-        fmt = (lambda v: f"{100 * v:.2f}%") if pct else (lambda v: f"{v:.2f}")
+        fmt = (
+            (lambda v: f"{100 * v:.2f}%")
+            if pct
+            else (lambda v: f"{v:.2f}" if isinstance(v, float) else str(v))
+        )
         change = (a[key] - b[key]) * (100 if pct else 1)
         lines.append(f"| {label} | {fmt(b[key])} | {fmt(a[key])} | {change:+.2f}{' pts' if pct else ''} |")
 
@@ -369,6 +378,11 @@ def render_ranking_markdown(
         f"CVR <= median ({100 * summary['median_item_cvr']:.2f}%) over all eval impressions of the item, medians "
         f"over items exposed by either ranker ({summary['hclc_items']} items).",
     ]
+    if "oracle_expected_conversions_per_1000" in summary:
+        lines.append(
+            "Reference: ranking by the true p_ctr*p_cvr would give "
+            f"{summary['oracle_expected_conversions_per_1000']:.2f} expected conversions per 1,000 exposures."
+        )
     if "segment_share_of_impressions" in summary:
         shares = summary["segment_share_of_impressions"]
         lines.append(

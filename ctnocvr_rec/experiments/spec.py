@@ -46,7 +46,7 @@ class SweepSpec:
     archs: list[str] = field(default_factory=lambda: ["mmoe", "cgc"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     #: dotted RunConfig key -> values; each key is swept on its own around the base config
-    grids: dict[str, list[float]] = field(
+    grids: dict[str, list[Any]] = field(
         default_factory=lambda: {
             "model.loss_weight_cvr": list(PAPER_LOSS_WEIGHT_CVR_GRID),
             "model.score_weight": list(PAPER_SCORE_WEIGHT_GRID),
@@ -115,6 +115,9 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
         set_dotted(run_tree, dotted.strip(), yaml.safe_load(raw.strip()) if raw.strip() else "")
     exp.run = run_tree
     build_run_config(exp, {})  # validate now, not 20 runs later
+    for key, values in exp.sweep.grids.items():
+        for value in values:
+            build_run_config(exp, {key: value})
     for arch in [*exp.table3.archs, *exp.sweep.archs, exp.ranking.arch]:
         if arch not in ARCHS:
             raise ConfigError(f"{exp.source}: unknown arch {arch!r}; valid: {list(ARCHS)}")
