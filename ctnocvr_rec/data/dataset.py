@@ -1,0 +1,424 @@
+"""Parquet loading: one split of a prepared set -> :class:`CtnocvrBatch` es, sharded over ranks and workers.
+
+Sharding rule (documented contract, tested in ``tests/test_data_loader.py``)
+---------------------------------------------------------------------------
+1. The split's Parquet row groups (files sorted by name, row groups in file order) form the *units*.
+   Each epoch, the units are put in an order -- a permutation seeded by ``(seed, epoch)`` when
+   ``shuffle`` is on, file order otherwise -- and concatenated into one virtual stream of ``N`` rows.
+   Every rank computes the same order (no communication needed).
+2. Rank ``r`` of ``R`` gets one contiguous range of that stream:
+
+   * ``drop_remainder=False`` (evaluation): ``[floor(r N / R), floor((r + 1) N / R))``: every row exactly
+     once over all ranks; ranks differ by at most one row, hence by at most one batch;
+   * ``drop_remainder=True`` (training): each rank gets ``floor(N / (R B))`` full batches, i.e. rows
+     ``[r K B, (r + 1) K B)`` with ``K = floor(N / (R B))``; the ``< R B`` remaining rows of the epoch
+     are skipped (they differ between epochs when ``shuffle`` is on). Every rank runs the same
+     number of steps, which DMP's collectives need.
+
+   :meth:`ParquetBatchDataset.batch_counts` gives the batch count of every rank, so a trainer that
+   evaluates with ``drop_remainder=False`` can see the (at most one) missing step and equalise (e.g.
+   run the extra collective with an empty input or stop all ranks at ``min``).
+3. The rank's range is cut into batches of ``B`` rows; only the rank's last batch may be short.
+   Batch ``j`` goes to DataLoader worker ``j mod W``, so the DataLoader (which takes one batch from
+   each worker in turn) yields batches in the order ``j = 0, 1, 2, ...`` for any worker count.
+4. With ``shuffle``, rows are also permuted inside windows of ``shuffle_window_batches`` batches
+   (seeded by ``(seed, epoch, rank, window)``); a worker reads the windows holding its batches.
+
+Resume: :meth:`state_dict` is ``{"epoch", "batches_yielded"}``. After :meth:`load_state_dict` the
+next iteration starts at batch ``batches_yielded`` of that epoch (earlier batches are not read), so
+a resumed run sees exactly the batches the interrupted one had not seen yet, in the same order.
+An iteration always continues from where the previous one stopped; once the epoch is finished
+(``batches_yielded == len``) the next iteration is a fresh pass of the same epoch, so call
+:meth:`set_epoch` between training epochs (it also resets the position).
+When the dataset runs inside DataLoader workers, the count lives in the main process: use
+:class:`ResumableDataLoader` (from :func:`make_dataloader`), whose ``state_dict`` does the counting.
+
+Batches are built vectorised from Arrow list offsets and values (one ``np.concatenate`` per batch
+for the ids, one for the weights, one for the lengths); nothing loops over rows in Python.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from ctnocvr_rec.data.batch import CtnocvrBatch
+from ctnocvr_rec.data.schema import FieldSchema, load_schema
+
+#: non-feature columns of a prepared split (design.md, "Prepared data set")
+ID_COLUMNS = ("sample_id", "request_id", "user_id")
+LABEL_COLUMNS = ("click", "conversion")
+
+
+def resolve_schema(prepared_dir: str | Path, schema: FieldSchema | str | Path | None) -> FieldSchema:
+    """The schema given, else the one recorded in ``<prepared_dir>/manifest.json`` (``"schema"``)."""
+    if isinstance(schema, FieldSchema):
+        return schema
+    if schema is not None:
+        return load_schema(schema)
+    manifest_path = Path(prepared_dir) / "manifest.json"
+    if manifest_path.exists():
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        tree = manifest.get("schema")
+        if isinstance(tree, dict) and tree.get("fields"):
+            return FieldSchema.from_dict(tree, source=f"{manifest_path}:schema")
+    raise ValueError(f"{prepared_dir}: no schema given and manifest.json holds none; pass schema=")
+
+
+def split_files(prepared_dir: str | Path, split: str) -> list[str]:
+    """Parquet files of ``split``, sorted by name."""
+    files = sorted(glob.glob(os.path.join(str(prepared_dir), split, "*.parquet")))
+    if not files:
+        raise FileNotFoundError(f"no Parquet files in {os.path.join(str(prepared_dir), split)}")
+    return files
+
+
+def feature_columns(schema: FieldSchema) -> list[str]:
+    """Parquet columns holding the features of ``schema`` (ids, then weights where weighted)."""
+    cols = []
+    for spec in schema:
+        cols.append(spec.name)
+        if spec.weighted:
+            cols.append(spec.weight_column)
+    return cols
+
+
+def _list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(lengths, values) numpy pieces of a list column, one pair per chunk, from Arrow offsets."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    lengths, values = [], []
+    for chunk in chunks:
+        offsets = chunk.offsets.to_numpy()  # of this (possibly sliced) chunk: length n + 1
+        lengths.append(np.diff(offsets).astype(np.int32, copy=False))
+        # flatten() honours the slice; lists are never null in a prepared set (absent = empty list)
+        values.append(chunk.flatten().to_numpy(zero_copy_only=False))
+    return lengths, values
+
+
+def table_to_batch(table: pa.Table, schema: FieldSchema) -> CtnocvrBatch:
+    """Build a :class:`CtnocvrBatch` from a prepared-split table of ``B`` rows, vectorised.
+
+    KJT layout: keys ``f_<field>`` in schema order; ``lengths`` key-major (``[F * B]``: all rows of
+    the first field, then the next field ...); ``values`` int64 ids; ``weights`` float32, the stored
+    weight for weighted fields and 1.0 for the others.
+    """
+    length_parts: list[np.ndarray] = []
+    value_parts: list[np.ndarray] = []
+    weight_parts: list[np.ndarray] = []
+    for spec in schema:
+        lengths, values = _list_parts(table.column(spec.name))
+        length_parts.extend(lengths)
+        value_parts.extend(values)
+        if spec.weighted:
+            _, weights = _list_parts(table.column(spec.weight_column))
+            weight_parts.extend(w.astype(np.float32, copy=False) for w in weights)
+        else:
+            weight_parts.extend(np.ones(len(v), dtype=np.float32) for v in values)
+    values_np = np.concatenate(value_parts).astype(np.int64, copy=False)
+    weights_np = np.concatenate(weight_parts)
+    lengths_np = np.concatenate(length_parts)
+    if len(weights_np) != len(values_np):
+        raise ValueError("weight lists do not have the lengths of their id lists (corrupt prepared set)")
+    kjt = KeyedJaggedTensor(
+        keys=schema.feature_names,
+        values=torch.from_numpy(values_np),
+        weights=torch.from_numpy(weights_np),
+        lengths=torch.from_numpy(lengths_np),
+    )
+
+    def column(name: str, dtype: np.dtype) -> torch.Tensor:
+        # a copy: Arrow buffers are read-only, and the batch tensors must be safe to modify
+        return torch.from_numpy(table.column(name).to_numpy().astype(dtype))
+
+    return CtnocvrBatch.from_labels(
+        kjt,
+        click=column("click", np.float32),
+        conversion=column("conversion", np.float32),
+        sample_id=column("sample_id", np.int64),
+        request_id=column("request_id", np.int64),
+        user_id=column("user_id", np.int64),
+    )
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One row group of one file."""
+
+    file: int
+    row_group: int
+    rows: int
+
+
+class ParquetBatchDataset(IterableDataset):
+    """Batches of one split of a prepared set, for one rank (see the module doc for the rules).
+
+    Args:
+        prepared_dir: folder written by ``ctnocvr data prepare``.
+        split: ``train`` | ``valid`` | ``test`` (a sub-folder of ``prepared_dir``).
+        batch_size: rows per batch ``B``.
+        schema: field schema; default: the one in ``manifest.json``.
+        rank, world_size: this process's rank and the number of ranks.
+        shuffle: per-epoch shuffle of row-group order and of rows inside windows.
+        seed: shuffle seed (combined with the epoch).
+        shuffle_window_batches: window size of the row shuffle, in batches.
+        drop_remainder: every rank gets the same number of full batches (training); off: every row
+            exactly once, ranks may differ by one batch (evaluation).
+    """
+
+    def __init__(
+        self,
+        prepared_dir: str | Path,
+        split: str,
+        batch_size: int,
+        schema: FieldSchema | str | Path | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+        shuffle_window_batches: int = 4,
+        drop_remainder: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        self.prepared_dir = str(prepared_dir)
+        self.split = split
+        self.batch_size = batch_size
+        self.schema = resolve_schema(prepared_dir, schema)
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.shuffle_window_batches = max(1, shuffle_window_batches)
+        self.drop_remainder = drop_remainder
+        self.files = split_files(prepared_dir, split)
+        self.columns = [*ID_COLUMNS, *LABEL_COLUMNS, *feature_columns(self.schema)]
+        self.units: list[_Unit] = []
+        for i, path in enumerate(self.files):
+            handle = pq.ParquetFile(path)
+            meta = handle.metadata
+            names = set(handle.schema_arrow.names)
+            missing = [c for c in self.columns if c not in names]
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {missing} required by schema {self.schema.source}")
+            self.units.extend(_Unit(i, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
+        self.num_rows = sum(u.rows for u in self.units)
+        self.epoch = 0
+        self._start_batch = 0
+        self._batches_yielded = 0
+
+    # ---------------------------------------------------------------- plan of an epoch
+
+    def rank_row_range(self, rank: int | None = None) -> tuple[int, int]:
+        """Row range ``[lo, hi)`` of ``rank`` (default: this one) in the epoch's virtual stream."""
+        r = self.rank if rank is None else rank
+        n, ranks, b = self.num_rows, self.world_size, self.batch_size
+        if self.drop_remainder:
+            per_rank = (n // (ranks * b)) * b
+            return r * per_rank, (r + 1) * per_rank
+        return (r * n) // ranks, ((r + 1) * n) // ranks
+
+    def batch_counts(self) -> list[int]:
+        """Batches per epoch of every rank (equal when ``drop_remainder``; else they differ by <= 1)."""
+        counts = []
+        for r in range(self.world_size):
+            lo, hi = self.rank_row_range(r)
+            counts.append(-(-(hi - lo) // self.batch_size))
+        return counts
+
+    def __len__(self) -> int:
+        """Batches of this rank in one epoch (all of them, regardless of a resume offset)."""
+        return self.batch_counts()[self.rank]
+
+    def _unit_order(self) -> list[_Unit]:
+        if not self.shuffle:
+            return list(self.units)
+        perm = np.random.default_rng([self.seed, self.epoch, 0x51]).permutation(len(self.units))
+        return [self.units[i] for i in perm]
+
+    # ---------------------------------------------------------------- epoch / resume state
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (shuffle order) and start it from its first batch."""
+        self.epoch = int(epoch)
+        self._start_batch = 0
+        self._batches_yielded = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches_yielded"}``; counts batches yielded in this process (workers=0)."""
+        return {"epoch": self.epoch, "batches_yielded": self._start_batch + self._batches_yielded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self._start_batch = int(state["batches_yielded"])
+        self._batches_yielded = 0
+
+    # ---------------------------------------------------------------- reading
+
+    def __iter__(self) -> Iterator[CtnocvrBatch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        n_batches = len(self)
+        # continue where the last pass (or a loaded state) stopped; a finished pass starts over
+        start = self._start_batch + self._batches_yielded
+        if start >= n_batches:
+            start = 0
+        self._start_batch, self._batches_yielded = start, 0
+        lo, hi = self.rank_row_range()
+        reader = _RangeReader(self.files, self._unit_order(), self.columns)
+        b, m = self.batch_size, self.shuffle_window_batches
+        # worker w takes batches j >= start with (j - start) % workers == w: the DataLoader asks the
+        # workers in turn starting at 0, so batches come out as start, start + 1, ...
+        window_index, window_table = -1, None
+        for j in range(start + worker, n_batches, workers):
+            if self.shuffle:
+                w = j // m
+                if w != window_index:
+                    w_lo = lo + w * m * b
+                    w_hi = min(w_lo + m * b, hi)
+                    table = reader.read(w_lo, w_hi)
+                    perm = np.random.default_rng([self.seed, self.epoch, self.rank, w, 0x52]).permutation(
+                        w_hi - w_lo)
+                    window_index, window_table = w, (table, perm)
+                table, perm = window_table
+                k = j - w * m
+                batch_table = table.take(pa.array(perm[k * b:(k + 1) * b]))
+            else:
+                batch_table = reader.read(lo + j * b, min(lo + (j + 1) * b, hi))
+            batch = table_to_batch(batch_table, self.schema)
+            if info is None:
+                self._batches_yielded += 1
+            yield batch
+
+
+class _RangeReader:
+    """Reads row ranges of the virtual stream (units concatenated in ``order``); caches one unit."""
+
+    def __init__(self, files: list[str], order: list[_Unit], columns: list[str]) -> None:
+        self.files = files
+        self.order = order
+        self.columns = columns
+        self.starts = np.concatenate([[0], np.cumsum([u.rows for u in order])]).astype(np.int64)
+        self._handles: dict[int, pq.ParquetFile] = {}
+        self._cached: tuple[int, pa.Table] | None = None
+
+    def _unit_table(self, k: int) -> pa.Table:
+        if self._cached is not None and self._cached[0] == k:
+            return self._cached[1]
+        unit = self.order[k]
+        handle = self._handles.get(unit.file)
+        if handle is None:
+            handle = self._handles[unit.file] = pq.ParquetFile(self.files[unit.file])
+        table = handle.read_row_group(unit.row_group, columns=self.columns)
+        bad = pc.sum(pc.greater(table.column("conversion"), table.column("click"))).as_py() or 0
+        if bad:
+            raise ValueError(
+                f"{self.files[unit.file]} row group {unit.row_group}: {bad} row(s) with conversion=1 and "
+                "click=0 (invalid label pair, paper Table 1); re-run `ctnocvr data prepare`")
+        self._cached = (k, table)
+        return table
+
+    def read(self, lo: int, hi: int) -> pa.Table:
+        """Rows ``[lo, hi)`` of the stream as one table (possibly several chunks)."""
+        if hi <= lo:
+            raise ValueError(f"empty row range [{lo}, {hi})")
+        first = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        pieces = []
+        k = first
+        while k < len(self.order) and self.starts[k] < hi:
+            u_lo = max(lo, int(self.starts[k])) - int(self.starts[k])
+            u_hi = min(hi, int(self.starts[k + 1])) - int(self.starts[k])
+            if u_hi > u_lo:
+                pieces.append(self._unit_table(k).slice(u_lo, u_hi - u_lo))
+            k += 1
+        return pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)
+
+
+def _worker_init(_: int) -> None:
+    # loader workers decode Arrow data; torch's intra-op threads would only compete for the cores
+    torch.set_num_threads(1)
+
+
+class ResumableDataLoader:
+    """A DataLoader over a :class:`ParquetBatchDataset` that knows where it is in the epoch.
+
+    ``state_dict()`` -> ``{"epoch", "batches_yielded"}`` counted here, in the main process, so it is
+    right for any number of workers; ``load_state_dict`` makes the next iteration continue there.
+    """
+
+    def __init__(self, dataset: ParquetBatchDataset, num_workers: int = 0, prefetch_factor: int = 2) -> None:
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self._yielded = 0
+        self._start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+        self._start, self._yielded = 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.dataset.epoch, "batches_yielded": self._start + self._yielded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dataset.load_state_dict(state)
+        self._start, self._yielded = int(state["batches_yielded"]), 0
+
+    def __len__(self) -> int:
+        """Batches of this rank in one epoch."""
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[CtnocvrBatch]:
+        start = self._start + self._yielded  # continue; after a finished pass, start a new one
+        if start >= len(self.dataset):
+            start = 0
+        self._start, self._yielded = start, 0
+        self.dataset.load_state_dict({"epoch": self.dataset.epoch, "batches_yielded": start})
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,  # the dataset yields whole batches
+            num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            worker_init_fn=_worker_init if self.num_workers > 0 else None,
+            persistent_workers=False,
+        )
+        for batch in loader:
+            self._yielded += 1
+            yield batch
+
+
+def make_dataloader(
+    prepared_dir: str | Path,
+    split: str,
+    batch_size: int,
+    schema: FieldSchema | str | Path | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    shuffle: bool = False,
+    seed: int = 0,
+    shuffle_window_batches: int = 4,
+    drop_remainder: bool = False,
+) -> ResumableDataLoader:
+    """A :class:`ResumableDataLoader` over a new :class:`ParquetBatchDataset` (same arguments)."""
+    dataset = ParquetBatchDataset(
+        prepared_dir, split, batch_size, schema=schema, rank=rank, world_size=world_size, shuffle=shuffle,
+        seed=seed, shuffle_window_batches=shuffle_window_batches, drop_remainder=drop_remainder,
+    )
+    return ResumableDataLoader(dataset, num_workers=num_workers)

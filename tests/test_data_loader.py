@@ -1,0 +1,201 @@
+"""ParquetBatchDataset: KJT contents, rank x worker sharding, resume, labels."""
+
+from __future__ import annotations
+
+import types
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from _prepared_fixture import aliccp_schema, write_prepared
+
+import ctnocvr_rec.data.dataset as dataset_mod
+from ctnocvr_rec.data.batch import derive_ctnocvr_label
+from ctnocvr_rec.data.dataset import ParquetBatchDataset, make_dataloader, table_to_batch
+
+ROWS = 203  # not a multiple of any batch size / rank count used below: exercises the remainders
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    schema = aliccp_schema()
+    tables = write_prepared(root, schema, {"train": ROWS, "test": 40}, rows_per_file=70, row_group_size=16)
+    return root, schema, tables
+
+
+def _sample_ids(batches) -> list[int]:
+    return [int(x) for b in batches for x in b.sample_id.tolist()]
+
+
+def test_derive_ctnocvr_label_truth_table():
+    click = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    conversion = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    assert derive_ctnocvr_label(click, conversion).tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_kjt_equals_parquet_contents(prepared):
+    root, schema, tables = prepared
+    expected = tables["train"]
+    ds = ParquetBatchDataset(root, "train", batch_size=32)
+    batches = list(ds)
+    assert [b.batch_size for b in batches] == [32] * 6 + [ROWS - 192]
+    assert _sample_ids(batches) == expected.column("sample_id").to_pylist()
+    row = 0
+    for batch in batches:
+        n = batch.batch_size
+        part = expected.slice(row, n)
+        kjt = batch.sparse_features
+        assert kjt.keys() == schema.feature_names and kjt.stride() == n
+        per_key = kjt.to_dict()
+        for spec in schema:
+            jt = per_key[spec.feature_name]
+            ids = part.column(spec.name).to_pylist()
+            assert jt.lengths().tolist() == [len(x) for x in ids], spec.name
+            assert jt.values().tolist() == [v for x in ids for v in x], spec.name
+            if spec.weighted:
+                want = np.array([w for x in part.column(spec.weight_column).to_pylist() for w in x], np.float32)
+            else:
+                want = np.ones(len(jt.values()), np.float32)
+            np.testing.assert_array_equal(jt.weights().numpy(), want, err_msg=spec.name)
+        click = np.array(part.column("click").to_pylist(), np.float32)
+        conversion = np.array(part.column("conversion").to_pylist(), np.float32)
+        np.testing.assert_array_equal(batch.click.numpy(), click)
+        np.testing.assert_array_equal(batch.conversion.numpy(), conversion)
+        np.testing.assert_array_equal(batch.ctnocvr.numpy(), ((click == 1) & (conversion == 0)).astype(np.float32))
+        assert batch.user_id.tolist() == part.column("user_id").to_pylist()
+        assert batch.request_id.tolist() == part.column("request_id").to_pylist()
+        row += n
+    assert row == ROWS
+
+
+def _run_as(ds: ParquetBatchDataset, worker: int, workers: int, monkeypatch) -> list:
+    """Iterate ``ds`` as DataLoader worker ``worker`` of ``workers`` would."""
+    info = types.SimpleNamespace(id=worker, num_workers=workers)
+    monkeypatch.setattr(dataset_mod, "get_worker_info", lambda: info if workers > 1 else None)
+    return list(ds)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_every_row_exactly_once_over_ranks_and_workers(prepared, monkeypatch, shuffle):
+    root, _, tables = prepared
+    all_ids = Counter(tables["train"].column("sample_id").to_pylist())
+    for world in (1, 2, 3):
+        for workers in (1, 2, 3):
+            seen: Counter = Counter()
+            per_rank_batches = []
+            for rank in range(world):
+                ds = ParquetBatchDataset(root, "train", batch_size=10, rank=rank, world_size=world,
+                                         shuffle=shuffle, seed=3, shuffle_window_batches=2)
+                n = 0
+                for w in range(workers):
+                    batches = _run_as(ds, w, workers, monkeypatch)
+                    n += len(batches)
+                    seen.update(_sample_ids(batches))
+                per_rank_batches.append(n)
+                assert n == len(ds)
+            assert seen == all_ids, (world, workers)  # every row once: none lost, none repeated
+            assert max(per_rank_batches) - min(per_rank_batches) <= 1
+            assert per_rank_batches == ParquetBatchDataset(
+                root, "train", batch_size=10, world_size=world).batch_counts()
+
+
+def test_drop_remainder_gives_equal_full_batches(prepared, monkeypatch):
+    root, _, _ = prepared
+    world, batch = 3, 16
+    seen: Counter = Counter()
+    counts = []
+    for rank in range(world):
+        ds = ParquetBatchDataset(root, "train", batch_size=batch, rank=rank, world_size=world,
+                                 shuffle=True, drop_remainder=True)
+        batches = _run_as(ds, 0, 1, monkeypatch)
+        assert all(b.batch_size == batch for b in batches)
+        counts.append(len(batches))
+        seen.update(_sample_ids(batches))
+    assert counts == [ROWS // (world * batch)] * world == ds.batch_counts()
+    assert max(seen.values()) == 1 and sum(seen.values()) == world * batch * (ROWS // (world * batch))
+
+
+def test_epoch_shuffle_is_seeded(prepared):
+    root, _, _ = prepared
+    ds = ParquetBatchDataset(root, "train", batch_size=20, shuffle=True, seed=5)
+    ds.set_epoch(0)
+    first = _sample_ids(ds)
+    ds.set_epoch(0)
+    again = _sample_ids(ds)
+    ds.set_epoch(1)
+    other = _sample_ids(ds)
+    assert first == again
+    assert first != other and sorted(first) == sorted(other)
+
+
+def test_resume_continues_at_the_same_batch(prepared):
+    root, _, _ = prepared
+    loader = make_dataloader(root, "train", batch_size=16, shuffle=True, seed=1)
+    loader.set_epoch(2)
+    full = [b.sample_id.tolist() for b in loader]
+    it = iter(loader)
+    head = [next(it).sample_id.tolist() for _ in range(5)]
+    state = loader.state_dict()
+    assert state == {"epoch": 2, "batches_yielded": 5}
+    resumed = make_dataloader(root, "train", batch_size=16, shuffle=True, seed=1)
+    resumed.load_state_dict(state)
+    tail = [b.sample_id.tolist() for b in resumed]
+    assert head + tail == full
+    assert resumed.state_dict() == {"epoch": 2, "batches_yielded": len(full)}
+
+
+@pytest.mark.slow
+def test_real_dataloader_workers_keep_order_and_resume(prepared):
+    torch.set_num_threads(1)
+    root, _, tables = prepared
+    single = [b.sample_id.tolist() for b in make_dataloader(root, "train", batch_size=12, shuffle=True, seed=2)]
+    loader = make_dataloader(root, "train", batch_size=12, shuffle=True, seed=2, num_workers=2)
+    two = [b.sample_id.tolist() for b in loader]
+    assert two == single  # batch j comes from worker j % 2; the loader alternates: same order
+    assert sorted(x for b in two for x in b) == sorted(tables["train"].column("sample_id").to_pylist())
+    it = iter(loader)
+    head = [next(it).sample_id.tolist() for _ in range(3)]  # odd count: the resume rotates workers
+    del it
+    resumed = make_dataloader(root, "train", batch_size=12, shuffle=True, seed=2, num_workers=2)
+    resumed.load_state_dict(loader.state_dict())
+    assert head + [b.sample_id.tolist() for b in resumed] == single
+
+
+def test_invalid_label_pair_names_the_file(tmp_path):
+    schema = aliccp_schema()
+    write_prepared(tmp_path, schema, {"train": 30}, rows_per_file=30)
+    path = tmp_path / "train" / "part-00000.parquet"
+    table = pq.read_table(path)
+    click = np.array(table.column("click").to_pylist(), np.int8)
+    click[7], conversion = 0, np.array(table.column("conversion").to_pylist(), np.int8)
+    conversion[7] = 1
+    table = table.set_column(table.schema.get_field_index("click"), "click", pa.array(click))
+    table = table.set_column(table.schema.get_field_index("conversion"), "conversion", pa.array(conversion))
+    pq.write_table(table, path)
+    with pytest.raises(ValueError, match=r"part-00000.parquet row group 0: 1 row\(s\) with conversion=1 and click=0"):
+        list(ParquetBatchDataset(tmp_path, "train", batch_size=8))
+
+
+def test_missing_column_names_file_and_column(tmp_path):
+    schema = aliccp_schema()
+    write_prepared(tmp_path, schema, {"train": 20}, rows_per_file=20)
+    path = tmp_path / "train" / "part-00000.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["853__w"]), path)
+    with pytest.raises(ValueError, match=r"part-00000.parquet: missing column\(s\) \['853__w'\]"):
+        ParquetBatchDataset(tmp_path, "train", batch_size=8)
+
+
+def test_table_to_batch_handles_sliced_chunked_columns(prepared):
+    _, schema, tables = prepared
+    table = tables["test"]
+    chunked = pa.concat_tables([table.slice(3, 10), table.slice(20, 7)])  # two chunks, both sliced
+    batch = table_to_batch(chunked, schema)
+    spec = schema["210"]
+    want = table.slice(3, 10).column("210").to_pylist() + table.slice(20, 7).column("210").to_pylist()
+    jt = batch.sparse_features[spec.feature_name]
+    assert jt.lengths().tolist() == [len(x) for x in want]
+    assert jt.values().tolist() == [v for x in want for v in x]
