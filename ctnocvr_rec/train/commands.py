@@ -1,9 +1,95 @@
-"""CLI sub-commands of ctnocvr_rec.train (placeholder until implemented)."""
+"""``ctnocvr train`` and ``ctnocvr eval``.
+
+``ctnocvr train -c cfg.yaml -o key=value ... [--resume] [--plan plan.json] [--nproc N]``: under
+torchrun/TorchX every rank runs this command and trains its share; from a shell, ``--nproc N > 1``
+relaunches itself through ``torch.distributed.run --standalone`` with N workers.
+
+``ctnocvr eval --run-dir RUN [--checkpoint DIR] [--split test] [--predictions]``: one process,
+unsharded model, any checkpoint of the run (the newest by default).
+"""
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # noqa: ARG001
-    return None
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train (and evaluate) a ranker", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", required=True, help="run config YAML (configs/*.yaml)")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, repeatable: -o model.num_experts=8 -o train.steps=200")
+    p.add_argument("--run-dir", help="run folder (same as -o train.run_dir=...)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run folder")
+    p.add_argument("--plan", help="enforce a saved sharding plan (JSON from `ctnocvr plan --save`)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="local ranks; >1 relaunches through torch.distributed.run (ignored under torchrun)")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="with --nproc > 1: restarts of the job after a rank fails (each resumes from the newest checkpoint)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=run_train)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint of a run (one process, unsharded)")
+    p.add_argument("--run-dir", required=True, help="run folder written by `ctnocvr train`")
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the newest of the run)")
+    p.add_argument("--split", default="test", help="split of the prepared set (default: test)")
+    p.add_argument("--predictions", action="store_true", help="also write predictions/<split>.parquet")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the run's config, e.g. -o data.prepared_dir=...")
+    p.add_argument("--json", action="store_true", help="print the result JSON instead of the table")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=run_eval)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _add_train(sub)
+    _add_eval(sub)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ctnocvr_rec.config import load_config
+    from ctnocvr_rec.train.distributed import launched_by_torchrun
+
+    overrides = list(args.override)
+    if args.run_dir:
+        overrides.append(f"train.run_dir={args.run_dir}")
+    cfg = load_config(args.config, overrides)
+    if args.nproc > 1 and not launched_by_torchrun():
+        from pathlib import Path
+
+        from ctnocvr_rec.config import save_config
+        from ctnocvr_rec.train.api import torchrun_command, worker_env
+
+        run_dir = Path(cfg.train.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        cmd = torchrun_command(run_dir / "config.yaml", args.nproc, args.max_restarts, args.resume, args.plan)
+        print("[train] launching: " + " ".join(cmd), file=sys.stderr, flush=True)
+        return subprocess.run(cmd, env=worker_env(args.nproc), check=False).returncode
+
+    from ctnocvr_rec.train.api import run_in_process
+
+    result = run_in_process(cfg, resume=args.resume, plan_file=args.plan)
+    if result is not None:
+        print(f"[train] results: {cfg.train.run_dir}/metrics.json", file=sys.stderr)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from ctnocvr_rec.train.api import evaluate_checkpoint
+    from ctnocvr_rec.train.metrics import format_metrics_table
+
+    result = evaluate_checkpoint(args.run_dir, args.checkpoint, args.split, args.override, args.predictions)
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+    else:
+        print(f"{args.split} metrics of {result['checkpoint']} (step {result['steps']}, "
+              f"saved on {result['saved_world_size']} rank(s)):")
+        print(format_metrics_table(result["metrics"]))
+    return 0

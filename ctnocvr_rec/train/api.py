@@ -1,0 +1,137 @@
+"""Python API: ``train_and_evaluate(cfg, nproc)`` and ``evaluate_checkpoint(...)``.
+
+``nproc == 1`` trains in this process (a one-rank process group is created and destroyed around the
+run, unless the caller already runs under torchrun). ``nproc > 1`` writes the resolved config to the
+run folder and launches ``torch.distributed.run --standalone`` with ``nproc`` workers running
+``ctnocvr train``; the result is read back from ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ctnocvr_rec.config import RunConfig, save_config, to_dict
+
+
+def torchrun_command(config_path: str | Path, nproc: int, max_restarts: int = 0, resume: bool = False,
+                     plan_file: str | None = None, nnodes: int = 1) -> list[str]:
+    """The ``python -m torch.distributed.run ... -m ctnocvr_rec.cli train`` command line."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nnodes={nnodes}",
+        f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+        "-m", "ctnocvr_rec.cli", "train", "-c", str(config_path),
+    ]
+    if resume:
+        cmd.append("--resume")
+    if plan_file:
+        cmd += ["--plan", str(plan_file)]
+    return cmd
+
+
+def worker_env(nproc: int) -> dict[str, str]:
+    """Environment of launched workers: a fair share of the cores each unless the user set threads."""
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, nproc)))
+    return env
+
+
+def run_in_process(cfg: RunConfig, resume: bool = False, plan_file: str | None = None) -> dict[str, Any] | None:
+    """Train on this process's rank (every rank of a torchrun job calls this)."""
+    from ctnocvr_rec.train.distributed import init_distributed, shutdown
+    from ctnocvr_rec.train.loop import Trainer
+
+    ctx = init_distributed(cfg.train.device)
+    try:
+        return Trainer(cfg, ctx, plan_file=plan_file, resume=resume).run()
+    finally:
+        shutdown(ctx)
+
+
+def train_and_evaluate(cfg: RunConfig, nproc: int = 1, resume: bool = False, plan_file: str | None = None,
+                       max_restarts: int = 0) -> dict[str, Any]:
+    """Train ``cfg`` on ``nproc`` local ranks, evaluate, and return the ``metrics.json`` content."""
+    from ctnocvr_rec.train.distributed import launched_by_torchrun
+
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    run_dir = Path(cfg.train.run_dir)
+    if nproc == 1 or launched_by_torchrun():
+        result = run_in_process(cfg, resume=resume, plan_file=plan_file)
+        if result is None:  # a non-zero rank of an outer torchrun job
+            return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        return result
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    save_config(cfg, config_path)
+    cmd = torchrun_command(config_path, nproc, max_restarts=max_restarts, resume=resume, plan_file=plan_file)
+    started = time.time()
+    proc = subprocess.run(cmd, env=worker_env(nproc), check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training with {nproc} ranks failed (exit {proc.returncode}): {' '.join(cmd)}")
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file() or metrics_path.stat().st_mtime < started - 1:
+        raise RuntimeError(f"{metrics_path} was not written by the run")
+    return json.loads(metrics_path.read_text(encoding="utf-8"))
+
+
+def evaluate_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None, split: str = "test",
+                        overrides: list[str] | None = None, save_predictions: bool = False) -> dict[str, Any]:
+    """Evaluate a checkpoint of a run in one process, unsharded (whatever world size it was saved on).
+
+    Writes ``<run_dir>/eval_<split>.json`` (same layout as ``metrics.json``) and, if asked,
+    ``<run_dir>/predictions/<split>.parquet``.
+    """
+    from ctnocvr_rec.config import load_config
+    from ctnocvr_rec.train import checkpoint as ckpt
+    from ctnocvr_rec.train.data_source import open_eval_batches
+    from ctnocvr_rec.train.distributed import init_distributed, pick_device, shutdown
+    from ctnocvr_rec.train.evaluate import evaluate
+    from ctnocvr_rec.train.loop import git_revision, write_results
+    from ctnocvr_rec.train.setup import build_unsharded_model
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: --run-dir must be a folder written by `ctnocvr train`")
+    cfg = load_config(config_path, overrides)
+    info = ckpt.read_checkpoint(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
+    if info is None:
+        raise FileNotFoundError(f"{run_dir}/checkpoints has no published checkpoint")
+    started = time.time()
+    device = pick_device(cfg.train.device, 0)
+    model = build_unsharded_model(cfg, device)
+    ckpt.load_model_weights(info.path, model)
+    ctx = init_distributed(cfg.train.device)
+    try:
+        batches = open_eval_batches(cfg, ctx, split)
+        if batches is None:
+            raise FileNotFoundError(f"{cfg.data.prepared_dir}: no '{split}' split")
+        from ctnocvr_rec.data.schema import load_schema
+
+        feature_names = load_schema(cfg.data.schema).feature_names
+        predictions = run_dir / "predictions" / f"{split}.parquet" if save_predictions else None
+        metrics = evaluate(ctx, model, batches, feature_names, device, gauc=cfg.eval.gauc,
+                           predictions_path=predictions)
+    finally:
+        shutdown(ctx)
+    assert metrics is not None
+    result = {
+        "metrics": metrics,
+        "split": split,
+        "seed": cfg.train.seed,
+        "config": to_dict(cfg),
+        "git_rev": git_revision(),
+        "wall_s": time.time() - started,
+        "checkpoint": str(info.path),
+        "steps": int(info.meta.get("step", info.step)),
+        "saved_world_size": int(info.meta.get("world_size", 0)),
+    }
+    write_results(run_dir / f"eval_{split}.json", result)
+    return result

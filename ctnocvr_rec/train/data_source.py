@@ -1,0 +1,75 @@
+"""The trainer's view of the data: per-rank batch iterators over a prepared split.
+
+Thin adapter over :class:`ctnocvr_rec.data.dataset.ParquetBatchDataset` (rank/world-size row
+splitting, per-epoch shuffle, ``state_dict`` for exact resume), so the loop only sees:
+
+* :class:`TrainData` – ``epoch_batches(epoch, state)`` and ``state_dict()``;
+* :func:`open_eval_batches` – this rank's share of an evaluation split, unshuffled, every row once;
+* :func:`estimate_steps_per_epoch` – for learning-rate schedules over epochs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ctnocvr_rec.config import RunConfig
+from ctnocvr_rec.data.batch import CtnocvrBatch
+from ctnocvr_rec.train.distributed import DistContext
+from ctnocvr_rec.train.setup import read_manifest
+
+
+def _dataset(cfg: RunConfig, ctx: DistContext, split: str, training: bool) -> Any:
+    from ctnocvr_rec.data.dataset import ParquetBatchDataset
+
+    return ParquetBatchDataset(
+        cfg.data.prepared_dir,
+        split=split,
+        batch_size=cfg.data.batch_size if training else cfg.data.eval_batch_size,
+        schema_path=cfg.data.schema,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        shuffle=training,
+        seed=cfg.data.shuffle_seed,
+        shuffle_buffer_batches=cfg.data.shuffle_buffer_batches,
+    )
+
+
+def split_exists(cfg: RunConfig, split: str) -> bool:
+    return (Path(cfg.data.prepared_dir) / split).is_dir()
+
+
+class TrainData:
+    """This rank's training batches, epoch by epoch, resumable from a saved position."""
+
+    def __init__(self, cfg: RunConfig, ctx: DistContext) -> None:
+        if not split_exists(cfg, cfg.data.train_split):
+            raise FileNotFoundError(f"{cfg.data.prepared_dir}: no '{cfg.data.train_split}' split to train on")
+        self.dataset = _dataset(cfg, ctx, cfg.data.train_split, training=True)
+
+    def epoch_batches(self, epoch: int, state: Any = None) -> Iterator[CtnocvrBatch]:
+        """Batches of ``epoch``; with ``state`` (from :meth:`state_dict`) continue after that batch."""
+        self.dataset.set_epoch(epoch)
+        if state is not None:
+            self.dataset.load_state_dict(state)
+        return iter(self.dataset)
+
+    def state_dict(self) -> Any:
+        return self.dataset.state_dict()
+
+
+def open_eval_batches(cfg: RunConfig, ctx: DistContext, split: str) -> Iterable[CtnocvrBatch] | None:
+    """This rank's share of ``split`` (None when the prepared set has no such split)."""
+    if not split_exists(cfg, split):
+        return None
+    return _dataset(cfg, ctx, split, training=False)
+
+
+def estimate_steps_per_epoch(cfg: RunConfig, ctx: DistContext) -> int:
+    """Steps of one epoch from the manifest's row count (each rank takes a 1/world share)."""
+    manifest = read_manifest(cfg.data.prepared_dir)
+    splits = manifest.get("splits") or {}
+    rows = int((splits.get(cfg.data.train_split) or {}).get("rows", 0))
+    return max(1, math.floor(rows / ctx.world_size / cfg.data.batch_size)) if rows else 1

@@ -1,0 +1,336 @@
+"""The training run of one rank: build → (resume) → pipeline loop → checkpoints → final evaluation.
+
+``run(cfg, plan_file=..., resume=...)`` is what every rank executes (``ctnocvr train`` under torchrun /
+TorchX, or directly in one process). Rank 0 returns the ``metrics.json`` content; other ranks None.
+
+Determinism and resume: the data position saved with a checkpoint is the loader state right after
+the last *trained* batch. ``TrainPipelineSparseDist`` reads up to two batches ahead, so the loader
+state is snapshotted as each batch is handed to the pipeline (:class:`TrackedBatches`) and the
+snapshot of the batch just trained is the one saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from ctnocvr_rec.config import RunConfig, save_config, to_dict
+from ctnocvr_rec.data.batch import CtnocvrBatch
+from ctnocvr_rec.train import checkpoint as ckpt
+from ctnocvr_rec.train.data_source import TrainData, estimate_steps_per_epoch, open_eval_batches
+from ctnocvr_rec.train.distributed import DistContext, all_reduce_cpu, barrier, broadcast_from_main
+from ctnocvr_rec.train.evaluate import evaluate, synced_batches
+from ctnocvr_rec.train.logs import RunLogger
+from ctnocvr_rec.train.metrics import format_metrics_table
+from ctnocvr_rec.train.optim import LRSchedule, build_optimizer
+from ctnocvr_rec.train.setup import build_sharded_model, describe_plan
+
+#: loss terms tracked in the logs (those the model reports)
+LOSS_TERMS = ("loss", "loss_ctr", "loss_cvr", "loss_ctnocvr", "loss_ctcvr", "loss_score")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the message names the step and the loss term."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands (saved with every checkpoint)."""
+
+    step: int = 0  # optimiser steps done
+    epoch: int = 0  # current epoch
+    batches_in_epoch: int = 0  # batches of the current epoch already trained
+    data_state: Any = None  # loader state after the last trained batch (None = start of epoch)
+    samples: int = 0  # rows trained (all ranks)
+    train_time_s: float = 0.0  # wall time spent in training steps (all attempts)
+
+
+class TrackedBatches:
+    """Wraps the per-epoch batch iterator; remembers the loader state after each handed-out batch."""
+
+    def __init__(self, batches: Iterator[CtnocvrBatch], data: TrainData) -> None:
+        self._batches = batches
+        self._data = data
+        self._states: deque[Any] = deque()
+
+    def __iter__(self) -> TrackedBatches:
+        return self
+
+    def __next__(self) -> CtnocvrBatch:
+        batch = next(self._batches)
+        self._states.append(self._data.state_dict())
+        return batch
+
+    def pop_trained_state(self) -> Any:
+        """Loader state after the batch the pipeline just trained (call once per trained step)."""
+        return self._states.popleft()
+
+
+def git_revision() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=False)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _maybe_inject_fault(ctx: DistContext, step: int) -> None:
+    """Test hook ``CTNOCVR_FAULT_AT_STEP=<N>``: the last rank dies after step N (first attempt only).
+
+    Under torchelastic it SIGKILLs itself (only when ``TORCHELASTIC_RESTART_COUNT`` is 0, so the
+    restarted job runs through); in a plain process it raises instead.
+    """
+    target = os.environ.get("CTNOCVR_FAULT_AT_STEP")
+    if target is None or int(target) != step or ctx.rank != ctx.world_size - 1:
+        return
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        raise RuntimeError(f"injected fault after step {step}")
+    if restart == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _loss_values(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(outputs[k]) for k in LOSS_TERMS if k in outputs}
+
+
+def _check_finite(ctx: DistContext, step: int, losses: dict[str, float], last_ckpt: str | None) -> None:
+    """Stop every rank together when any rank saw a non-finite loss term."""
+    bad_local = [k for k, v in losses.items() if not math.isfinite(v)]
+    flag = torch.tensor([1 if bad_local else 0], dtype=torch.int32)
+    all_reduce_cpu(ctx, flag, "max")
+    if flag.item():
+        terms = ", ".join(f"{k}={losses[k]}" for k in bad_local) or "(on another rank)"
+        where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} on rank {ctx.rank}: {terms}; stopping ({where}). "
+            "Lower the learning rates or check the input data."
+        )
+
+
+class Trainer:
+    """One rank's training run. Collective: every rank constructs it and calls :meth:`run`."""
+
+    def __init__(self, cfg: RunConfig, ctx: DistContext, plan_file: str | None = None,
+                 resume: bool = False) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.run_dir = Path(cfg.train.run_dir)
+        self.plan_file = plan_file
+        self.resume = resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        self.state = TrainState()
+        self.last_checkpoint: str | None = None
+
+    # ----------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any] | None:
+        cfg, ctx = self.cfg, self.ctx
+        wall_start = time.time()
+        seed_everything(cfg.train.seed)
+        if ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        barrier(ctx)
+
+        resume_from = ckpt.agree_on_checkpoint(ctx, self.run_dir) if self.resume else None
+        plan_source = self.plan_file
+        if resume_from is not None and not plan_source:
+            plan_source = resume_from.meta.get("plan")  # the plan the checkpoint was sharded with
+        sharded = build_sharded_model(cfg, ctx, plan_source)
+        model = sharded.model
+        if ctx.is_main:
+            (self.run_dir / "plan.json").write_text(sharded.plan_json + "\n", encoding="utf-8")
+        optimizer, dense_optimizer = build_optimizer(model, cfg.train.optim)
+        feature_names = sharded.schema.feature_names
+
+        data = TrainData(cfg, ctx)
+        steps_per_epoch = estimate_steps_per_epoch(cfg, ctx)
+        total_steps = cfg.train.steps if cfg.train.steps > 0 else cfg.train.epochs * steps_per_epoch
+        schedule = LRSchedule(optimizer, cfg.train.optim, total_steps)
+
+        if resume_from is not None:
+            dense_optimizer.init_state()  # Adam's moments must exist for DCP to load into them
+            rank_state = ckpt.load_checkpoint(ctx, resume_from, model, optimizer)
+            self.state = TrainState(**rank_state["train_state"])
+            self.last_checkpoint = str(resume_from.path)
+
+        logger = RunLogger(self.run_dir, ctx.is_main, total_steps, self.state.step, cfg.train.progress_bar)
+        if resume_from is not None:
+            logger.message(f"[train] resumed from {resume_from.path} (step {self.state.step})")
+        logger.message(f"[train] {ctx.world_size} rank(s), {ctx.backend}, device {ctx.device}; plan:\n"
+                       + describe_plan(sharded.plan))
+        if cfg.train.bf16 and ctx.device_type != "cuda":
+            logger.message("[train] train.bf16 is a GPU option (bf16 autocast); ignored on CPU")
+
+        try:
+            self._train(model, optimizer, dense_optimizer, schedule, data, total_steps, feature_names, logger)
+            metrics = self._final(model, feature_names, logger, wall_start)
+        finally:
+            logger.close()
+        return metrics
+
+    # ----------------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.cfg.train.bf16 and self.ctx.device_type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _save(self, model: Any, optimizer: Any, plan_json: str) -> None:
+        path = ckpt.save_checkpoint(
+            self.ctx, self.run_dir, self.state.step, model, optimizer,
+            rank_state={"train_state": asdict(self.state)},
+            meta={"plan": plan_json, "epoch": self.state.epoch},
+            keep=self.cfg.train.keep_checkpoints,
+        )
+        self.last_checkpoint = str(path)
+
+    def _train(self, model: Any, optimizer: Any, dense_optimizer: Any, schedule: LRSchedule, data: TrainData,
+               total_steps: int, feature_names: list[str], logger: RunLogger) -> None:
+        cfg, ctx, st = self.cfg, self.ctx, self.state
+        tc = cfg.train
+        plan_json = (self.run_dir / "plan.json").read_text(encoding="utf-8") if ctx.is_main else ""
+        plan_json = broadcast_from_main(ctx, plan_json)
+        pipeline = TrainPipelineSparseDist(model, optimizer, ctx.device, execute_all_batches=True)
+        window: dict[str, float] = {}
+        window_rows, window_steps, window_t0 = 0, 0, time.perf_counter()
+        done = total_steps > 0 and st.step >= total_steps
+        while not done and st.epoch < tc.epochs:
+            epoch_batches = data.epoch_batches(st.epoch, st.data_state)
+            tracked = TrackedBatches(epoch_batches, data)
+            synced = synced_batches(ctx, tracked, until="any_done")
+            model.train()
+            while True:
+                if total_steps > 0 and st.step >= total_steps:
+                    done = True
+                    break
+                schedule.apply(st.step)
+                t0 = time.perf_counter()
+                try:
+                    with self._autocast():
+                        outputs = pipeline.progress(synced)
+                except StopIteration:
+                    break
+                st.train_time_s += time.perf_counter() - t0
+                st.step += 1
+                st.batches_in_epoch += 1
+                st.data_state = tracked.pop_trained_state()
+                rows = int(outputs["p_ctr"].shape[0]) if "p_ctr" in outputs else cfg.data.batch_size
+                losses = _loss_values(outputs)
+                _check_finite(ctx, st.step, losses, self.last_checkpoint)
+                _maybe_inject_fault(ctx, st.step)
+                for k, v in losses.items():
+                    window[k] = window.get(k, 0.0) + v
+                window_rows += rows
+                window_steps += 1
+                logger.advance()
+                if tc.log_every_steps > 0 and st.step % tc.log_every_steps == 0:
+                    st.samples += self._log_window(logger, window, window_rows, window_steps, window_t0, schedule)
+                    window, window_rows, window_steps, window_t0 = {}, 0, 0, time.perf_counter()
+                if tc.eval_every_steps > 0 and st.step % tc.eval_every_steps == 0:
+                    pipeline.detach()
+                    self._periodic_eval(model, feature_names, logger)
+                    pipeline.attach(model)
+                if tc.checkpoint_every_steps > 0 and st.step % tc.checkpoint_every_steps == 0:
+                    self._save(model, optimizer, plan_json)
+            if not done:  # the epoch ran out of batches: a fresh pipeline for the next one
+                st.epoch += 1
+                st.batches_in_epoch = 0
+                st.data_state = None
+                pipeline.detach()  # restores the original sharded-module forwards
+                pipeline = TrainPipelineSparseDist(model, optimizer, ctx.device, execute_all_batches=True)
+        if window_steps:
+            st.samples += self._log_window(logger, window, window_rows, window_steps, window_t0, schedule)
+        pipeline.detach()
+        self._save(model, optimizer, plan_json)
+
+    def _log_window(self, logger: RunLogger, window: dict[str, float], rows: int, steps: int, t0: float,
+                    schedule: LRSchedule) -> int:
+        """Average the window over ranks (collective), log it; returns the rows trained by all ranks."""
+        keys = sorted(window)
+        values = torch.tensor([window[k] for k in keys] + [float(rows), float(steps)], dtype=torch.float64)
+        all_reduce_cpu(self.ctx, values, "sum")
+        total_rows = int(values[-2].item())
+        rank_steps = max(1.0, values[-1].item())
+        elapsed = max(1e-9, time.perf_counter() - t0)
+        entry = {k: values[i].item() / rank_steps for i, k in enumerate(keys)}
+        entry.update({
+            "samples_per_s": total_rows / elapsed,
+            "epoch": self.state.epoch,
+            "lr_factor": schedule.apply(self.state.step),
+        })
+        logger.record("train", self.state.step, entry)
+        logger.show({"samples/s": entry["samples_per_s"],
+                     **{k.removeprefix("loss_"): v for k, v in entry.items() if k.startswith("loss_")}})
+        return total_rows
+
+    def _periodic_eval(self, model: Any, feature_names: list[str], logger: RunLogger) -> None:
+        cfg = self.cfg
+        batches = open_eval_batches(cfg, self.ctx, cfg.data.eval_split)
+        if batches is None:
+            return
+        metrics = evaluate(self.ctx, model, batches, feature_names, self.ctx.device, gauc=cfg.eval.gauc,
+                           bf16=cfg.train.bf16, max_batches=cfg.eval.periodic_max_batches)
+        if metrics is not None:
+            logger.record("eval", self.state.step, {"split": cfg.data.eval_split, **metrics})
+            logger.message(f"[eval step {self.state.step}, {cfg.data.eval_split}] "
+                           + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("auc_")))
+
+    def _final(self, model: Any, feature_names: list[str], logger: RunLogger, wall_start: float
+               ) -> dict[str, Any] | None:
+        cfg, ctx = self.cfg, self.ctx
+        split = cfg.eval.final_split or cfg.data.test_split
+        batches = open_eval_batches(cfg, ctx, split)
+        if batches is None:
+            raise FileNotFoundError(f"{cfg.data.prepared_dir}: no '{split}' split to evaluate on")
+        predictions = self.run_dir / "predictions" / f"{split}.parquet" if cfg.eval.save_predictions else None
+        metrics = evaluate(ctx, model, batches, feature_names, ctx.device, gauc=cfg.eval.gauc,
+                           predictions_path=predictions, bf16=cfg.train.bf16)
+        if metrics is None:
+            return None
+        st = self.state
+        result = {
+            "metrics": metrics,
+            "split": split,
+            "seed": cfg.train.seed,
+            "config": to_dict(cfg),
+            "git_rev": git_revision(),
+            "wall_s": time.time() - wall_start,
+            "samples_per_s": st.samples / st.train_time_s if st.train_time_s > 0 else float("nan"),
+            "steps": st.step,
+            "epochs_completed": st.epoch,
+            "world_size": ctx.world_size,
+            "checkpoint": self.last_checkpoint,
+        }
+        logger.record("final", st.step, {"split": split, **metrics})
+        write_results(self.run_dir / "metrics.json", result)
+        logger.message(f"[train] {split} metrics after {st.step} steps:\n{format_metrics_table(metrics)}")
+        return result
+
+
+def write_results(path: Path, result: dict[str, Any]) -> None:
+    import json
+
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str, allow_nan=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
