@@ -1,0 +1,716 @@
+"""The official Ali-CCP raw format: fast vectorised chunk parsing plus an exact per-line path.
+
+Files (one line per record, ``\\n`` terminated, no quoting):
+
+* ``sample_skeleton_{train,test}.csv``: ``sample_id,click,buy,common_feature_index,feature_num,feature_list``
+* ``common_features_{train,test}.csv``: ``common_feature_index,feature_num,feature_list``
+
+``feature_list`` is ``field\\x02feature_id\\x03value`` items joined by ``\\x01``.
+
+Two parsers implement the same rules:
+
+* :func:`parse_chunk` works on a whole byte chunk with numpy. It never loops over lines in Python: it
+  finds the separators with vectorised comparisons, validates the separator *sequence* of every
+  line (a line with ``k`` items must read ``\\x02 \\x03 (\\x01 \\x02 \\x03)*``, tokens non-empty), reads
+  integers with SWAR digit arithmetic on unaligned 64-bit words (8 digits per word), maps field names
+  by their packed bytes, and parses non-trivial float values with one Arrow cast over the compacted
+  value bytes. Lines that fail any check are *flagged*, not judged.
+* :func:`parse_line` is the plain, exact per-line parser. It runs only on flagged lines, produces the
+  precise reject reason (``FILE:LINE: reason (field ...)``), and accepts the line if the fast path was
+  merely conservative (e.g. a 17-digit id), so both paths always agree on what is accepted.
+
+Rules (both paths; the first failing rule is the reason):
+
+1. ``wrong_column_count``: splitting on ``,`` must give the file's column count.
+2. ``non_numeric``: ``sample_id``, ``click``, ``buy``, ``feature_num`` must be 1..18 ASCII digits.
+3. ``bad_common_feature_index``: the key must be non-empty and free of ``\\x00-\\x03``.
+4. ``malformed_feature_item``: an item needs exactly one ``\\x02`` and one ``\\x03`` after it, with a
+   non-empty field name, id and value; no ``\\x00-\\x03`` outside ``feature_list``.
+5. ``non_numeric``: feature ids are 1..18 ASCII digits; values are finite decimal floats
+   (``[+-]?(d+.?d*|.d+)([eE][+-]?d+)?``).
+6. ``feature_num_mismatch``: ``feature_num`` equals the number of items.
+7. ``bad_label`` (click/buy not 0/1) and ``invalid_label_pair`` (``click=0, buy=1``, paper Table 1).
+
+Unknown field names are not errors: their values are counted per name in ``ignored`` and dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+SKELETON_COLUMNS = ("sample_id", "click", "buy", "common_feature_index", "feature_num", "feature_list")
+COMMON_COLUMNS = ("common_feature_index", "feature_num", "feature_list")
+ITEM_SEP, FIELD_SEP, VALUE_SEP = 1, 2, 3  # \x01 between items, \x02 after the field, \x03 before the value
+
+MAX_INT_DIGITS = 18  # fits int64 without overflow checks
+_FAST_INT_DIGITS = 16  # two SWAR words; 17-18 digit ints are flagged and read by parse_line
+PAD = 16  # zero bytes before and after a chunk so 8-byte windows never leave the buffer
+
+
+class Reason:
+    """Reject reasons (the strings written to rejects.csv and the manifest)."""
+
+    WRONG_COLUMN_COUNT = "wrong_column_count"
+    NON_NUMERIC = "non_numeric"
+    BAD_KEY = "bad_common_feature_index"
+    MALFORMED_ITEM = "malformed_feature_item"
+    FEATURE_NUM_MISMATCH = "feature_num_mismatch"
+    BAD_LABEL = "bad_label"
+    INVALID_LABEL_PAIR = "invalid_label_pair"
+    UNKNOWN_COMMON = "unknown_common_feature_index"
+    DUPLICATE_COMMON = "duplicate_common_feature_index"
+
+
+@dataclass(frozen=True)
+class FileKind:
+    """Column layout of one raw file kind."""
+
+    name: str
+    columns: tuple[str, ...]
+    int_columns: tuple[str, ...]  # parsed as integers, in this order in ParsedChunk.ints
+    key_column: str = "common_feature_index"
+
+    @property
+    def n_columns(self) -> int:
+        return len(self.columns)
+
+    def col(self, name: str) -> int:
+        return self.columns.index(name)
+
+
+SKELETON = FileKind("skeleton", SKELETON_COLUMNS, ("sample_id", "click", "buy", "feature_num"))
+COMMON = FileKind("common", COMMON_COLUMNS, ("feature_num",))
+
+
+@dataclass(frozen=True)
+class FieldSlots:
+    """The feature-list fields extracted from one file kind, in output order.
+
+    ``names[k]`` is the Ali-CCP field name of slot ``k``; ``weighted[k]`` says whether its values are
+    kept as weights. Field names of at most 8 bytes are matched by their packed bytes.
+    """
+
+    names: tuple[str, ...]
+    weighted: tuple[bool, ...]
+
+    def __post_init__(self) -> None:
+        for name in self.names:
+            if not 1 <= len(name.encode()) <= 8:
+                raise ValueError(f"field name {name!r}: must be 1..8 bytes to be matched in raw files")
+
+    @property
+    def codes(self) -> np.ndarray:
+        return np.array([_pack_name(n.encode()) for n in self.names], dtype=np.uint64)
+
+
+def _pack_name(name: bytes) -> int:
+    """Little-endian packing of a <= 8 byte name (the fast path computes the same from the buffer)."""
+    return int.from_bytes(name, "little")
+
+
+@dataclass
+class Csr:
+    """Per-row variable-length values: row ``i`` owns ``ids[offsets[i]:offsets[i+1]]``.
+
+    Shapes: ``offsets`` int64 ``[n + 1]``, ``ids`` int64 ``[nnz]``, ``weights`` float32 ``[nnz]`` or None.
+    """
+
+    offsets: np.ndarray
+    ids: np.ndarray
+    weights: np.ndarray | None
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def take(self, rows: np.ndarray) -> Csr:
+        """Rows ``rows`` (any order, repeats allowed), vectorised."""
+        offsets, index = csr_gather_index(self.offsets, rows)
+        return Csr(offsets, self.ids[index], None if self.weights is None else self.weights[index])
+
+    @staticmethod
+    def concat(parts: list[Csr], weighted: bool) -> Csr:
+        offsets = [np.zeros(1, np.int64)]
+        base = 0
+        for p in parts:
+            offsets.append(p.offsets[1:] + base)
+            base += int(p.offsets[-1])
+        ids = np.concatenate([p.ids for p in parts]) if parts else np.zeros(0, np.int64)
+        weights = None
+        if weighted:
+            weights = np.concatenate([p.weights for p in parts]) if parts else np.zeros(0, np.float32)
+        return Csr(np.concatenate(offsets), ids, weights)
+
+    @staticmethod
+    def empty(n_rows: int, weighted: bool) -> Csr:
+        return Csr(
+            np.zeros(n_rows + 1, np.int64),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.float32) if weighted else None,
+        )
+
+
+def csr_gather_index(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets and value index of the CSR rows ``rows``: ``values[index]`` are their values in order."""
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    new_offsets = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    total = int(new_offsets[-1])
+    # index = start of the value's row + its position inside the row
+    index = np.arange(total, dtype=np.int64) + np.repeat(starts - new_offsets[:-1], lengths)
+    return new_offsets, index
+
+
+@dataclass
+class Reject:
+    """One rejected line; ``line`` is 0-based within its chunk until the caller adds the chunk base."""
+
+    line: int
+    reason: str
+    detail: str
+
+
+@dataclass
+class ParsedChunk:
+    """Accepted lines of one chunk, column-wise (``n`` accepted lines, in file order).
+
+    Attributes:
+        n_lines: number of lines in the chunk (accepted + rejected).
+        line: int64 ``[n]`` 0-based line index inside the chunk.
+        ints: int64 ``[n, len(kind.int_columns)]``.
+        key_h1, key_h2: uint64 ``[n]`` two independent 64-bit hashes of ``common_feature_index``.
+        slots: one :class:`Csr` per field slot (raw ids, weights where weighted).
+        rejects: the rejected lines with reasons.
+        ignored: values of field names outside the slots, per name.
+        line_starts, line_ends: int64 ``[n_lines]`` byte offsets of every line in the chunk (ends
+            exclude the newline), for raw-line retrieval.
+        fast_lines: how many lines the vectorised path accepted (the rest went through parse_line).
+    """
+
+    n_lines: int
+    line: np.ndarray
+    ints: np.ndarray
+    key_h1: np.ndarray
+    key_h2: np.ndarray
+    slots: list[Csr]
+    rejects: list[Reject]
+    ignored: dict[str, int]
+    line_starts: np.ndarray
+    line_ends: np.ndarray
+    fast_lines: int = 0
+
+    def raw_line(self, data: bytes, i: int) -> bytes:
+        return data[int(self.line_starts[i]) : int(self.line_ends[i])]
+
+
+# ----------------------------------------------------------------------------------------------
+# Vectorised helpers on unaligned little-endian 64-bit words
+# ----------------------------------------------------------------------------------------------
+
+_ONES = np.uint64(0x0101010101010101)
+_HIGH = np.uint64(0x8080808080808080)
+_ZEROS_ASCII = np.uint64(0x3030303030303030)
+# _KEEP_TOP[L]: keeps the top L bytes of a word (the L bytes that end where the word ends)
+_KEEP_TOP = np.array([0] + [((1 << (8 * L)) - 1) << (8 * (8 - L)) for L in range(1, 9)], dtype=np.uint64)
+# _FILL_ZERO_DIGITS[L]: ASCII '0' in the bottom 8-L bytes (leading zeros of an 8-digit field)
+_FILL_ZERO_DIGITS = np.array(
+    [int.from_bytes(b"0" * (8 - L) + b"\0" * L, "little") for L in range(9)], dtype=np.uint64
+)
+# _KEEP_LOW[L]: keeps the bottom L bytes
+_KEEP_LOW = np.array([(1 << (8 * L)) - 1 for L in range(8)] + [(1 << 64) - 1], dtype=np.uint64)
+_ONE_DOT_ZERO = np.uint64(int.from_bytes(b"\0\0\0\0\0" + b"1.0", "little"))
+
+
+def _word_view(padded: np.ndarray) -> np.ndarray:
+    """``view[p]`` is the little-endian uint64 of ``padded[p:p+8]`` (unaligned, no copy)."""
+    return np.ndarray(shape=(len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
+
+
+def _words_ending_at(words: np.ndarray, end: np.ndarray) -> np.ndarray:
+    return words[end - 8]
+
+
+def _all_digits(w: np.ndarray) -> np.ndarray:
+    """True where all 8 bytes of ``w`` are ASCII digits (SWAR has-less / has-more tests)."""
+    below = (w - _ZEROS_ASCII) & ~w & _HIGH  # some byte < '0'
+    above = ((w + _ONES * np.uint64(127 - 57)) | w) & _HIGH  # some byte > '9'
+    return (below | above) == 0
+
+
+def _eight_digits(w: np.ndarray) -> np.ndarray:
+    """Value of 8 ASCII digits per word (first digit in the lowest byte)."""
+    v = w - _ZEROS_ASCII
+    v = (v * np.uint64(10) + (v >> np.uint64(8))) & np.uint64(0x00FF00FF00FF00FF)
+    v = (v * np.uint64(100) + (v >> np.uint64(16))) & np.uint64(0x0000FFFF0000FFFF)
+    v = (v * np.uint64(10000) + (v >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
+    return v
+
+
+def parse_uint_tokens(
+    words: np.ndarray, end: np.ndarray, length: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Non-negative integers of the tokens ``[end - length, end)`` (1..16 digits), vectorised.
+
+    Returns ``(values int64 [n], ok bool [n])``; ``ok`` is False for empty, too long or non-digit tokens.
+    """
+    n = len(end)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, bool)
+    ok = (length >= 1) & (length <= _FAST_INT_DIGITS)
+    low_len = np.minimum(length, 8)
+    low = _words_ending_at(words, end)
+    low = (low & _KEEP_TOP[low_len]) | _FILL_ZERO_DIGITS[low_len]
+    ok &= _all_digits(low)
+    value = _eight_digits(low)
+    if int(length.max()) > 8:
+        high_len = np.clip(length - 8, 0, 8)
+        high = _words_ending_at(words, end - 8)
+        high = (high & _KEEP_TOP[high_len]) | _FILL_ZERO_DIGITS[high_len]
+        ok &= _all_digits(high)
+        value = value + _eight_digits(high) * np.uint64(100_000_000)
+    return value.astype(np.int64), ok
+
+
+_FNV_OFFSET = (np.uint64(0xCBF29CE484222325), np.uint64(0x84222325CBF29CE4))
+_MIX_MUL = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F))
+
+
+def _fmix64(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> np.uint64(33))
+    h = h * np.uint64(0xFF51AFD7ED558CCD)
+    h = h ^ (h >> np.uint64(33))
+    h = h * np.uint64(0xC4CEB9FE1A85EC53)
+    return h ^ (h >> np.uint64(33))
+
+
+def hash_tokens(words: np.ndarray, start: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent 64-bit hashes of the byte tokens ``[start, start + length)``.
+
+    Processes 8-byte blocks; bytes past a token's end are masked out, and the length is mixed in, so
+    equal tokens get equal hashes wherever they sit. Two hashes let the caller tell a true duplicate
+    key (both equal) from a collision (only one equal, never observed in practice).
+    """
+    h1 = np.full(len(start), _FNV_OFFSET[0], np.uint64)
+    h2 = np.full(len(start), _FNV_OFFSET[1], np.uint64)
+    max_len = int(length.max()) if len(length) else 0
+    for block in range(0, max_len, 8):
+        remaining = np.clip(length - block, 0, 8)
+        w = words[np.minimum(start + block, len(words) - 1)] & _KEEP_LOW[remaining]
+        h1 = _fmix64((h1 ^ w) * _MIX_MUL[0])
+        h2 = _fmix64((h2 + w) * _MIX_MUL[1])
+    lengths = length.astype(np.uint64)
+    return _fmix64(h1 ^ lengths), _fmix64(h2 ^ (lengths * _MIX_MUL[0]))
+
+
+def hash_key(key: bytes) -> tuple[int, int]:
+    """The :func:`hash_tokens` pair of one key (for the per-line path and for tests)."""
+    padded = np.zeros(len(key) + 2 * PAD, np.uint8)
+    padded[PAD : PAD + len(key)] = np.frombuffer(key, np.uint8)
+    h1, h2 = hash_tokens(_word_view(padded), np.array([PAD]), np.array([len(key)]))
+    return int(h1[0]), int(h2[0])
+
+
+def _parse_float_tokens(
+    padded: np.ndarray, start: np.ndarray, length: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """float32 values of the byte tokens ``[start, start + length)`` via Arrow casts of their bytes.
+
+    Returns ``(values float32 [n], ok bool [n])``. The tokens are compacted into one Arrow string
+    array and cast at once; if that cast fails, halves are cast recursively so that only the bad
+    tokens (not the whole chunk) are marked.
+    """
+    n = len(start)
+    values = np.ones(n, np.float32)
+    ok = np.ones(n, bool)
+    if n == 0:
+        return values, ok
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(length, out=offsets[1:])
+    index = np.arange(int(offsets[-1]), dtype=np.int64) + np.repeat(start - offsets[:-1], length)
+    data = padded[index]
+    arrow = pa.Array.from_buffers(
+        pa.string(), n, [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)]
+    )
+
+    def cast(lo: int, hi: int) -> None:
+        try:
+            values[lo:hi] = pc.cast(arrow.slice(lo, hi - lo), pa.float32()).to_numpy(zero_copy_only=False)
+        except (pa.ArrowInvalid, ValueError):
+            if hi - lo == 1:
+                ok[lo] = False
+                return
+            mid = (lo + hi) // 2
+            cast(lo, mid)
+            cast(mid, hi)
+
+    cast(0, n)
+    ok &= np.isfinite(values)
+    return values, ok
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast chunk parser
+# ----------------------------------------------------------------------------------------------
+
+
+_SEP_PATTERN = np.array([FIELD_SEP, VALUE_SEP, ITEM_SEP], np.uint8)  # separator j of a line: pattern[j % 3]
+
+
+def _line_bounds(padded: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (exclusive, without ``\\n`` / ``\\r\\n``) of every line, in padded coordinates."""
+    body = padded[PAD : PAD + size]
+    newlines = np.flatnonzero(body == 10) + PAD
+    ends = newlines
+    if size and body[-1] != 10:
+        ends = np.append(newlines, PAD + size)
+    starts = np.empty_like(ends)
+    if len(ends):
+        starts[0] = PAD
+        starts[1:] = newlines[: len(ends) - 1] + 1
+    ends = ends - ((padded[ends - 1] == 13) & (ends > starts))  # tolerate CRLF
+    return starts.astype(np.int64), ends.astype(np.int64)
+
+
+def _per_line_counts(
+    positions: np.ndarray, starts: np.ndarray, ends: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For sorted ``positions``: index of the first one in each line and how many each line holds."""
+    first = np.searchsorted(positions, starts)
+    last = np.searchsorted(positions, ends)
+    return first, last - first
+
+
+def parse_chunk(data: bytes, kind: FileKind, slots: FieldSlots) -> ParsedChunk:
+    """Parse a chunk of whole lines (see the module docstring); never raises on bad input."""
+    size = len(data)
+    if size == 0:
+        return _empty_chunk(kind, slots)
+    padded = np.zeros(size + 2 * PAD, np.uint8)
+    padded[PAD : PAD + size] = np.frombuffer(data, np.uint8)
+    words = _word_view(padded)
+    starts, ends = _line_bounds(padded, size)
+    n = len(starts)
+    flagged = np.zeros(n, bool)
+    n_commas = kind.n_columns - 1
+
+    # --- columns: exactly n_commas commas per line
+    commas = np.flatnonzero(padded == 44)
+    comma_first, comma_count = _per_line_counts(commas, starts, ends)
+    flagged |= comma_count != n_commas
+    ok = ~flagged
+    ok_lines = np.flatnonzero(ok)
+    if len(ok_lines) == n:
+        comma_matrix = commas.reshape(n, n_commas) if n_commas else np.zeros((n, 0), np.int64)
+    else:
+        take = (comma_first[ok_lines, None] + np.arange(n_commas)).ravel()
+        comma_matrix = commas[take].reshape(len(ok_lines), n_commas)
+    col_start = np.empty((n, kind.n_columns), np.int64)
+    col_end = np.empty((n, kind.n_columns), np.int64)
+    col_start[:, 0], col_end[:, -1] = starts, ends
+    col_start[ok_lines, 1:] = comma_matrix + 1
+    col_end[ok_lines, :-1] = comma_matrix
+    bad_cols = ~ok
+    col_start[bad_cols, 1:] = starts[bad_cols, None]  # harmless values for flagged lines
+    col_end[bad_cols, :-1] = starts[bad_cols, None]
+    region_start, region_end = col_start[:, -1], col_end[:, -1]
+
+    # --- separators \x00..\x03: the sequence of each line must be \x02 \x03 (\x01 \x02 \x03)*
+    seps = np.flatnonzero(padded[PAD : PAD + size] < 4) + PAD
+    sep_first, sep_count = _per_line_counts(seps, starts, ends)
+    sep_type = padded[seps]
+    sep_line = np.repeat(np.arange(n), sep_count)
+    sep_rank = np.arange(len(seps)) - np.repeat(sep_first, sep_count)
+    bad_sep = sep_type != _SEP_PATTERN[sep_rank % 3]
+    flagged[sep_line[bad_sep]] = True
+    has_items = region_end > region_start
+    flagged |= np.where(has_items, sep_count % 3 != 2, sep_count != 0)
+    # the first separator must lie in feature_list
+    with_seps = np.flatnonzero(sep_count > 0)
+    flagged[with_seps] |= seps[sep_first[with_seps]] < region_start[with_seps]
+
+    # --- leading integer columns and the key
+    int_cols = [kind.col(c) for c in kind.int_columns]
+    ints = np.zeros((n, len(int_cols)), np.int64)
+    for j, c in enumerate(int_cols):
+        value, good = parse_uint_tokens(words, col_end[:, c], col_end[:, c] - col_start[:, c])
+        ints[:, j] = value
+        flagged |= ~good
+    key_col = kind.col(kind.key_column)
+    key_len = col_end[:, key_col] - col_start[:, key_col]
+    flagged |= key_len < 1
+    if kind is SKELETON:
+        click, buy = ints[:, 1], ints[:, 2]
+        flagged |= (click > 1) | (buy > 1) | ((click == 0) & (buy == 1))
+
+    # --- items of the lines still unflagged
+    keep_sep = ~flagged[sep_line]
+    seps, sep_type, sep_line = seps[keep_sep], sep_type[keep_sep], sep_line[keep_sep]
+    items_per_line = np.where(flagged, 0, (sep_count + 1) // 3)
+    item_line = np.repeat(np.arange(n), items_per_line)
+    is_x02 = sep_type == FIELD_SEP
+    x02_idx = np.flatnonzero(is_x02)
+    x02 = seps[x02_idx]
+    x03 = seps[x02_idx + 1]
+    first_item = np.ones(len(x02), bool)
+    if len(x02):
+        first_item[1:] = item_line[1:] != item_line[:-1]
+    name_start = np.where(first_item, region_start[item_line], seps[np.maximum(x02_idx - 1, 0)] + 1)
+    last_item = np.ones(len(x02), bool)
+    if len(x02):
+        last_item[:-1] = item_line[1:] != item_line[:-1]
+    value_end = np.where(last_item, region_end[item_line], seps[np.minimum(x02_idx + 2, len(seps) - 1)])
+    name_len = x02 - name_start
+    id_len = x03 - x02 - 1
+    value_len = value_end - x03 - 1
+    item_bad = (name_len < 1) | (id_len < 1) | (value_len < 1)
+
+    # field ids (SWAR); 17+ digit ids are flagged for the exact path
+    ids, ids_ok = parse_uint_tokens(words, x03, id_len)
+    item_bad |= ~ids_ok
+
+    # values: "1.0" is checked by one word compare, everything else goes through one Arrow cast
+    values = np.ones(len(x02), np.float32)
+    is_one = (value_len == 3) & ((_words_ending_at(words, value_end) & _KEEP_TOP[3]) == _ONE_DOT_ZERO)
+    other = np.flatnonzero(~is_one & ~item_bad)
+    values[other], other_ok = _parse_float_tokens(padded, x03[other] + 1, value_len[other])
+    item_bad[other[~other_ok]] = True
+
+    # feature names: packed bytes of names up to 8 bytes
+    short = name_len <= 8
+    name_code = _words_ending_at(words, x02) >> (
+        np.uint64(8) * (np.uint64(8) - np.minimum(name_len, 8).astype(np.uint64))
+    )
+    flagged[item_line[item_bad]] = True
+
+    # feature_num must equal the item count
+    feature_num = ints[:, kind.int_columns.index("feature_num")]
+    flagged |= ~flagged & (feature_num != items_per_line)
+
+    # --- keep the items of accepted lines and split them into slots
+    accepted = np.flatnonzero(~flagged)
+    item_keep = ~flagged[item_line]
+    item_line, ids, values = item_line[item_keep], ids[item_keep], values[item_keep]
+    name_code, short = name_code[item_keep], short[item_keep]
+    name_start, name_len = name_start[item_keep], name_len[item_keep]
+    line_rank = np.full(n, -1, np.int64)
+    line_rank[accepted] = np.arange(len(accepted))
+    row_of_item = line_rank[item_line]
+
+    codes = slots.codes
+    order = np.argsort(codes)
+    slot_of_item = np.full(len(ids), -1, np.int64)
+    if len(codes):
+        pos = np.minimum(np.searchsorted(codes[order], name_code), len(codes) - 1)
+        match = short & (codes[order][pos] == name_code)
+        slot_of_item[match] = order[pos[match]]
+    ignored: dict[str, int] = {}
+    unmatched = np.flatnonzero(slot_of_item < 0)
+    if len(unmatched):
+        body = padded.tobytes()
+        uniq_codes, first_at, counts = np.unique(
+            name_code[unmatched] * short[unmatched], return_index=True, return_counts=True
+        )
+        long_names = unmatched[~short[unmatched]]
+        for code, at, count in zip(uniq_codes, first_at, counts):
+            if code == 0:
+                continue  # long names, counted one by one below
+            i = unmatched[at]
+            name = body[name_start[i] : name_start[i] + name_len[i]].decode("utf-8", "replace")
+            ignored[name] = ignored.get(name, 0) + int(count)
+        for i in long_names:
+            name = body[name_start[i] : name_start[i] + name_len[i]].decode("utf-8", "replace")
+            ignored[name] = ignored.get(name, 0) + 1
+
+    csrs: list[Csr] = []
+    n_acc = len(accepted)
+    for k, weighted in enumerate(slots.weighted):
+        sel = np.flatnonzero(slot_of_item == k)
+        offsets = np.zeros(n_acc + 1, np.int64)
+        np.cumsum(np.bincount(row_of_item[sel], minlength=n_acc), out=offsets[1:])
+        csrs.append(Csr(offsets, ids[sel], values[sel] if weighted else None))
+
+    key_start = col_start[accepted, key_col]
+    h1, h2 = hash_tokens(words, key_start, key_len[accepted])
+    chunk = ParsedChunk(
+        n_lines=n,
+        line=accepted.astype(np.int64),
+        ints=ints[accepted],
+        key_h1=h1,
+        key_h2=h2,
+        slots=csrs,
+        rejects=[],
+        ignored=ignored,
+        line_starts=starts - PAD,
+        line_ends=ends - PAD,
+        fast_lines=n_acc,
+    )
+    flagged_lines = np.flatnonzero(flagged)
+    if len(flagged_lines):
+        _resolve_flagged(chunk, data, flagged_lines, kind, slots)
+    return chunk
+
+
+def _empty_chunk(kind: FileKind, slots: FieldSlots) -> ParsedChunk:
+    none = np.zeros(0, np.int64)
+    return ParsedChunk(
+        0,
+        none,
+        np.zeros((0, len(kind.int_columns)), np.int64),
+        none.astype(np.uint64),
+        none.astype(np.uint64),
+        [Csr.empty(0, w) for w in slots.weighted],
+        [],
+        {},
+        none,
+        none,
+    )
+
+
+def _resolve_flagged(
+    chunk: ParsedChunk, data: bytes, lines: np.ndarray, kind: FileKind, slots: FieldSlots
+) -> None:
+    """Run the exact parser on flagged lines: reject them with a reason or merge them in."""
+    rescued: list[tuple[int, ParsedLine]] = []
+    for i in lines.tolist():
+        result = parse_line(chunk.raw_line(data, i), kind, slots)
+        if isinstance(result, Reject):
+            result.line = i
+            chunk.rejects.append(result)
+        else:
+            rescued.append((i, result))
+            for name, count in result.ignored.items():
+                chunk.ignored[name] = chunk.ignored.get(name, 0) + count
+    if rescued:
+        _merge_rescued(chunk, rescued, slots)
+
+
+def _merge_rescued(chunk: ParsedChunk, rescued: list[tuple[int, ParsedLine]], slots: FieldSlots) -> None:
+    extra_line = np.array([i for i, _ in rescued], np.int64)
+    extra_ints = np.array([r.ints for _, r in rescued], np.int64).reshape(len(rescued), -1)
+    extra_h = np.array([r.key_hash for _, r in rescued], np.uint64).reshape(len(rescued), 2)
+    order = np.argsort(np.concatenate([chunk.line, extra_line]), kind="stable")
+    chunk.line = np.concatenate([chunk.line, extra_line])[order]
+    chunk.ints = np.concatenate([chunk.ints, extra_ints])[order]
+    chunk.key_h1 = np.concatenate([chunk.key_h1, extra_h[:, 0]])[order]
+    chunk.key_h2 = np.concatenate([chunk.key_h2, extra_h[:, 1]])[order]
+    for k, weighted in enumerate(slots.weighted):
+        extra = Csr(
+            np.concatenate([[0], np.cumsum([len(r.ids[k]) for _, r in rescued])]).astype(np.int64),
+            np.array([v for _, r in rescued for v in r.ids[k]], np.int64),
+            np.array([v for _, r in rescued for v in r.weights[k]], np.float32) if weighted else None,
+        )
+        chunk.slots[k] = Csr.concat([chunk.slots[k], extra], weighted).take(order)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact per-line parser (the reference for reasons)
+# ----------------------------------------------------------------------------------------------
+
+_FLOAT_RE = re.compile(rb"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_CONTROL_RE = re.compile(rb"[\x00-\x03]")
+
+
+@dataclass
+class ParsedLine:
+    ints: list[int]
+    key: bytes
+    key_hash: tuple[int, int]
+    ids: list[list[int]]  # per slot
+    weights: list[list[float]]  # per slot (1.0 for unweighted slots)
+    ignored: dict[str, int] = field(default_factory=dict)
+
+
+def _shown(token: bytes, limit: int = 40) -> str:
+    text = repr(token[:limit])[2:-1]
+    return text + ("..." if len(token) > limit else "")
+
+
+def _is_uint(token: bytes) -> bool:
+    return 1 <= len(token) <= MAX_INT_DIGITS and token.isdigit() and token.isascii()
+
+
+def parse_line(line: bytes, kind: FileKind, slots: FieldSlots) -> ParsedLine | Reject:
+    """Parse one line (without its newline) exactly; returns the row or the first rule it breaks."""
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    columns = line.split(b",")
+    if len(columns) != kind.n_columns:
+        return Reject(
+            0, Reason.WRONG_COLUMN_COUNT, f"expected {kind.n_columns} columns, found {len(columns)}"
+        )
+    by_name = dict(zip(kind.columns, columns))
+    ints: list[int] = []
+    for name in kind.int_columns:
+        token = by_name[name]
+        if not _is_uint(token):
+            return Reject(
+                0,
+                Reason.NON_NUMERIC,
+                f"field {name}: {_shown(token)!r} is not a 1..{MAX_INT_DIGITS} digit integer",
+            )
+        ints.append(int(token))
+    key = by_name[kind.key_column]
+    if not key or _CONTROL_RE.search(key):
+        return Reject(
+            0, Reason.BAD_KEY, f"field {kind.key_column}: {_shown(key)!r} is empty or holds control bytes"
+        )
+    feature_list = by_name["feature_list"]
+    items = feature_list.split(b"\x01") if feature_list else []
+    lookup = {n.encode(): k for k, n in enumerate(slots.names)}
+    ids: list[list[int]] = [[] for _ in slots.names]
+    weights: list[list[float]] = [[] for _ in slots.names]
+    ignored: dict[str, int] = {}
+    for position, item in enumerate(items, start=1):
+        head, sep, value = item.partition(b"\x03")
+        fname, sep2, fid = head.partition(b"\x02")
+        if (
+            not sep
+            or not sep2
+            or not fname
+            or not fid
+            or not value
+            or _CONTROL_RE.search(fname)
+            or _CONTROL_RE.search(fid)
+            or _CONTROL_RE.search(value)
+        ):
+            return Reject(0, Reason.MALFORMED_ITEM, f"field feature_list item {position}: {_shown(item)!r}")
+        field_name = fname.decode("utf-8", "replace")
+        if not _is_uint(fid):
+            return Reject(0, Reason.NON_NUMERIC, f"field {field_name} item {position}: id {_shown(fid)!r}")
+        if not _FLOAT_RE.fullmatch(value) or not math.isfinite(float(value)):
+            return Reject(
+                0, Reason.NON_NUMERIC, f"field {field_name} item {position}: value {_shown(value)!r}"
+            )
+        slot = lookup.get(fname)
+        if slot is None:
+            ignored[field_name] = ignored.get(field_name, 0) + 1
+            continue
+        ids[slot].append(int(fid))
+        weights[slot].append(float(np.float32(float(value))))
+    feature_num = ints[kind.int_columns.index("feature_num")]
+    if feature_num != len(items):
+        return Reject(
+            0,
+            Reason.FEATURE_NUM_MISMATCH,
+            f"field feature_num: says {feature_num}, feature_list has {len(items)} items",
+        )
+    if kind is SKELETON:
+        click, buy = ints[1], ints[2]
+        if click > 1 or buy > 1:
+            return Reject(0, Reason.BAD_LABEL, f"field click/buy: ({click}, {buy}) must be 0 or 1")
+        if click == 0 and buy == 1:
+            return Reject(
+                0, Reason.INVALID_LABEL_PAIR, "field click/buy: click=0, buy=1 (conversion without click)"
+            )
+    return ParsedLine(ints, key, hash_key(key), ids, weights, ignored)
