@@ -1,0 +1,198 @@
+"""Embedding tables for planning: their sizes (prepared set, config or preset) and the module to plan.
+
+The planner must see exactly the module the trainer shards, otherwise a saved plan does not apply.
+:func:`build_plannable_model` therefore builds, on ``meta``, the first of these that exists:
+
+1. ``ctnocvr_rec.models.build_model`` – the real ranker (what ``ctnocvr train`` shards);
+2. a stand-in holding only the tables at the same module path
+   (``sparse_arch.embedding_bag_collection``, see docs/design.md), made by :func:`table_configs`.
+
+Table sizes (:func:`resolve_num_embeddings`) come from, in this order: an explicit mapping, a prepared
+set's ``manifest.json["num_embeddings"]``, or a preset YAML (``ctnocvr_rec/presets/<name>.yaml``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from ctnocvr_rec.config import ModelConfig
+from ctnocvr_rec.data.schema import FieldSchema
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+#: fbgemm's fused kernels need embedding dims divisible by 4 (torchrec asserts ``local_cols % 4``)
+DIM_MULTIPLE = 4
+
+
+def physical_dim(dim: int) -> int:
+    """Stored embedding dim: ``dim`` rounded up to a multiple of 4 (18 -> 20)."""
+    if dim < 1:
+        raise ValueError(f"embedding dim must be >= 1, got {dim}")
+    return -(-dim // DIM_MULTIPLE) * DIM_MULTIPLE
+
+
+@dataclass
+class TableSizes:
+    """Table sizes per field and where they came from (plus optional planner hints)."""
+
+    num_embeddings: dict[str, int]
+    source: str
+    #: mean ids per sample per field (planner pooling factor), when the source knows it
+    pooling_factors: dict[str, float] = field(default_factory=dict)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem.replace("_", "-") for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> TableSizes:
+    """Read ``presets/<name>.yaml`` (``aliccp-full`` -> ``aliccp_full.yaml``)."""
+    path = PRESET_DIR / f"{name.replace('-', '_')}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no preset {name!r} ({path}); presets: {list_presets()}")
+    tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    fields = tree.get("fields")
+    if not isinstance(fields, Mapping) or not fields:
+        raise ValueError(f"{path}: 'fields' must be a mapping field -> {{num_embeddings, pooling_factor}}")
+    sizes: dict[str, int] = {}
+    pooling: dict[str, float] = {}
+    for name_, entry in fields.items():
+        where = f"{path}: fields.{name_}"
+        if not isinstance(entry, Mapping) or "num_embeddings" not in entry:
+            raise ValueError(f"{where}: needs 'num_embeddings'")
+        sizes[str(name_)] = _positive_int(entry["num_embeddings"], f"{where}.num_embeddings")
+        if "pooling_factor" in entry:
+            pooling[str(name_)] = float(entry["pooling_factor"])
+    return TableSizes(sizes, source=f"preset {name} ({path.name})", pooling_factors=pooling)
+
+
+def load_manifest_sizes(prepared_dir: str | Path) -> TableSizes:
+    """``num_embeddings`` per field from ``<prepared_dir>/manifest.json``."""
+    path = Path(prepared_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (run `ctnocvr data prepare` first)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    raw = manifest.get("num_embeddings")
+    if not isinstance(raw, Mapping) or not raw:
+        raise ValueError(f"{path}: no 'num_embeddings' mapping")
+    sizes = {str(k): _positive_int(v, f"{path}: num_embeddings.{k}") for k, v in raw.items()}
+    return TableSizes(sizes, source=str(path))
+
+
+def _positive_int(value: Any, where: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"{where}: expected a positive integer, got {value!r}")
+    return n
+
+
+def resolve_num_embeddings(
+    schema: FieldSchema,
+    prepared_dir: str | Path | None = None,
+    preset: str | None = None,
+    explicit: Mapping[str, int] | None = None,
+) -> TableSizes:
+    """Table sizes for every schema field; hash fields fall back to their ``num_buckets``."""
+    if explicit:
+        sizes = TableSizes({str(k): int(v) for k, v in explicit.items()}, source="explicit sizes")
+    elif preset:
+        sizes = load_preset(preset)
+    elif prepared_dir:
+        sizes = load_manifest_sizes(prepared_dir)
+    else:
+        sizes = TableSizes({}, source="schema num_buckets")
+    for spec in schema:
+        if spec.name not in sizes.num_embeddings and spec.mapping == "hash":
+            sizes.num_embeddings[spec.name] = spec.num_buckets
+    missing = [spec.name for spec in schema if spec.name not in sizes.num_embeddings]
+    if missing:
+        raise ValueError(
+            f"{sizes.source}: no table size for field(s) {missing} of schema {schema.source}; "
+            "give --prepared DIR, --preset NAME, or hash mappings with num_buckets"
+        )
+    return sizes
+
+
+def table_configs(
+    schema: FieldSchema, num_embeddings: Mapping[str, int], model_cfg: ModelConfig
+) -> list[EmbeddingBagConfig]:
+    """One ``EmbeddingBagConfig`` per table (fields sharing ``table:`` share one), sum pooling.
+
+    Dims: ``model_cfg.field_embedding_dims[field]`` or ``model_cfg.embedding_dim``, stored rounded up
+    to a multiple of 4 (the model slices the logical dim back out).
+    """
+    by_table: dict[str, dict[str, Any]] = {}
+    for spec in schema:
+        dim = physical_dim(int(model_cfg.field_embedding_dims.get(spec.name, model_cfg.embedding_dim)))
+        rows = int(num_embeddings[spec.name])
+        entry = by_table.setdefault(spec.table_name, {"rows": rows, "dim": dim, "features": []})
+        if entry["dim"] != dim:
+            raise ValueError(
+                f"table {spec.table_name}: field {spec.name} wants dim {dim}, another field of the "
+                f"shared table has {entry['dim']}"
+            )
+        entry["rows"] = max(entry["rows"], rows)
+        entry["features"].append(spec.feature_name)
+    return [
+        EmbeddingBagConfig(
+            name=name,
+            num_embeddings=entry["rows"],
+            embedding_dim=entry["dim"],
+            feature_names=list(entry["features"]),
+            pooling=PoolingType.SUM,
+        )
+        for name, entry in by_table.items()
+    ]
+
+
+class _SparseArch(nn.Module):
+    def __init__(self, ebc: EmbeddingBagCollection) -> None:
+        super().__init__()
+        self.embedding_bag_collection = ebc
+
+
+class TablesOnlyModel(nn.Module):
+    """Stand-in with only the tables, at the trainer's path ``sparse_arch.embedding_bag_collection``."""
+
+    def __init__(self, tables: list[EmbeddingBagConfig], device: torch.device) -> None:
+        super().__init__()
+        # weighted: the batch KJT carries weights for every feature (docs/design.md, Batch)
+        ebc = EmbeddingBagCollection(tables=tables, is_weighted=True, device=device)
+        self.sparse_arch = _SparseArch(ebc)
+
+
+def build_plannable_model(
+    model_cfg: ModelConfig,
+    schema: FieldSchema,
+    num_embeddings: Mapping[str, int],
+    device: torch.device | None = None,
+) -> tuple[nn.Module, str]:
+    """The module to plan (on ``meta`` by default) and a word on what it is."""
+    device = device or torch.device("meta")
+    try:
+        from ctnocvr_rec.models import build_model  # type: ignore[attr-defined]
+    except ImportError:
+        build_model = None
+    if build_model is not None:
+        return build_model(model_cfg, schema, dict(num_embeddings), device=device), "model"
+    return TablesOnlyModel(table_configs(schema, num_embeddings, model_cfg), device), "tables only"
+
+
+def find_ebcs(module: nn.Module) -> dict[str, EmbeddingBagCollection]:
+    """``{module path: EBC}`` of every EmbeddingBagCollection in ``module``."""
+    return {name: sub for name, sub in module.named_modules() if isinstance(sub, EmbeddingBagCollection)}
