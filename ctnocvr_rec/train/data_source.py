@@ -22,18 +22,26 @@ from ctnocvr_rec.train.setup import read_manifest
 
 
 def _dataset(cfg: RunConfig, ctx: DistContext, split: str, training: bool) -> Any:
-    from ctnocvr_rec.data.dataset import ParquetBatchDataset
+    """A resumable loader of this rank's share of ``split``.
 
-    return ParquetBatchDataset(
+    Training drops the epoch's remainder so every rank has the same number of full batches (DMP
+    needs equal step counts; the loop also stops all ranks at the shortest one as a safeguard).
+    Evaluation keeps every row once; ranks may differ by one batch, which the evaluation equalises.
+    """
+    from ctnocvr_rec.data.dataset import make_dataloader
+
+    return make_dataloader(
         cfg.data.prepared_dir,
         split=split,
         batch_size=cfg.data.batch_size if training else cfg.data.eval_batch_size,
-        schema_path=cfg.data.schema,
+        schema=cfg.data.schema,
         rank=ctx.rank,
         world_size=ctx.world_size,
+        num_workers=cfg.data.num_workers,
         shuffle=training,
         seed=cfg.data.shuffle_seed,
-        shuffle_buffer_batches=cfg.data.shuffle_buffer_batches,
+        shuffle_window_batches=cfg.data.shuffle_buffer_batches,
+        drop_remainder=training,
     )
 
 
