@@ -10,6 +10,7 @@ from ctnocvr_rec.models.rankers import (
     MultiTaskRanker,
     RankerForInference,
     build_model,
+    export_for_inference,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "MultiTaskRanker",
     "RankerForInference",
     "build_model",
+    "export_for_inference",
 ]

@@ -201,6 +201,20 @@ class RankerForInference(nn.Module):
         return torch.stack([p["p_ctr"], p["p_cvr"], p["p_ctcvr"], p["p_ctnocvr"]], dim=1)
 
 
+def export_for_inference(ranker: MultiTaskRanker, example: KeyedJaggedTensor) -> torch.export.ExportedProgram:
+    """``torch.export`` (non-strict) of :class:`RankerForInference` with a dynamic number of ids.
+
+    The KJT flattens to ``(values, weights, lengths, offsets, ...)``; ``values``/``weights`` share the
+    dynamic dim ``num_ids``, the batch size stays that of ``example``. Call the result with
+    ``program.module()(kjt)``.
+    """
+    num_ids = torch.export.Dim("num_ids")
+    wrapper = RankerForInference(ranker).eval()
+    return torch.export.export(
+        wrapper, (example,), dynamic_shapes=([{0: num_ids}, {0: num_ids}, None, None, None, None],), strict=False
+    )
+
+
 def build_model(
     model_cfg: ModelConfig,
     schema: FieldSchema,

@@ -173,7 +173,7 @@ class CtnocvrHead(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         click = click.to(ctr_logit.dtype)
         conversion = conversion.to(ctr_logit.dtype)
-        label_ctnocvr = derive_ctnocvr_label(click, conversion) if ctnocvr is None else ctnocvr.to(ctr_logit.dtype)
+        label_ctnocvr = (derive_ctnocvr_label(click, conversion) if ctnocvr is None else ctnocvr).to(ctr_logit.dtype)
         terms = self.loss_terms(ctr_logit, cvr_logit, ctnocvr_logit, click, conversion, label_ctnocvr)
         first = self.terms[0]
         loss = self.loss_weights[first] * terms[first]

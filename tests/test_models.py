@@ -1,0 +1,135 @@
+"""Rankers: the model contract, training on a synthetic stream, tracing and export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctnocvr_rec.config import ModelConfig
+from ctnocvr_rec.models import ARCHS, RankerForInference, build_model, export_for_inference
+from ctnocvr_rec.models.testing import SyntheticStream, tiny_schema
+
+CPU = torch.device("cpu")
+SIZES = {"ctx": 5, "user": 30, "u_hist": 40, "item": 30, "u_tag": 12, "i_tag": 12, "combo": 25}
+PREDICTIONS = {"p_ctr", "p_cvr", "p_ctcvr", "p_ctnocvr"}
+PASSTHROUGH = {"click", "conversion", "ctnocvr", "sample_id", "request_id", "user_id"}
+EXPECTED_TERMS = {
+    ("esmm", False): {"ctr", "ctcvr"},
+    ("esmm", True): {"ctr", "ctcvr", "ctnocvr"},
+    ("mmoe", False): {"ctr", "cvr"},
+    ("mmoe", True): {"ctr", "cvr", "ctnocvr", "score"},
+}
+for _arch in ("cgc", "ple"):
+    EXPECTED_TERMS[(_arch, False)] = EXPECTED_TERMS[("mmoe", False)]
+    EXPECTED_TERMS[(_arch, True)] = EXPECTED_TERMS[("mmoe", True)]
+
+COMBOS = [(arch, flag) for arch in ARCHS for flag in (False, True)]
+COMBO_IDS = [f"{a}-{'ctnocvr' if f else 'base'}" for a, f in COMBOS]
+
+
+def small_cfg(arch: str, use_ctnocvr: bool, **overrides) -> ModelConfig:
+    cfg = ModelConfig(
+        arch=arch,
+        use_ctnocvr=use_ctnocvr,
+        embedding_dim=6,  # not a multiple of 4: exercises the padded tables
+        num_experts=4,
+        num_task_experts=2,
+        num_shared_experts=2,
+        num_levels=2,
+        expert_hidden=[8],
+        tower_hidden=[16],
+    )
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.mark.parametrize("arch,use_ctnocvr", COMBOS, ids=COMBO_IDS)
+def test_outputs_follow_the_model_contract(arch, use_ctnocvr):
+    torch.manual_seed(0)
+    model = build_model(small_cfg(arch, use_ctnocvr), tiny_schema(), SIZES, device=CPU)
+    batch = SyntheticStream(tiny_schema(), SIZES, batch_size=32, seed=1).next_batch()
+    loss, out = model(batch)
+    terms = EXPECTED_TERMS[(arch, use_ctnocvr)]
+    assert set(out) == PREDICTIONS | PASSTHROUGH | {"loss"} | {f"loss_{t}" for t in terms}
+    assert loss.dim() == 0 and loss.requires_grad
+    for key, value in out.items():
+        assert not value.requires_grad, key
+        assert value.shape == (() if key.startswith("loss") else (32,)), key
+    for key in PREDICTIONS:
+        assert ((out[key] > 0) & (out[key] < 1)).all(), key
+    torch.testing.assert_close(out["p_ctcvr"], out["p_ctr"] * out["p_cvr"])
+    if arch == "esmm" or not use_ctnocvr:
+        torch.testing.assert_close(out["p_ctnocvr"], out["p_ctr"] * (1 - out["p_cvr"]))
+    for key in PASSTHROUGH:
+        torch.testing.assert_close(out[key], getattr(batch, key))
+    assert out["loss"].item() == pytest.approx(loss.item())
+    assert model.sparse_arch.embedding_bag_collection is model.sparse_arch.embedding_bag_collection
+
+
+def test_use_ctnocvr_adds_a_gated_task_with_its_own_tower():
+    base = build_model(small_cfg("cgc", False), tiny_schema(), SIZES, device=CPU)
+    plus = build_model(small_cfg("cgc", True), tiny_schema(), SIZES, device=CPU)
+    assert set(base.towers) == {"ctr", "cvr"} and set(plus.towers) == {"ctr", "cvr", "ctnocvr"}
+    assert plus.experts.levels[0].gate_weight.shape[0] == 3
+    assert plus.experts.levels[0].task_weight.shape[0] == 3
+    no_score = build_model(small_cfg("mmoe", True, score_weight=0.0), tiny_schema(), SIZES, device=CPU)
+    assert no_score.head.terms == ("ctr", "cvr", "ctnocvr")
+
+
+def test_build_model_defaults_to_meta_and_rejects_unknown_arch():
+    model = build_model(ModelConfig(arch="ple"), tiny_schema(), SIZES)
+    assert all(p.is_meta for p in model.parameters())
+    with pytest.raises(ValueError, match="model.arch must be one of"):
+        build_model(ModelConfig(arch="dcn"), tiny_schema(), SIZES)
+
+
+@pytest.mark.parametrize("arch,use_ctnocvr", COMBOS, ids=COMBO_IDS)
+def test_every_ranker_learns_on_a_synthetic_stream(arch, use_ctnocvr):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    schema = tiny_schema()
+    model = build_model(small_cfg(arch, use_ctnocvr), schema, SIZES, device=CPU)
+    held_out = SyntheticStream(schema, SIZES, batch_size=2048, seed=7).next_batch()
+    stream = SyntheticStream(schema, SIZES, batch_size=256, seed=7)
+    stream.next_batch()  # not the held-out batch
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return model(held_out)[0].item()
+
+    before = held_out_loss()
+    for _ in range(40):
+        loss, _ = model(stream.next_batch())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+    after = held_out_loss()
+    assert after < 0.85 * before, (before, after)
+
+
+def test_inference_wrapper_exports_with_torch_export():
+    torch.manual_seed(0)
+    model = build_model(small_cfg("ple", True), tiny_schema(), SIZES, device=CPU).eval()
+    batch = SyntheticStream(tiny_schema(), SIZES, batch_size=16, seed=3).next_batch()
+    wrapper = RankerForInference(model)
+    eager = wrapper(batch.sparse_features)
+    assert eager.shape == (16, 4)
+    _, out = model(batch)
+    torch.testing.assert_close(eager, torch.stack([out[c] for c in RankerForInference.columns], dim=1))
+
+    exported = export_for_inference(model, batch.sparse_features)
+    other = SyntheticStream(tiny_schema(), SIZES, batch_size=16, seed=4).next_batch()
+    assert other.sparse_features.values().numel() != batch.sparse_features.values().numel()
+    torch.testing.assert_close(exported.module()(other.sparse_features), wrapper(other.sparse_features))
+
+
+def test_training_forward_is_fx_traceable_for_the_pipeline():
+    from torchrec.fx import symbolic_trace
+
+    model = build_model(small_cfg("mmoe", True), tiny_schema(), SIZES, device=CPU)
+    batch = SyntheticStream(tiny_schema(), SIZES, batch_size=8, seed=5).next_batch()
+    traced = symbolic_trace(model)
+    torch.testing.assert_close(traced(batch)[0], model(batch)[0])

@@ -1,0 +1,217 @@
+"""Field embedding, expert extraction (MMoE/CGC/PLE) and towers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from ctnocvr_rec.data.schema import FieldSchema
+from ctnocvr_rec.models.testing import random_kjt, tiny_schema
+from ctnocvr_rec.modules import GROUP_ORDER, ExpertExtraction, FieldEmbedding, TaskTower, physical_dim
+
+CPU = torch.device("cpu")
+
+
+def _sizes(schema: FieldSchema) -> dict[str, int]:
+    return {name: 7 + i for i, name in enumerate(schema.names)}
+
+
+# ------------------------------------------------------------------------------------------------
+# FieldEmbedding
+# ------------------------------------------------------------------------------------------------
+
+
+def test_physical_dim_rounds_up_to_multiple_of_four():
+    assert [physical_dim(d) for d in (1, 4, 12, 18, 24, 25)] == [4, 4, 12, 20, 24, 28]
+    with pytest.raises(ValueError):
+        physical_dim(0)
+
+
+def test_field_embedding_equals_per_field_weighted_sum_in_group_order():
+    schema = tiny_schema()
+    sizes = _sizes(schema)
+    emb = FieldEmbedding(schema, sizes, embedding_dim=6, field_embedding_dims={"combo": 8}, device=CPU)
+    gen = torch.Generator().manual_seed(1)
+    kjt = random_kjt(schema, sizes, batch_size=5, generator=gen)
+    x = emb(kjt)
+
+    # Reference: per field in group order, the weighted sum of the first `dim` columns of its table.
+    bags = emb.embedding_bag_collection.embedding_bags
+    per_key = kjt.to_dict()
+    expected_cols = []
+    for group in GROUP_ORDER:
+        for spec in schema.by_group(group):
+            dim = 8 if spec.name == "combo" else 6
+            table = bags[spec.table_name].weight
+            assert table.shape[1] == physical_dim(dim)
+            jt = per_key[spec.feature_name]
+            rows = []
+            for ids, w in zip(jt.to_dense(), jt.to_dense_weights()):
+                rows.append((table[ids, :dim] * w[:, None]).sum(0) if len(ids) else torch.zeros(dim))
+            expected_cols.append(torch.stack(rows))
+    expected = torch.cat(expected_cols, dim=1)
+    assert x.shape == (5, 6 * 6 + 8) == (5, emb.output_dim)
+    torch.testing.assert_close(x, expected)
+
+    # Groups: user (user, u_hist, u_tag), item (item, i_tag), combination (combo), context (ctx).
+    assert [s.group for s in emb.slots] == ["user"] * 3 + ["item"] * 2 + ["combination", "context"]
+    assert emb.group_dims == {"user": 18, "item": 12, "combination": 8, "context": 6}
+    parts = emb.split_groups(x)
+    assert {k: v.shape[1] for k, v in parts.items()} == emb.group_dims
+    torch.testing.assert_close(torch.cat([parts[g] for g in GROUP_ORDER], dim=1), x)
+
+
+def test_shared_table_is_one_table_with_the_larger_size():
+    schema = tiny_schema()
+    sizes = _sizes(schema)
+    emb = FieldEmbedding(schema, sizes, embedding_dim=4, device=CPU)
+    bags = emb.embedding_bag_collection.embedding_bags
+    assert "t_tag" in bags and "t_u_tag" not in bags and "t_i_tag" not in bags
+    assert bags["t_tag"].weight.shape == (max(sizes["u_tag"], sizes["i_tag"]), 4)
+    # all dims already multiples of 4: only the reorder remains, still one gather
+    assert emb.output_dim == 4 * len(schema)
+
+
+def test_padding_columns_receive_no_gradient():
+    schema = tiny_schema()
+    sizes = _sizes(schema)
+    emb = FieldEmbedding(schema, sizes, embedding_dim=18, device=CPU)
+    kjt = random_kjt(schema, sizes, batch_size=8, generator=torch.Generator().manual_seed(0))
+    emb(kjt).pow(2).sum().backward()
+    for name, bag in emb.embedding_bag_collection.embedding_bags.items():
+        grad = bag.weight.grad
+        assert grad is not None, name
+        assert grad[:, 18:].abs().max() == 0, name
+        assert grad[:, :18].abs().max() > 0, name
+
+
+def test_field_embedding_defaults_to_meta_and_reports_bad_input():
+    schema = tiny_schema()
+    sizes = _sizes(schema)
+    emb = FieldEmbedding(schema, sizes)
+    assert all(p.is_meta for p in emb.parameters())
+    with pytest.raises(ValueError, match="num_embeddings has no table size for field.*'combo'"):
+        FieldEmbedding(schema, {k: v for k, v in sizes.items() if k != "combo"})
+    with pytest.raises(ValueError, match="u_tag and i_tag share table 't_tag'"):
+        FieldEmbedding(schema, sizes, field_embedding_dims={"i_tag": 12})
+    with pytest.raises(ValueError, match="not in schema"):
+        FieldEmbedding(schema, sizes, field_embedding_dims={"nope": 12})
+
+
+def test_field_embedding_accepts_keys_in_any_order():
+    schema = tiny_schema()
+    sizes = _sizes(schema)
+    emb = FieldEmbedding(schema, sizes, embedding_dim=6, device=CPU)
+    kjt = random_kjt(schema, sizes, batch_size=4, generator=torch.Generator().manual_seed(3))
+    d = kjt.to_dict()
+    keys = list(reversed(kjt.keys()))
+    shuffled = KeyedJaggedTensor.from_jt_dict({k: d[k] for k in keys})
+    torch.testing.assert_close(emb(shuffled), emb(kjt))
+
+
+# ------------------------------------------------------------------------------------------------
+# Expert extraction
+# ------------------------------------------------------------------------------------------------
+
+
+def _reference_level(level, x_tasks, x_shared):
+    """Loop-over-experts reference of one ExtractionLevel (slow, obviously correct)."""
+    t, mk = level.num_tasks, level.num_task_experts
+    h1 = level.expert_hidden[0]
+    expert_outs = []  # order: task 0 experts, task 1 experts, ..., shared experts
+    for e in range(level.num_experts):
+        if e < t * mk:
+            task, j = divmod(e, mk)
+            inp = x_tasks if level.shared_input else x_tasks[:, task]
+            w = level.task_weight[task, :, j * h1 : (j + 1) * h1]
+            b = level.task_bias[task, j * h1 : (j + 1) * h1]
+        else:
+            j = e - t * mk
+            inp = x_shared
+            w = level.shared_weight[:, j * h1 : (j + 1) * h1]
+            b = level.shared_bias[j * h1 : (j + 1) * h1]
+        h = torch.relu(inp @ w + b)
+        for dw, db in zip(level.deep_weights, level.deep_biases):
+            h = torch.relu(h @ dw[e] + db[e, 0])
+        expert_outs.append(h)
+    outs, gates = [], []
+    for task in range(t):
+        inp = x_tasks if level.shared_input else x_tasks[:, task]
+        g = torch.softmax(inp @ level.gate_weight[task] + level.gate_bias[task], dim=-1)
+        selected = expert_outs[task * mk : (task + 1) * mk] + expert_outs[t * mk :]
+        outs.append(sum(g[:, [i]] * s for i, s in enumerate(selected)))
+        gates.append(g)
+    shared_out = None
+    if level.shared_gate_weight is not None:
+        sg = torch.softmax(x_shared @ level.shared_gate_weight + level.shared_gate_bias, dim=-1)
+        shared_out = sum(sg[:, [i]] * s for i, s in enumerate(expert_outs))
+    return torch.stack(outs, 1), torch.stack(gates, 1), shared_out
+
+
+@pytest.mark.parametrize(
+    "mk,ms,levels,hidden",
+    [(0, 5, 1, [6]), (2, 3, 1, [6]), (2, 3, 2, [6, 4]), (1, 2, 3, [5])],
+    ids=["mmoe", "cgc", "ple2-deep", "ple3"],
+)
+def test_extraction_matches_loop_reference_and_gates_sum_to_one(mk, ms, levels, hidden):
+    torch.manual_seed(0)
+    num_tasks, batch = 3, 7
+    ext = ExpertExtraction(10, num_tasks, mk, ms, hidden, num_levels=levels)
+    x = torch.randn(batch, 10)
+    out, task_gates, shared_gates = ext.forward_with_gates(x)
+    assert out.shape == (batch, num_tasks, hidden[-1])
+    assert len(task_gates) == levels and len(shared_gates) == levels - 1
+    for g in task_gates:
+        assert g.shape == (batch, num_tasks, mk + ms)
+        torch.testing.assert_close(g.sum(-1), torch.ones(batch, num_tasks))
+        assert (g > 0).all()
+    for g in shared_gates:
+        assert g.shape == (batch, num_tasks * mk + ms)
+        torch.testing.assert_close(g.sum(-1), torch.ones(batch))
+
+    x_tasks, x_shared = x, x
+    for i, level in enumerate(ext.levels):
+        ref_out, ref_gates, ref_shared = _reference_level(level, x_tasks, x_shared)
+        torch.testing.assert_close(ref_gates, task_gates[i])
+        x_tasks = ref_out
+        if ref_shared is not None:
+            x_shared = ref_shared
+    torch.testing.assert_close(out, x_tasks)
+
+
+def test_cgc_task_output_ignores_other_tasks_experts():
+    torch.manual_seed(0)
+    cgc = ExpertExtraction(8, num_tasks=3, num_task_experts=2, num_shared_experts=2, expert_hidden=[4])
+    out = cgc(torch.randn(16, 8))
+    out[:, 1].sum().backward()
+    level = cgc.levels[0]
+    grad = level.task_weight.grad
+    assert grad[1].abs().max() > 0  # its own experts
+    assert grad[0].abs().max() == 0 and grad[2].abs().max() == 0  # the other tasks' experts
+    assert level.shared_weight.grad.abs().max() > 0
+
+
+def test_extraction_rejects_taskless_or_expertless_configs():
+    with pytest.raises(ValueError, match="at least one expert"):
+        ExpertExtraction(8, 2, 0, 0, [4])
+    with pytest.raises(ValueError, match="num_levels"):
+        ExpertExtraction(8, 2, 1, 1, [4], num_levels=0)
+
+
+def test_extraction_initialises_from_meta_via_reset_parameters():
+    ext = ExpertExtraction(8, 2, 1, 2, [4, 3], num_levels=2, device=torch.device("meta"))
+    assert all(p.is_meta for p in ext.parameters())
+    ext = ext.to_empty(device=CPU)
+    for m in ext.modules():
+        if hasattr(m, "reset_parameters") and m is not ext:
+            m.reset_parameters()
+    for name, p in ext.named_parameters():
+        assert torch.isfinite(p).all() and p.abs().max() > 0, name
+        assert p.abs().max() <= 1 / 3**0.5 + 1e-6, name  # bound 1/sqrt(fan_in), fan_in >= 3
+
+
+def test_task_tower_returns_one_logit_per_row():
+    tower = TaskTower(16, [300, 200, 80])
+    assert tower(torch.randn(5, 16)).shape == (5,)
+    assert sum(p.numel() for p in tower.parameters()) == 16 * 300 + 300 + 300 * 200 + 200 + 200 * 80 + 80 + 81
