@@ -19,7 +19,7 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     help_text = "embedding sharding plans: per table/rank placement, memory, perf; save/diff"
     p = sub.add_parser("plan", help=help_text, description=help_text)
-    p.add_argument("--config", help="run config YAML (model dims, optimiser, plan constraints)")
+    p.add_argument("-c", "--config", help="run config YAML (model dims, optimiser, plan constraints)")
     p.add_argument(
         "-o",
         "--override",

@@ -1,11 +1,7 @@
 """Embedding tables for planning: their sizes (prepared set, config or preset) and the module to plan.
 
-The planner must see exactly the module the trainer shards, otherwise a saved plan does not apply.
-:func:`build_plannable_model` therefore builds, on ``meta``, the first of these that exists:
-
-1. ``ctnocvr_rec.models.build_model`` – the real ranker (what ``ctnocvr train`` shards);
-2. a stand-in holding only the tables at the same module path
-   (``sparse_arch.embedding_bag_collection``, see docs/design.md), made by :func:`table_configs`.
+The planner must see exactly the module the trainer shards, otherwise a saved plan does not apply:
+:func:`build_plannable_model` builds the real ranker (``ctnocvr_rec.models.build_model``) on ``meta``.
 
 Table sizes (:func:`resolve_num_embeddings`) come from, in this order: an explicit mapping, a prepared
 set's ``manifest.json["num_embeddings"]``, or a preset YAML (``ctnocvr_rec/presets/<name>.yaml``).
@@ -22,22 +18,12 @@ from typing import Any
 import torch
 import yaml
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from ctnocvr_rec.config import ModelConfig
 from ctnocvr_rec.data.schema import FieldSchema
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
-#: fbgemm's fused kernels need embedding dims divisible by 4 (torchrec asserts ``local_cols % 4``)
-DIM_MULTIPLE = 4
-
-
-def physical_dim(dim: int) -> int:
-    """Stored embedding dim: ``dim`` rounded up to a multiple of 4 (18 -> 20)."""
-    if dim < 1:
-        raise ValueError(f"embedding dim must be >= 1, got {dim}")
-    return -(-dim // DIM_MULTIPLE) * DIM_MULTIPLE
 
 
 @dataclass
@@ -128,69 +114,22 @@ def resolve_num_embeddings(
     return sizes
 
 
-def table_configs(
-    schema: FieldSchema, num_embeddings: Mapping[str, int], model_cfg: ModelConfig
-) -> list[EmbeddingBagConfig]:
-    """One ``EmbeddingBagConfig`` per table (fields sharing ``table:`` share one), sum pooling.
-
-    Dims: ``model_cfg.field_embedding_dims[field]`` or ``model_cfg.embedding_dim``, stored rounded up
-    to a multiple of 4 (the model slices the logical dim back out).
-    """
-    by_table: dict[str, dict[str, Any]] = {}
-    for spec in schema:
-        dim = physical_dim(int(model_cfg.field_embedding_dims.get(spec.name, model_cfg.embedding_dim)))
-        rows = int(num_embeddings[spec.name])
-        entry = by_table.setdefault(spec.table_name, {"rows": rows, "dim": dim, "features": []})
-        if entry["dim"] != dim:
-            raise ValueError(
-                f"table {spec.table_name}: field {spec.name} wants dim {dim}, another field of the "
-                f"shared table has {entry['dim']}"
-            )
-        entry["rows"] = max(entry["rows"], rows)
-        entry["features"].append(spec.feature_name)
-    return [
-        EmbeddingBagConfig(
-            name=name,
-            num_embeddings=entry["rows"],
-            embedding_dim=entry["dim"],
-            feature_names=list(entry["features"]),
-            pooling=PoolingType.SUM,
-        )
-        for name, entry in by_table.items()
-    ]
-
-
-class _SparseArch(nn.Module):
-    def __init__(self, ebc: EmbeddingBagCollection) -> None:
-        super().__init__()
-        self.embedding_bag_collection = ebc
-
-
-class TablesOnlyModel(nn.Module):
-    """Stand-in with only the tables, at the trainer's path ``sparse_arch.embedding_bag_collection``."""
-
-    def __init__(self, tables: list[EmbeddingBagConfig], device: torch.device) -> None:
-        super().__init__()
-        # weighted: the batch KJT carries weights for every feature (docs/design.md, Batch)
-        ebc = EmbeddingBagCollection(tables=tables, is_weighted=True, device=device)
-        self.sparse_arch = _SparseArch(ebc)
-
-
 def build_plannable_model(
     model_cfg: ModelConfig,
     schema: FieldSchema,
     num_embeddings: Mapping[str, int],
     device: torch.device | None = None,
 ) -> tuple[nn.Module, str]:
-    """The module to plan (on ``meta`` by default) and a word on what it is."""
-    device = device or torch.device("meta")
-    try:
-        from ctnocvr_rec.models import build_model  # type: ignore[attr-defined]
-    except ImportError:
-        build_model = None
-    if build_model is not None:
-        return build_model(model_cfg, schema, dict(num_embeddings), device=device), "model"
-    return TablesOnlyModel(table_configs(schema, num_embeddings, model_cfg), device), "tables only"
+    """The ranker the trainer shards, built on ``meta`` (default), and a word on what it is.
+
+    The tables come from the model's own :class:`~ctnocvr_rec.modules.field_embedding.FieldEmbedding`
+    (physical dims rounded up to a multiple of 4 there), so the plan's module paths, table names and
+    shapes are exactly what ``ctnocvr train`` hands to DMP.
+    """
+    from ctnocvr_rec.models import build_model
+
+    model = build_model(model_cfg, schema, dict(num_embeddings), device=device or torch.device("meta"))
+    return model, f"{model_cfg.arch} ranker"
 
 
 def find_ebcs(module: nn.Module) -> dict[str, EmbeddingBagCollection]:
