@@ -1,14 +1,958 @@
-"""`ctnocvr data prepare`: raw Ali-CCP csv -> Parquet shards + vocabulary + manifest (in progress)."""
+"""`ctnocvr data prepare`: raw Ali-CCP csv -> shuffled Parquet shards + vocabulary + manifest.
+
+Output layout and columns: ``docs/design.md`` ("Prepared data set").
+
+Pipeline (per official split; train first because its vocabulary maps test):
+
+1. **Common features** (``common_features_<split>.csv``): parsed in parallel byte-range chunks
+   (:func:`~ctnocvr_rec.data.rawformat.parse_chunk`) into the only in-memory table: per user field
+   a CSR of raw ids (+ weights), rows in file order, looked up by two 64-bit hashes of the
+   ``common_feature_index``. Duplicate keys keep the first line; later ones are rejected.
+2. **Pass 1 over the skeleton** (parallel chunks): parse, join each row to its common row (unknown
+   keys are rejected), assign the split (valid carved from train by a seeded hash of ``sample_id`` or
+   of the user id) and a shuffle bucket (seeded hash of the line's byte offset), and write the rows
+   bucket-sorted to one Arrow IPC scratch file per chunk, skeleton ids still raw. Workers return id
+   counts of train-split rows and how many train rows reference each common row.
+3. **Vocabulary** (train only): skeleton-field counts from pass 1; user-field counts from the common
+   table weighted by those reference counts (counts are impressions). Then the common table's ids
+   are mapped once.
+4. **Pass 2** (parallel over buckets): gather bucket ``b`` from every scratch file (in file order),
+   map skeleton ids, join the user fields by CSR gathers, permute each split's rows with
+   ``default_rng([seed, split, b])`` and write ``<split>/part-<b>.parquet``.
+
+Memory is bounded by the common table plus two buckets (``--rows-per-shard`` rows each). The
+output depends only on the input and the options (not on ``--workers`` or ``--chunk-mb``); it is
+written to a temporary folder and renamed into place, and a re-run with unchanged inputs and options
+is skipped (``--force`` rebuilds).
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from ctnocvr_rec.data.rawformat import (
+    COMMON,
+    SKELETON,
+    Csr,
+    FieldSlots,
+    FileKind,
+    ParsedChunk,
+    Reason,
+    hash_key,
+    parse_chunk,
+)
+from ctnocvr_rec.data.schema import FieldSchema, load_schema
+from ctnocvr_rec.data.vocab import CountAccumulator, FieldVocab, merge_counts
+
+FORMAT = "ctnocvr-prepared/1"
+SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
+USER_ID_FIELD = "101"
+SKELETON_FILE = "sample_skeleton_{split}.csv"
+COMMON_FILE = "common_features_{split}.csv"
+RAW_LINE_LIMIT = 300  # characters of the raw line kept in rejects.csv
+
+
+class PrepareError(ValueError):
+    """Bad input under ``--strict`` or an unusable input/output folder (message names file and line)."""
+
+
+@dataclass
+class PrepareOptions:
+    raw_dir: str
+    out_dir: str
+    schema: str = "configs/fields/aliccp.yaml"
+    valid_fraction: float = 0.1
+    split_by: str = "row"  # row | user
+    seed: int = 0
+    workers: int = 0  # 0 = all cores
+    chunk_mb: float = 16.0
+    rows_per_shard: int = 262_144
+    strict: bool = False
+    force: bool = False
+    progress: bool = True
+    compression: str = "zstd"
+
+    def output_options(self) -> dict[str, Any]:
+        """The options that change the output (fingerprint + manifest)."""
+        return {
+            "valid_fraction": self.valid_fraction,
+            "split_by": self.split_by,
+            "seed": self.seed,
+            "rows_per_shard": self.rows_per_shard,
+            "compression": self.compression,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeded hashing (split and shuffle rules)
+# ----------------------------------------------------------------------------------------------
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def seeded_unit(values: np.ndarray, seed: int, stream: int) -> np.ndarray:
+    """Uniform [0, 1) float64 per value, a pure function of (value, seed, stream)."""
+    salt = _splitmix64(np.array([seed * 1_000_003 + stream], np.int64))[0]
+    h = _splitmix64(values.astype(np.int64).view(np.uint64) ^ salt)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+SPLIT_STREAM, BUCKET_STREAM = 1, 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker context (set in the parent before the pool forks; workers only read it)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CommonTable:
+    """The common-features table of one split: user-field CSRs in file order plus a key index."""
+
+    file: str
+    lines_in: int
+    sorted_h1: np.ndarray  # uint64 [R] key hashes, sorted
+    sorted_h2: np.ndarray  # uint64 [R] second hash of the same keys
+    sorted_row: np.ndarray  # int64 [R] table row of each sorted key
+    line: np.ndarray  # int64 [R] 1-based line of each table row
+    slots: list[Csr]  # per user field; raw ids until map_ids()
+    user_id: np.ndarray  # int64 [R] first field-101 id or -1
+    rejected_keys: dict[int, tuple[int, str]]  # h1 -> (line, reason) of rejected common lines
+    rejects: list[tuple[str, int, str, str, str]]
+    ignored: dict[str, int]
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.line)
+
+    def lookup(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+        """Table row of each key, -1 when unknown."""
+        if self.n_rows == 0:
+            return np.full(len(h1), -1, np.int64)
+        pos = np.minimum(np.searchsorted(self.sorted_h1, h1), self.n_rows - 1)
+        hit = (self.sorted_h1[pos] == h1) & (self.sorted_h2[pos] == h2)
+        return np.where(hit, self.sorted_row[pos], -1)
+
+
+@dataclass
+class _Context:
+    options: PrepareOptions
+    schema: FieldSchema
+    skeleton_slots: FieldSlots
+    user_slots: FieldSlots
+    scratch: Path
+    common: CommonTable | None = None
+    split_tag: str = ""  # official split being processed: train | test
+    skeleton_path: str = ""
+    buckets: int = 1
+    vocabs: dict[str, FieldVocab] = field(default_factory=dict)
+    request_base: int = 0
+    out_tmp: Path | None = None
+
+
+_CTX: _Context | None = None
+
+
+def _ctx() -> _Context:
+    assert _CTX is not None, "worker context not set"
+    return _CTX
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunking and reading
+# ----------------------------------------------------------------------------------------------
+
+
+def chunk_ranges(path: str | Path, chunk_bytes: int) -> list[tuple[int, int]]:
+    """Byte ranges of about ``chunk_bytes`` that start at line starts and cover the file."""
+    size = os.path.getsize(path)
+    ranges = []
+    with open(path, "rb") as f:
+        start = 0
+        while start < size:
+            end = min(start + chunk_bytes, size)
+            if end < size:
+                f.seek(end)
+                tail = f.readline()  # move the boundary to just after the next newline
+                end += len(tail)
+            ranges.append((start, end))
+            start = end
+    return ranges
+
+
+def _read(path: str, start: int, end: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
+
+
+def _line_text(raw: bytes) -> str:
+    text = raw.decode("utf-8", "replace").translate({1: "\\x01", 2: "\\x02", 3: "\\x03", 0: "\\x00"})
+    return text[:RAW_LINE_LIMIT] + ("..." if len(text) > RAW_LINE_LIMIT else "")
+
+
+def _key_of_line(raw: bytes, kind: FileKind) -> bytes | None:
+    columns = raw.rstrip(b"\r").split(b",")
+    return columns[kind.col(kind.key_column)] if len(columns) == kind.n_columns else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: common features
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _CommonPart:
+    n_lines: int
+    chunk: ParsedChunk
+    rejects: list[tuple[int, str, str, str, int | None]]  # local line, reason, detail, raw, key h1
+
+
+def _common_task(task: tuple[str, int, int]) -> _CommonPart:
+    path, start, end = task
+    data = _read(path, start, end)
+    chunk = parse_chunk(data, COMMON, _ctx().user_slots)
+    rejects = []
+    for r in chunk.rejects:
+        raw = chunk.raw_line(data, r.line)
+        key = _key_of_line(raw, COMMON)
+        rejects.append((r.line, r.reason, r.detail, _line_text(raw), hash_key(key)[0] if key else None))
+    chunk.line_starts = chunk.line_ends = np.zeros(0, np.int64)  # not needed by the parent
+    chunk.rejects = []
+    return _CommonPart(chunk.n_lines, chunk, rejects)
+
+
+def load_common(path: Path, ctx: _Context, pool: Any, progress: bool) -> CommonTable:
+    """Parse a common-features file into a :class:`CommonTable` (duplicates and bad lines rejected)."""
+    ranges = chunk_ranges(path, int(ctx.options.chunk_mb * (1 << 20)))
+    tasks = [(str(path), s, e) for s, e in ranges]
+    parts: list[ParsedChunk] = []
+    rejects: list[tuple[str, int, str, str, str]] = []
+    rejected_keys: dict[int, tuple[int, str]] = {}
+    ignored: Counter[str] = Counter()
+    line_base = 0
+    lines: list[np.ndarray] = []
+    with _bar(os.path.getsize(path), f"common   {path.name}", progress) as bar:
+        for (start, end), part in zip(ranges, _imap(pool, _common_task, tasks)):
+            for line, reason, detail, raw, h1 in part.rejects:
+                rejects.append((path.name, line_base + line + 1, reason, detail, raw))
+                if h1 is not None:
+                    rejected_keys.setdefault(h1, (line_base + line + 1, reason))
+            if ctx.options.strict and part.rejects:
+                _raise_first(rejects)
+            lines.append(part.chunk.line + line_base + 1)
+            parts.append(part.chunk)
+            ignored.update(part.chunk.ignored)
+            line_base += part.n_lines
+            bar.update(end - start)
+    line = np.concatenate(lines) if lines else np.zeros(0, np.int64)
+    h1 = np.concatenate([p.key_h1 for p in parts]) if parts else np.zeros(0, np.uint64)
+    h2 = np.concatenate([p.key_h2 for p in parts]) if parts else np.zeros(0, np.uint64)
+    slots = [
+        Csr.concat([p.slots[k] for p in parts], w) if parts else Csr.empty(0, w)
+        for k, w in enumerate(ctx.user_slots.weighted)
+    ]
+    # duplicate keys: the first line wins, later ones are rejects
+    order = np.argsort(h1, kind="stable")
+    same = h1[order][1:] == h1[order][:-1]
+    if same.any():
+        later = order[1:][same]
+        earlier = order[:-1][same]
+        if (h2[later] != h2[earlier]).any():
+            raise PrepareError(
+                f"{path}: 64-bit hash collision between two different common_feature_index values"
+            )
+        # the first occurrence of a run of equal keys is the earliest line (stable sort)
+        first_of_run = np.maximum.accumulate(np.where(np.r_[True, ~same], np.arange(len(order)), 0))
+        for dup_pos in np.flatnonzero(np.r_[False, same]):
+            dup, first = order[dup_pos], order[first_of_run[dup_pos]]
+            rejects.append(
+                (
+                    path.name,
+                    int(line[dup]),
+                    Reason.DUPLICATE_COMMON,
+                    f"field common_feature_index: already defined at line {int(line[first])}",
+                    "",
+                )
+            )
+        if ctx.options.strict:
+            _raise_first(rejects)
+        keep = np.ones(len(line), bool)
+        keep[later] = False
+        rows = np.flatnonzero(keep)
+        line, h1, h2 = line[rows], h1[rows], h2[rows]
+        slots = [s.take(rows) for s in slots]
+        order = np.argsort(h1, kind="stable")
+    user_id = np.full(len(line), -1, np.int64)
+    if USER_ID_FIELD in ctx.user_slots.names:
+        users = slots[ctx.user_slots.names.index(USER_ID_FIELD)]
+        has = users.lengths > 0
+        user_id[has] = users.ids[users.offsets[:-1][has]]
+    rejects.sort(key=lambda r: r[1])
+    return CommonTable(
+        file=path.name,
+        lines_in=line_base,
+        sorted_h1=h1[order],
+        sorted_h2=h2[order],
+        sorted_row=order.astype(np.int64),
+        line=line,
+        slots=slots,
+        user_id=user_id,
+        rejected_keys=rejected_keys,
+        rejects=rejects,
+        ignored=dict(ignored),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: pass 1 over the skeleton
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pass1Result:
+    chunk_index: int
+    n_lines: int
+    rejects: list[tuple[int, str, str, str]]  # local line, reason, detail, raw
+    rows_by_split: dict[str, int]
+    counts: list[tuple[np.ndarray, np.ndarray]]  # per skeleton slot, train-split rows only
+    common_refs: tuple[np.ndarray, np.ndarray]  # (common rows, train-split row counts)
+    ignored: dict[str, int]
+    fast_lines: int
+
+
+def _scratch_file(ctx: _Context, chunk_index: int) -> Path:
+    return ctx.scratch / ctx.split_tag / f"chunk-{chunk_index:06d}.arrow"
+
+
+def _pass1_task(task: tuple[int, int, int]) -> _Pass1Result:
+    chunk_index, start, end = task
+    ctx = _ctx()
+    opts = ctx.options
+    common = ctx.common
+    assert common is not None
+    data = _read(ctx.skeleton_path, start, end)
+    chunk = parse_chunk(data, SKELETON, ctx.skeleton_slots)
+    rejects = [(r.line, r.reason, r.detail, _line_text(chunk.raw_line(data, r.line))) for r in chunk.rejects]
+
+    crow = common.lookup(chunk.key_h1, chunk.key_h2)
+    unknown = np.flatnonzero(crow < 0)
+    for i in unknown.tolist():
+        line = int(chunk.line[i])
+        raw = chunk.raw_line(data, line)
+        key = _key_of_line(raw, SKELETON) or b""
+        why = f"not in {common.file}"
+        seen = common.rejected_keys.get(int(chunk.key_h1[i]))
+        if seen is not None:
+            why = f"its line {common.file}:{seen[0]} was rejected ({seen[1]})"
+        detail = f"field common_feature_index: {key.decode('utf-8', 'replace')!r} {why}"
+        rejects.append((line, Reason.UNKNOWN_COMMON, detail, _line_text(raw)))
+    rejects.sort()
+    keep = np.flatnonzero(crow >= 0)
+    n = len(keep)
+    crow = crow[keep]
+    ints = chunk.ints[keep]
+    sample_id, click, buy = ints[:, 0], ints[:, 1].astype(np.int8), ints[:, 2].astype(np.int8)
+    byte_offset = start + chunk.line_starts[chunk.line[keep]]
+    slots = [s.take(keep) for s in chunk.slots] if len(unknown) else chunk.slots
+
+    if ctx.split_tag == "train":
+        split_key = sample_id if opts.split_by == "row" else common.user_id[crow]
+        split = np.where(seeded_unit(split_key, opts.seed, SPLIT_STREAM) < opts.valid_fraction, 1, 0)
+    else:
+        split = np.full(n, SPLIT_CODES["test"])
+    split = split.astype(np.int8)
+    bucket = (seeded_unit(byte_offset, opts.seed, BUCKET_STREAM) * ctx.buckets).astype(np.int64)
+    order = np.argsort(bucket, kind="stable")
+    bounds = np.searchsorted(bucket[order], np.arange(ctx.buckets + 1))
+
+    columns: dict[str, pa.Array] = {
+        "byte_offset": pa.array(byte_offset[order]),
+        "sample_id": pa.array(sample_id[order]),
+        "click": pa.array(click[order]),
+        "buy": pa.array(buy[order]),
+        "crow": pa.array(crow[order].astype(np.int32)),
+        "split": pa.array(split[order]),
+    }
+    for k, name in enumerate(ctx.skeleton_slots.names):
+        s = slots[k].take(order)
+        columns[name] = pa.ListArray.from_arrays(pa.array(s.offsets.astype(np.int32)), pa.array(s.ids))
+        if s.weights is not None:
+            columns[name + "__w"] = pa.ListArray.from_arrays(
+                pa.array(s.offsets.astype(np.int32)), pa.array(s.weights)
+            )
+    table = pa.table(columns).combine_chunks()
+    batch = table.to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], table.schema)
+    with ipc.new_file(_scratch_file(ctx, chunk_index), table.schema) as writer:
+        for b in range(ctx.buckets):
+            writer.write_batch(batch.slice(bounds[b], bounds[b + 1] - bounds[b]))
+
+    counts: list[tuple[np.ndarray, np.ndarray]] = []
+    refs = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    is_train = split == SPLIT_CODES["train"]
+    if ctx.split_tag == "train":
+        for s in slots:
+            value_is_train = np.repeat(is_train, s.lengths)
+            counts.append(np.unique(s.ids[value_is_train], return_counts=True))
+        refs = np.unique(crow[is_train], return_counts=True)
+    rows_by_split = {
+        name: int((split == code).sum()) for name, code in SPLIT_CODES.items() if (split == code).any()
+    }
+    return _Pass1Result(
+        chunk_index, chunk.n_lines, rejects, rows_by_split, counts, refs, chunk.ignored, chunk.fast_lines
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 4: pass 2 (bucket -> shuffled shards)
+# ----------------------------------------------------------------------------------------------
+
+
+def _list_parts(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets int64 from 0, flat values) of a single-chunk list column, slice-safe."""
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    offsets = np.asarray(array.offsets, dtype=np.int64)
+    return offsets - offsets[0], array.flatten().to_numpy()
+
+
+def _pass2_task(task: tuple[int, int]) -> dict[str, dict[str, Any]]:
+    bucket, n_chunks = task
+    ctx = _ctx()
+    common = ctx.common
+    assert common is not None and ctx.out_tmp is not None
+    batches = []
+    for c in range(n_chunks):
+        with pa.memory_map(str(_scratch_file(ctx, c))) as source:
+            batch = ipc.open_file(source).get_batch(bucket)
+            if batch.num_rows:
+                batches.append(batch)
+    written: dict[str, dict[str, Any]] = {}
+    if not batches:
+        return written
+    table = pa.Table.from_batches(batches).combine_chunks()
+    split = table.column("split").to_numpy()
+    crow_all = table.column("crow").to_numpy().astype(np.int64)
+    skeleton = {}
+    for name, weighted in zip(ctx.skeleton_slots.names, ctx.skeleton_slots.weighted):
+        offsets, ids = _list_parts(table.column(name))
+        weights = _list_parts(table.column(name + "__w"))[1] if weighted else None
+        skeleton[name] = Csr(offsets, ctx.vocabs[name].map(ids), weights)
+    for split_name, code in SPLIT_CODES.items():
+        rows = np.flatnonzero(split == code)
+        if len(rows) == 0:
+            continue
+        rng = np.random.default_rng([ctx.options.seed, code, bucket])
+        rows = rows[rng.permutation(len(rows))]
+        crow = crow_all[rows]
+        click = table.column("click").to_numpy()[rows]
+        buy = table.column("buy").to_numpy()[rows]
+        columns: dict[str, pa.Array] = {
+            "sample_id": pa.array(table.column("sample_id").to_numpy()[rows]),
+            "request_id": pa.array(crow + ctx.request_base),
+            "user_id": pa.array(common.user_id[crow]),
+            "click": pa.array(click),
+            "conversion": pa.array(buy),
+        }
+        for spec in ctx.schema:
+            if spec.is_user:
+                csr = common.slots[ctx.user_slots.names.index(spec.name)].take(crow)
+            else:
+                csr = skeleton[spec.name].take(rows)
+            offsets = pa.array(csr.offsets.astype(np.int32))
+            columns[spec.name] = pa.ListArray.from_arrays(offsets, pa.array(csr.ids, pa.int64()))
+            if spec.weighted:
+                assert csr.weights is not None
+                columns[spec.weight_column] = pa.ListArray.from_arrays(
+                    offsets, pa.array(csr.weights, pa.float32())
+                )
+        out_table = pa.table(columns)
+        rel = f"{split_name}/part-{bucket:05d}.parquet"
+        pq.write_table(
+            out_table, ctx.out_tmp / rel, compression=ctx.options.compression, row_group_size=65_536
+        )
+        written[split_name] = {
+            "file": rel,
+            "rows": len(rows),
+            "clicks": int(click.sum()),
+            "conversions": int(buy.sum()),
+        }
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# Orchestration
+# ----------------------------------------------------------------------------------------------
+
+
+class _NullBar:
+    def __enter__(self) -> _NullBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        pass
+
+
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return _NullBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, leave=False)
+
+
+def _imap(pool: Any, fn: Any, tasks: list[Any]) -> Iterator[Any]:
+    if pool is None:
+        return map(fn, tasks)
+    return pool.imap(fn, tasks)
+
+
+def _raise_first(rejects: Iterable[tuple[str, int, str, str, str]]) -> None:
+    file, line, reason, detail, _ = min(rejects, key=lambda r: r[1])
+    raise PrepareError(f"{file}:{line}: {reason} ({detail})")
+
+
+def _fork_pool(workers: int) -> Any:
+    if workers <= 1:
+        return None
+    return multiprocessing.get_context("fork").Pool(workers)
+
+
+class _Checksums:
+    """sha256 of the source files, computed in a background thread (hashlib releases the GIL)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.result: dict[str, str] = {}
+        self.thread = threading.Thread(target=self._run, args=(paths,), daemon=True)
+        self.thread.start()
+
+    def _run(self, paths: list[Path]) -> None:
+        for path in paths:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(4 << 20):
+                    h.update(block)
+            self.result[path.name] = h.hexdigest()
+
+    def get(self) -> dict[str, str]:
+        self.thread.join()
+        return self.result
+
+
+def _fingerprint(opts: PrepareOptions, schema: FieldSchema, sources: list[Path]) -> str:
+    tree = {
+        "format": FORMAT,
+        "options": opts.output_options(),
+        "schema": schema.to_dict(),
+        "sources": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sources],
+    }
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+
+
+def _estimate_rows(path: Path) -> int:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    lines = max(head.count(b"\n"), 1)
+    return max(1, math.ceil(size / (len(head) / lines)))
+
+
+def _process_split(
+    split_tag: str, ctx: _Context, rejects: list[tuple[str, int, str, str, str]], report: dict[str, Any]
+) -> None:
+    """Common table, pass 1, (vocab for train), pass 2 for one official split."""
+    global _CTX
+    opts = ctx.options
+    raw = Path(opts.raw_dir)
+    skeleton_path = raw / SKELETON_FILE.format(split=split_tag)
+    common_path = raw / COMMON_FILE.format(split=split_tag)
+    ctx.split_tag = split_tag
+    ctx.skeleton_path = str(skeleton_path)
+    _CTX = ctx
+    pool = _fork_pool(opts.workers)
+    try:
+        common = load_common(common_path, ctx, pool, opts.progress)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    rejects.extend(common.rejects)
+    ctx.common = common
+
+    # pass 1
+    ctx.buckets = max(1, math.ceil(_estimate_rows(skeleton_path) / opts.rows_per_shard))
+    (ctx.scratch / split_tag).mkdir(parents=True, exist_ok=True)
+    ranges = chunk_ranges(skeleton_path, int(opts.chunk_mb * (1 << 20)))
+    tasks = [(i, s, e) for i, (s, e) in enumerate(ranges)]
+    counters = [CountAccumulator() for _ in ctx.skeleton_slots.names]
+    refs: list[tuple[np.ndarray, np.ndarray]] = []
+    rows_by_split: Counter[str] = Counter()
+    ignored: Counter[str] = Counter()
+    skeleton_rejects: list[tuple[str, int, str, str, str]] = []
+    line_base = fast_lines = 0
+    _CTX = ctx
+    pool = _fork_pool(opts.workers)
+    try:
+        with _bar(skeleton_path.stat().st_size, f"skeleton {skeleton_path.name}", opts.progress) as bar:
+            for (start, end), res in zip(ranges, _imap(pool, _pass1_task, tasks)):
+                for line, reason, detail, raw_text in res.rejects:
+                    skeleton_rejects.append(
+                        (skeleton_path.name, line_base + line + 1, reason, detail, raw_text)
+                    )
+                if opts.strict and res.rejects:
+                    _raise_first(skeleton_rejects)
+                for counter, (ids, counts) in zip(counters, res.counts):
+                    counter.add(ids, counts)
+                refs.append(res.common_refs)
+                rows_by_split.update(res.rows_by_split)
+                ignored.update(res.ignored)
+                line_base += res.n_lines
+                fast_lines += res.fast_lines
+                bar.update(end - start)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    rejects.extend(skeleton_rejects)
+
+    # vocabulary (train only), then map the common table once
+    if split_tag == "train":
+        ref_rows, ref_counts = merge_counts(refs)
+        row_refs = np.zeros(common.n_rows, np.int64)
+        row_refs[ref_rows] = ref_counts
+        for spec in ctx.schema:
+            if spec.is_user:
+                csr = common.slots[ctx.user_slots.names.index(spec.name)]
+                weight = np.repeat(row_refs, csr.lengths)
+                ids, inverse = np.unique(csr.ids, return_inverse=True)
+                counts = np.bincount(inverse, weights=weight, minlength=len(ids)).astype(np.int64)
+                seen = counts > 0
+                ids, counts = ids[seen], counts[seen]
+            else:
+                ids, counts = counters[ctx.skeleton_slots.names.index(spec.name)].result()
+            ctx.vocabs[spec.name] = FieldVocab.build(spec, ids, counts)
+    for k, name in enumerate(ctx.user_slots.names):
+        csr = common.slots[k]
+        common.slots[k] = Csr(csr.offsets, ctx.vocabs[name].map(csr.ids), csr.weights)
+
+    # pass 2
+    assert ctx.out_tmp is not None
+    for split_name in SPLIT_CODES:
+        (ctx.out_tmp / split_name).mkdir(exist_ok=True)
+    files: dict[str, list[dict[str, Any]]] = {}
+    _CTX = ctx
+    pool = _fork_pool(opts.workers)
+    try:
+        with _bar(ctx.buckets, f"shards   {split_tag}", opts.progress) as bar:
+            for written in _imap(pool, _pass2_task, [(b, len(ranges)) for b in range(ctx.buckets)]):
+                for split_name, info in written.items():
+                    files.setdefault(split_name, []).append(info)
+                bar.update(1)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    shutil.rmtree(ctx.scratch / split_tag)
+
+    rows_written = sum(rows_by_split.values())
+    report["files"][split_tag] = {
+        "skeleton": {
+            "file": skeleton_path.name,
+            "rows_in": line_base,
+            "rows_written": rows_written,
+            "rows_rejected": len(skeleton_rejects),
+            "rows_parsed_by_exact_path": line_base - fast_lines,
+            "ignored_field_values": dict(sorted(ignored.items())),
+        },
+        "common": {
+            "file": common_path.name,
+            "rows_in": common.lines_in,
+            "rows_kept": common.n_rows,
+            "rows_rejected": len(common.rejects),
+            "ignored_field_values": dict(sorted(common.ignored.items())),
+        },
+        "buckets": ctx.buckets,
+    }
+    for split_name, infos in files.items():
+        entry = report["splits"].setdefault(
+            split_name, {"rows": 0, "clicks": 0, "conversions": 0, "files": []}
+        )
+        for info in infos:
+            entry["rows"] += info["rows"]
+            entry["clicks"] += info["clicks"]
+            entry["conversions"] += info["conversions"]
+            entry["files"].append(info["file"])
+    ctx.request_base += common.n_rows
+    ctx.common = None
+    _CTX = None
+
+
+def _write_rejects(path: Path, rejects: list[tuple[str, int, str, str, str]]) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "line", "reason", "detail", "raw"])
+        writer.writerows(rejects)
+
+
+def prepare(opts: PrepareOptions) -> dict[str, Any]:
+    """Run the whole preparation; returns the manifest (also written to ``<out>/manifest.json``)."""
+    if not 0.0 <= opts.valid_fraction < 1.0:
+        raise PrepareError(f"--valid-fraction must be in [0, 1), got {opts.valid_fraction}")
+    if opts.split_by not in ("row", "user"):
+        raise PrepareError(f"--split-by must be row or user, got {opts.split_by!r}")
+    if opts.rows_per_shard < 1:
+        raise PrepareError("--rows-per-shard must be >= 1")
+    if opts.workers <= 0:
+        opts.workers = os.cpu_count() or 1
+    raw = Path(opts.raw_dir)
+    out = Path(opts.out_dir)
+    schema = load_schema(opts.schema)
+    splits = ["train"]
+    for name in (SKELETON_FILE, COMMON_FILE):
+        if not (raw / name.format(split="train")).is_file():
+            raise PrepareError(f"{raw / name.format(split='train')}: missing (the train split is required)")
+    test_files = [raw / n.format(split="test") for n in (SKELETON_FILE, COMMON_FILE)]
+    if all(p.is_file() for p in test_files):
+        splits.append("test")
+    elif any(p.is_file() for p in test_files):
+        missing = [str(p) for p in test_files if not p.is_file()]
+        raise PrepareError(f"test split incomplete: missing {missing}")
+    sources = [raw / n.format(split=s) for s in splits for n in (SKELETON_FILE, COMMON_FILE)]
+    fingerprint = _fingerprint(opts, schema, sources)
+    manifest_path = out / "manifest.json"
+    if out.exists():
+        if manifest_path.is_file():
+            old = json.loads(manifest_path.read_text())
+            if old.get("fingerprint") == fingerprint and not opts.force:
+                if opts.progress:
+                    print(f"{out}: up to date (same inputs and options); --force rebuilds", file=sys.stderr)
+                return old
+        elif any(out.iterdir()):
+            raise PrepareError(f"{out}: exists, is not empty and holds no manifest.json; not overwriting it")
+
+    t0 = time.perf_counter()
+    checksums = _Checksums(sources)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "vocab").mkdir(parents=True)
+    (tmp / "rejects").mkdir()
+    user_specs = schema.user_fields
+    skeleton_specs = schema.skeleton_fields
+    ctx = _Context(
+        options=opts,
+        schema=schema,
+        skeleton_slots=FieldSlots(
+            tuple(s.name for s in skeleton_specs), tuple(s.weighted for s in skeleton_specs)
+        ),
+        user_slots=FieldSlots(tuple(s.name for s in user_specs), tuple(s.weighted for s in user_specs)),
+        scratch=tmp / "_scratch",
+        out_tmp=tmp,
+    )
+    rejects: list[tuple[str, int, str, str, str]] = []
+    report: dict[str, Any] = {"files": {}, "splits": {}}
+    try:
+        for split_tag in splits:
+            _process_split(split_tag, ctx, rejects, report)
+        shutil.rmtree(ctx.scratch, ignore_errors=True)
+        for split_name in SPLIT_CODES:
+            if not any((tmp / split_name).iterdir()):
+                (tmp / split_name).rmdir()
+        for vocab in ctx.vocabs.values():
+            vocab.save(tmp / "vocab")
+        _write_rejects(tmp / "rejects" / "rejects.csv", rejects)
+        manifest = _manifest(opts, schema, ctx, report, rejects, checksums.get(), sources, fingerprint)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        # swap into place: the old folder (ours, it has a manifest) goes only once the new one is complete
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest["_wall_s"] = time.perf_counter() - t0  # not written: the file stays byte-identical
+    return manifest
+
+
+def _manifest(
+    opts: PrepareOptions,
+    schema: FieldSchema,
+    ctx: _Context,
+    report: dict[str, Any],
+    rejects: list[tuple[str, int, str, str, str]],
+    checksums: dict[str, str],
+    sources: list[Path],
+    fingerprint: str,
+) -> dict[str, Any]:
+    skeleton_files = [v["skeleton"] for v in report["files"].values()]
+    rows_in = sum(s["rows_in"] for s in skeleton_files)
+    rows_written = sum(s["rows_written"] for s in skeleton_files)
+    rows_rejected = sum(s["rows_rejected"] for s in skeleton_files)
+    assert rows_in == rows_written + rows_rejected, (rows_in, rows_written, rows_rejected)
+    by_reason: dict[str, dict[str, int]] = {}
+    for file, _, reason, _, _ in rejects:
+        by_reason.setdefault(file, {}).setdefault(reason, 0)
+        by_reason[file][reason] += 1
+    splits = {}
+    for name in SPLIT_CODES:
+        entry = report["splits"].get(name, {"rows": 0, "clicks": 0, "conversions": 0, "files": []})
+        entry["files"] = sorted(entry["files"])
+        splits[name] = entry
+    return {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "schema": schema.to_dict(),
+        "num_embeddings": {name: v.num_embeddings for name, v in ctx.vocabs.items()},
+        "splits": splits,
+        "split_rule": {
+            "valid_fraction": opts.valid_fraction,
+            "by": opts.split_by,
+            "seed": opts.seed,
+            "rule": (
+                "a row of the official train file goes to valid iff u < valid_fraction, where u is a "
+                "seeded splitmix64 hash of its "
+                + ("sample_id" if opts.split_by == "row" else "user id (field 101; -1 when absent)")
+                + " mapped to [0, 1); test is the official test file"
+            ),
+        },
+        "shuffle": {
+            "seed": opts.seed,
+            "rule": "bucket = seeded hash of the line's byte offset; each bucket's rows of a split are "
+            "permuted with numpy default_rng([seed, split_code, bucket]); one shard per bucket and split",
+            "split_codes": SPLIT_CODES,
+        },
+        "vocab": {
+            "built_on": "train",
+            "folder": "vocab",
+            "counts": "train-split impressions carrying the id (user fields: per referencing row)",
+            "sizes": {name: v.size for name, v in ctx.vocabs.items()},
+        },
+        "request_id": "row of the common_feature_index in its common-features file (file order, "
+        "duplicates and rejects skipped), test rows offset by the train common rows",
+        "sources": {
+            p.name: {"bytes": p.stat().st_size, "sha256": checksums.get(p.name, "")} for p in sources
+        },
+        "input_files": report["files"],
+        "rejects": {
+            "file": "rejects/rejects.csv",
+            "rows_in": rows_in,
+            "rows_written": rows_written,
+            "rows_rejected": rows_rejected,
+            "common_rows_rejected": sum(v["common"]["rows_rejected"] for v in report["files"].values()),
+            "by_file_and_reason": by_reason,
+        },
+        "options": opts.output_options(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--raw-dir", required=True, help="folder with the official raw csv files")
-    parser.add_argument("--out", required=True, help="prepared data folder")
+    d = PrepareOptions(raw_dir="", out_dir="")
+    parser.add_argument(
+        "--raw-dir",
+        required=True,
+        help="folder with sample_skeleton_{train,test}.csv and "
+        "common_features_{train,test}.csv (test optional)",
+    )
+    parser.add_argument("--out", required=True, help="prepared data folder (written atomically)")
+    parser.add_argument("--schema", default=d.schema, help="field schema YAML (default %(default)s)")
+    parser.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=d.valid_fraction,
+        help="share of the train file carved out as the valid split (default %(default)s)",
+    )
+    parser.add_argument(
+        "--split-by",
+        choices=("row", "user"),
+        default=d.split_by,
+        help="valid split unit: single rows or whole users (default %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the split and the shuffle")
+    parser.add_argument("--workers", type=int, default=d.workers, help="processes (default: all cores)")
+    parser.add_argument("--chunk-mb", type=float, default=d.chunk_mb, help="bytes per parse task (MiB)")
+    parser.add_argument(
+        "--rows-per-shard",
+        type=int,
+        default=d.rows_per_shard,
+        help="target rows per shuffle bucket / output shard (default %(default)s)",
+    )
+    parser.add_argument("--compression", default=d.compression, help="Parquet codec (default %(default)s)")
+    parser.add_argument(
+        "--strict", action="store_true", help="stop at the first bad line (FILE:LINE: reason)"
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError("ctnocvr data prepare: not implemented yet")
+    opts = PrepareOptions(
+        raw_dir=args.raw_dir,
+        out_dir=args.out,
+        schema=args.schema,
+        valid_fraction=args.valid_fraction,
+        split_by=args.split_by,
+        seed=args.seed,
+        workers=args.workers,
+        chunk_mb=args.chunk_mb,
+        rows_per_shard=args.rows_per_shard,
+        strict=args.strict,
+        force=args.force,
+        progress=not args.no_progress,
+        compression=args.compression,
+    )
+    manifest = prepare(opts)
+    print(summary(manifest))
+    return 0
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    """Human-readable summary: rows per split and the rows_in = written + rejected balance."""
+    r = manifest["rejects"]
+    lines = [
+        f"rows_in {r['rows_in']:,} = rows_written {r['rows_written']:,} + rows_rejected {r['rows_rejected']:,}"
+        f" (common-features lines rejected: {r['common_rows_rejected']:,})"
+    ]
+    for name, s in manifest["splits"].items():
+        lines.append(
+            f"  {name:5s} {s['rows']:>12,} rows  {s['clicks']:>10,} clicks  {s['conversions']:>8,} "
+            f"conversions  {len(s['files'])} shards"
+        )
+    for file, reasons in r["by_file_and_reason"].items():
+        lines.append(f"  rejects {file}: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+    if "_wall_s" in manifest:
+        lines.append(
+            f"  {manifest['_wall_s']:.1f}s, {r['rows_in'] / max(manifest['_wall_s'], 1e-9):,.0f} rows/s"
+        )
+    return "\n".join(lines)
