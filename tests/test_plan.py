@@ -60,7 +60,13 @@ def check_plan_covers_tables(report: PlanReport, world_size: int) -> None:
         assert r.sparse_hbm_bytes == shard_hbm
         assert r.used_ddr_bytes >= shard_ddr
         if r.hbm_capacity_bytes:
-            assert r.used_hbm_bytes <= r.hbm_capacity_bytes
+            # the planner's constraint: the shards fit in what the reservation leaves of each rank
+            reserved = (
+                report.meta["storage_reservation_percentage"]
+                if report.meta["storage_reservation"] != "none"
+                else 0
+            )
+            assert r.sparse_hbm_bytes <= r.hbm_capacity_bytes * (1 - reserved)
     assert len(report.ranks) == world_size
     assert report.imbalance["perf_max_over_mean"] >= 1.0
 
@@ -123,6 +129,22 @@ def test_infeasible_when_tables_fit_alone_but_not_together() -> None:
     assert float(have.group(1)) == pytest.approx(0.66, abs=1e-3)
     assert float(need.group(1)) > float(have.group(1))
     assert "t_205" in message  # listed among the largest tables
+
+
+def test_hbm_first_search_matches_full_search_and_falls_back_to_uvm() -> None:
+    cluster = api.Cluster(world_size=8, device="cuda", hbm_gb=80)
+    fast = api.what_if_plan(run_config(hbm_first=True), cluster, preset="aliccp-full")
+    full = api.what_if_plan(run_config(hbm_first=False), cluster, preset="aliccp-full")
+    assert fast.meta["search"] == "hbm-first" and full.meta["search"] == "full"
+    placement = lambda r: [(t.name, t.sharding_type, t.compute_kernel, t.ranks) for t in r.tables]  # noqa: E731
+    assert placement(fast) == placement(full)
+    # 4 ranks of 0.15 GiB HBM cannot hold the ~0.7 GiB of tables: the full search adds UVM kernels
+    tight = api.what_if_plan(
+        run_config(), api.Cluster(world_size=4, device="cuda", hbm_gb=0.15, ddr_gb=8), preset="aliccp-full"
+    )
+    assert tight.meta["search"] == "full"
+    assert any(t.compute_kernel.startswith("fused_uvm") for t in tight.tables)
+    check_plan_covers_tables(tight, 4)
 
 
 def test_plan_json_round_trips(tmp_path: Path) -> None:

@@ -253,6 +253,7 @@ def run_plan(
     finally:
         planner_logger.setLevel(previous)
     seconds = time.perf_counter() - start
+    meta = {**meta, "search": getattr(planner, "search_used", "") or "full"}
     ranks = _rank_rows(planner, topology)
     imbalance = {
         "perf_max_over_mean": _max_over_mean([r.perf_ms for r in ranks]),
