@@ -7,10 +7,10 @@ import torch
 
 from ctnocvr_rec.config import ModelConfig
 from ctnocvr_rec.models import ARCHS, RankerForInference, build_model, export_for_inference
-from ctnocvr_rec.models.testing import SyntheticStream, tiny_schema
+from ctnocvr_rec.models.testing import TINY_SIZES, SyntheticStream, tiny_model_config, tiny_schema
 
 CPU = torch.device("cpu")
-SIZES = {"ctx": 5, "user": 30, "u_hist": 40, "item": 30, "u_tag": 12, "i_tag": 12, "combo": 25}
+SIZES = TINY_SIZES
 PREDICTIONS = {"p_ctr", "p_cvr", "p_ctcvr", "p_ctnocvr"}
 PASSTHROUGH = {"click", "conversion", "ctnocvr", "sample_id", "request_id", "user_id"}
 EXPECTED_TERMS = {
@@ -28,20 +28,7 @@ COMBO_IDS = [f"{a}-{'ctnocvr' if f else 'base'}" for a, f in COMBOS]
 
 
 def small_cfg(arch: str, use_ctnocvr: bool, **overrides) -> ModelConfig:
-    cfg = ModelConfig(
-        arch=arch,
-        use_ctnocvr=use_ctnocvr,
-        embedding_dim=6,  # not a multiple of 4: exercises the padded tables
-        num_experts=4,
-        num_task_experts=2,
-        num_shared_experts=2,
-        num_levels=2,
-        expert_hidden=[8],
-        tower_hidden=[16],
-    )
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
+    return tiny_model_config(arch, use_ctnocvr, **overrides)
 
 
 @pytest.mark.parametrize("arch,use_ctnocvr", COMBOS, ids=COMBO_IDS)

@@ -69,7 +69,6 @@ def test_shared_table_is_one_table_with_the_larger_size():
     bags = emb.embedding_bag_collection.embedding_bags
     assert "t_tag" in bags and "t_u_tag" not in bags and "t_i_tag" not in bags
     assert bags["t_tag"].weight.shape == (max(sizes["u_tag"], sizes["i_tag"]), 4)
-    # all dims already multiples of 4: only the reorder remains, still one gather
     assert emb.output_dim == 4 * len(schema)
 
 

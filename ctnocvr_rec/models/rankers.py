@@ -59,7 +59,10 @@ class MultiTaskRanker(nn.Module):
     def forward(self, batch: CtnocvrBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = self.sparse_arch(batch.sparse_features)
         ctr_logit, cvr_logit, ctnocvr_logit = self.task_logits(x)
-        loss, outputs = self.head(ctr_logit, cvr_logit, ctnocvr_logit, batch.click, batch.conversion, batch.ctnocvr)
+        loss, head_out = self.head(ctr_logit, cvr_logit, ctnocvr_logit, batch.click, batch.conversion, batch.ctnocvr)
+        # A new dict from known keys (no item assignment): under the pipeline's fx trace the head is
+        # a leaf module and `head_out` a Proxy, which supports indexing but not mutation.
+        outputs = {key: head_out[key] for key in self.head.output_keys}
         outputs["click"] = batch.click
         outputs["conversion"] = batch.conversion
         outputs["ctnocvr"] = batch.ctnocvr

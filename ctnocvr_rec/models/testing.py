@@ -19,8 +19,12 @@ from collections.abc import Mapping
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from ctnocvr_rec.config import ModelConfig
 from ctnocvr_rec.data.batch import CtnocvrBatch
 from ctnocvr_rec.data.schema import FieldSchema
+
+#: table sizes for :func:`tiny_schema`
+TINY_SIZES: dict[str, int] = {"ctx": 5, "user": 30, "u_hist": 40, "item": 30, "u_tag": 12, "i_tag": 12, "combo": 25}
 
 
 def tiny_schema() -> FieldSchema:
@@ -40,6 +44,26 @@ def tiny_schema() -> FieldSchema:
         },
         source="<tiny_schema>",
     )
+
+
+def tiny_model_config(arch: str, use_ctnocvr: bool, **overrides: object) -> ModelConfig:
+    """A small :class:`ModelConfig` for fast tests (dim 6 is not a multiple of 4 on purpose)."""
+    cfg = ModelConfig(
+        arch=arch,
+        use_ctnocvr=use_ctnocvr,
+        embedding_dim=6,
+        num_experts=4,
+        num_task_experts=2,
+        num_shared_experts=2,
+        num_levels=2,
+        expert_hidden=[8],
+        tower_hidden=[16],
+    )
+    for key, value in overrides.items():
+        if not hasattr(cfg, key):
+            raise AttributeError(f"ModelConfig has no field {key!r}")
+        setattr(cfg, key, value)
+    return cfg
 
 
 def random_kjt(
@@ -123,3 +147,32 @@ class SyntheticStream:
 
     def __next__(self) -> CtnocvrBatch:
         return self.next_batch()
+
+
+def copy_global_state(local_state: Mapping[str, object], global_state: Mapping[str, torch.Tensor]) -> None:
+    """Copy full (unsharded) tensors into a possibly sharded state dict, in place.
+
+    ``local_state`` is e.g. ``DistributedModelParallel(...).state_dict()``: plain tensors are copied
+    whole; for a ``ShardedTensor`` each local shard receives its slice of the global tensor
+    (``shard_offsets`` / ``shard_sizes``). Used to give a sharded model the weights of an unsharded one.
+    """
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    for name, local in local_state.items():
+        if name not in global_state:
+            raise KeyError(f"{name!r} not in the global state (has: {sorted(global_state)[:8]}...)")
+        full = global_state[name].detach()
+        with torch.no_grad():
+            if isinstance(local, ShardedTensor):
+                for shard in local.local_shards():
+                    index = tuple(
+                        slice(offset, offset + size)
+                        for offset, size in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes)
+                    )
+                    shard.tensor.copy_(full[index])
+            elif isinstance(local, torch.Tensor):
+                if hasattr(local, "to_local") and hasattr(local, "placements"):  # DTensor
+                    raise NotImplementedError(f"{name}: DTensor state is not supported here")
+                local.copy_(full)
+            else:
+                raise TypeError(f"{name}: unexpected state entry of type {type(local).__name__}")

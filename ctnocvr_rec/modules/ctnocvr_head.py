@@ -112,6 +112,12 @@ class CtnocvrHead(nn.Module):
         # Fixed, ordered Python data: the active terms are known at trace time.
         self.terms: tuple[str, ...] = tuple(t for t in LOSS_TERMS if t in weights)
         self.loss_weights: dict[str, float] = {t: float(weights[t]) for t in self.terms}
+        #: keys of the outputs dict, fixed at construction. Callers that build their own dict from it
+        #: index these keys instead of mutating it: TrainPipelineSparseDist's tracer treats modules
+        #: without a sharded child (this head) as leaves, so the dict it returns is a single Proxy.
+        self.output_keys: tuple[str, ...] = (
+            "p_ctr", "p_cvr", "p_ctcvr", "p_ctnocvr", "loss", *(f"loss_{t}" for t in self.terms)
+        )
 
     def predict(
         self, ctr_logit: torch.Tensor, cvr_logit: torch.Tensor, ctnocvr_logit: torch.Tensor | None = None

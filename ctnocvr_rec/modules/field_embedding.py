@@ -17,8 +17,9 @@ Dims not divisible by 4
 -----------------------
 fbgemm's fused kernels (the ones TorchRec shards with) require an embedding dim divisible by 4, and
 the paper's default dim is 18. A field of logical dim ``d`` is therefore served by a physical table of
-dim ``ceil4(d)`` whose pooled output is cut back to the first ``d`` columns. The cut (and the reorder
-into group order) is a single ``index_select`` on the pooled ``KeyedTensor`` values. The forward
+dim ``ceil4(d)`` whose pooled output is cut back to the first ``d`` columns. The cuts and the reorder
+into group order are views of the pooled ``KeyedTensor`` (selected by key: a sharded EBC orders its
+output by sharding group, not by config) joined by one ``torch.cat``. The forward
 result, and the gradients of the kept columns, are exactly those of a dim-``d`` table; the padding
 columns never reach the loss, so their gradient is zero. Under SGD and EXACT_ADAGRAD the kept
 columns are updated exactly as a dim-``d`` table would be. One caveat: EXACT_ROWWISE_ADAGRAD averages
@@ -163,33 +164,21 @@ class FieldEmbedding(nn.Module):
             tables=tables, is_weighted=True, device=device if device is not None else torch.device("meta")
         )
 
-        # The EBC's pooled KeyedTensor lists features table by table; find each one's columns there.
-        pooled_offset: dict[str, int] = {}
-        cursor = 0
-        for cfg in tables:
-            for feature in cfg.feature_names:
-                pooled_offset[feature] = cursor
-                cursor += cfg.embedding_dim
-        self._pooled_width = cursor
-
+        self._physical: dict[str, int] = {
+            feature: cfg.embedding_dim for cfg in tables for feature in cfg.feature_names
+        }
         slots: list[FieldSlot] = []
-        columns: list[int] = []
+        offset = 0
         for group in GROUP_ORDER:
             for spec in schema.by_group(group):
                 dim = field_dim[spec.name]
-                start = pooled_offset[spec.feature_name]
-                slots.append(
-                    FieldSlot(spec.name, spec.feature_name, group, spec.table_name, dim, len(columns))
-                )
-                columns.extend(range(start, start + dim))
+                slots.append(FieldSlot(spec.name, spec.feature_name, group, spec.table_name, dim, offset))
+                offset += dim
         self.slots: tuple[FieldSlot, ...] = tuple(slots)
-        self._columns: list[int] = columns
-        # Skip the gather when it would be the identity (all dims multiples of 4, already in order).
-        self._needs_select: bool = columns != list(range(self._pooled_width))
         self.group_dims: dict[str, int] = {
             g: sum(s.dim for s in slots if s.group == g) for g in GROUP_ORDER
         }
-        self.output_dim: int = len(columns)
+        self.output_dim: int = offset
 
     @property
     def feature_names(self) -> list[str]:
@@ -198,12 +187,16 @@ class FieldEmbedding(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """``features``: weighted KJT (keys ``f_<field>``, stride B) -> ``[B, output_dim]``."""
-        pooled = self.embedding_bag_collection(features).values()  # [B, pooled_width], table order
-        if not self._needs_select:
-            return pooled
-        # One gather: drops the padding columns and puts the fields in group order.
-        index = torch.tensor(self._columns, dtype=torch.long, device=pooled.device)
-        return pooled.index_select(1, index)
+        # Select by key, never by position: a *sharded* EBC orders its output keys by sharding
+        # group, not by table config, so column offsets computed from the config would be wrong.
+        pooled = self.embedding_bag_collection(features).to_dict()  # {f_<field>: [B, ceil4(dim)]}
+        parts = [
+            pooled[slot.feature_name] if slot.dim == self._physical[slot.feature_name]
+            else pooled[slot.feature_name][:, : slot.dim]
+            for slot in self.slots
+        ]
+        # One copy: drops the padding columns and puts the fields in group order.
+        return torch.cat(parts, dim=1)
 
     def split_groups(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``x`` ``[B, output_dim]`` -> ``{group: [B, group_dims[group]]}`` (empty groups omitted)."""
