@@ -57,9 +57,10 @@ def test_outputs_follow_the_model_contract(arch, use_ctnocvr):
 def test_use_ctnocvr_adds_a_gated_task_with_its_own_tower():
     base = build_model(small_cfg("cgc", False), tiny_schema(), SIZES, device=CPU)
     plus = build_model(small_cfg("cgc", True), tiny_schema(), SIZES, device=CPU)
-    assert set(base.towers) == {"ctr", "cvr"} and set(plus.towers) == {"ctr", "cvr", "ctnocvr"}
-    assert plus.experts.levels[0].gate_weight.shape[0] == 3
-    assert plus.experts.levels[0].task_weight.shape[0] == 3
+    assert len(base.over_arch.towers) == 2 and len(plus.over_arch.towers) == 3
+    assert base.tasks == ("ctr", "cvr") and plus.tasks == ("ctr", "cvr", "ctnocvr")
+    assert plus.over_arch.experts.levels[0].gate_weight.shape[0] == 3
+    assert plus.over_arch.experts.levels[0].task_weight.shape[0] == 3
     no_score = build_model(small_cfg("mmoe", True, score_weight=0.0), tiny_schema(), SIZES, device=CPU)
     assert no_score.head.terms == ("ctr", "cvr", "ctnocvr")
 

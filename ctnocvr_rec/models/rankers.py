@@ -29,9 +29,8 @@ from ctnocvr_rec.config import ModelConfig
 from ctnocvr_rec.data.batch import CtnocvrBatch
 from ctnocvr_rec.data.schema import FieldSchema
 from ctnocvr_rec.modules.ctnocvr_head import CtnocvrHead
-from ctnocvr_rec.modules.experts import ExpertExtraction
 from ctnocvr_rec.modules.field_embedding import FieldEmbedding
-from ctnocvr_rec.modules.towers import TaskTower
+from ctnocvr_rec.modules.towers import MultiTaskOverArch, TaskTower
 
 ARCHS = ("esmm", "mmoe", "cgc", "ple")
 
@@ -137,24 +136,22 @@ class GatedRanker(MultiTaskRanker):
         super().__init__(sparse_arch, CtnocvrHead("tower" if use_ctnocvr else "none", weights))
         self.tasks = ("ctr", "cvr", "ctnocvr") if use_ctnocvr else ("ctr", "cvr")
         self.use_ctnocvr = use_ctnocvr
-        self.experts = ExpertExtraction(
+        self.over_arch = MultiTaskOverArch(
             sparse_arch.output_dim,
             num_tasks=len(self.tasks),
             num_task_experts=num_task_experts,
             num_shared_experts=num_shared_experts,
             expert_hidden=expert_hidden,
             num_levels=num_levels,
+            tower_hidden=tower_hidden,
+            dropout=dropout,
             device=device,
         )
-        width = self.experts.out_features
-        self.towers = nn.ModuleDict({t: TaskTower(width, tower_hidden, dropout, device) for t in self.tasks})
 
     def task_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        gated = self.experts(x)  # [B, T, h]; task order = self.tasks
-        ctr = self.towers["ctr"](gated[:, 0])
-        cvr = self.towers["cvr"](gated[:, 1])
-        ctnocvr = self.towers["ctnocvr"](gated[:, 2]) if self.use_ctnocvr else None
-        return ctr, cvr, ctnocvr
+        logits = self.over_arch(x)  # [B, T]; column order = self.tasks
+        ctnocvr = logits[:, 2] if self.use_ctnocvr else None
+        return logits[:, 0], logits[:, 1], ctnocvr
 
 
 class MMoE(GatedRanker):

@@ -3,7 +3,7 @@
 from ctnocvr_rec.modules.ctnocvr_head import CtnocvrHead, bce_from_log_prob, log1mexp, masked_mean
 from ctnocvr_rec.modules.experts import ExpertExtraction, ExtractionLevel
 from ctnocvr_rec.modules.field_embedding import GROUP_ORDER, FieldEmbedding, physical_dim
-from ctnocvr_rec.modules.towers import TaskTower
+from ctnocvr_rec.modules.towers import MultiTaskOverArch, TaskTower
 
 __all__ = [
     "GROUP_ORDER",
@@ -11,6 +11,7 @@ __all__ = [
     "ExpertExtraction",
     "ExtractionLevel",
     "FieldEmbedding",
+    "MultiTaskOverArch",
     "TaskTower",
     "bce_from_log_prob",
     "log1mexp",
