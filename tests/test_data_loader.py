@@ -14,7 +14,7 @@ from _prepared_fixture import aliccp_schema, write_prepared
 
 import ctnocvr_rec.data.dataset as dataset_mod
 from ctnocvr_rec.data.batch import derive_ctnocvr_label
-from ctnocvr_rec.data.dataset import ParquetBatchDataset, make_dataloader, table_to_batch
+from ctnocvr_rec.data.dataset import ParquetBatchDataset, canonical_order, make_dataloader, table_to_batch
 
 ROWS = 203  # not a multiple of any batch size / rank count used below: exercises the remainders
 
@@ -79,6 +79,66 @@ def _run_as(ds: ParquetBatchDataset, worker: int, workers: int, monkeypatch) -> 
     return list(ds)
 
 
+def _round_robin(streams: list[list]) -> list:
+    """What a DataLoader yields from worker streams: one item from each live worker in turn."""
+    out, i = [], 0
+    while any(i < len(s) for s in streams):
+        out.extend(s[i] for s in streams if i < len(s))
+        i += 1
+    return out
+
+
+def test_canonical_order_interleaves_contiguous_blocks():
+    assert canonical_order(7, 2).tolist() == [0, 4, 1, 5, 2, 6, 3]
+    assert canonical_order(5, 1).tolist() == [0, 1, 2, 3, 4]
+    for n in range(0, 12):
+        for w in range(1, 5):
+            order = canonical_order(n, w)
+            assert sorted(order.tolist()) == list(range(n))
+            # dealing the order round-robin gives each worker one contiguous block, and the
+            # round-robin merge of the workers' streams gives the order back
+            streams = [order[k::w].tolist() for k in range(w)]
+            assert all(s == list(range(s[0], s[0] + len(s))) for s in streams if s)
+            assert _round_robin(streams) == order.tolist()
+
+
+def test_workers_decode_only_their_own_row_groups(prepared, monkeypatch):
+    root, _, _ = prepared
+    reads = []
+    original = dataset_mod._RangeReader._unit_table
+
+    def counting(self, k):
+        if self._cached is None or self._cached[0] != k:
+            reads.append(self.order[k])
+        return original(self, k)
+
+    monkeypatch.setattr(dataset_mod._RangeReader, "_unit_table", counting)
+    ds = ParquetBatchDataset(root, "train", batch_size=8)
+    for w in range(2):
+        _run_as(ds, w, 2, monkeypatch)
+    assert len(reads) <= len(ds.units) + 1  # only a row group split between the two blocks twice
+
+
+def test_resume_with_another_worker_count(prepared, monkeypatch):
+    root, _, _ = prepared
+    ds = ParquetBatchDataset(root, "train", batch_size=9, shuffle=True, seed=4)
+    order = canonical_order(len(ds), 2).tolist()
+    ds.set_epoch(1)
+    full = {tuple(b.sample_id.tolist()) for w in range(2) for b in _run_as(ds, w, 2, monkeypatch)}
+    assert len(full) == len(ds)
+    for new_workers in (1, 3):
+        ds.load_state_dict({"epoch": 1, "batches_yielded": 5, "num_workers": 2})
+        streams = [[tuple(b.sample_id.tolist()) for b in _run_as(ds, w, new_workers, monkeypatch)]
+                   for w in range(new_workers)]
+        resumed = _round_robin(streams)
+        assert len(resumed) == len(order) - 5 and set(resumed) <= full
+        # same batches as the rest of the interrupted pass's order (batch j of the rank's stream)
+        ds_plain = ParquetBatchDataset(root, "train", batch_size=9, shuffle=True, seed=4)
+        ds_plain.load_state_dict({"epoch": 1, "batches_yielded": 0, "num_workers": 1})
+        in_stream_order = [tuple(b.sample_id.tolist()) for b in _run_as(ds_plain, 0, 1, monkeypatch)]
+        assert resumed == [in_stream_order[j] for j in order[5:]]
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_every_row_exactly_once_over_ranks_and_workers(prepared, monkeypatch, shuffle):
     root, _, tables = prepared
@@ -140,12 +200,12 @@ def test_resume_continues_at_the_same_batch(prepared):
     it = iter(loader)
     head = [next(it).sample_id.tolist() for _ in range(5)]
     state = loader.state_dict()
-    assert state == {"epoch": 2, "batches_yielded": 5}
+    assert state == {"epoch": 2, "batches_yielded": 5, "num_workers": 1}
     resumed = make_dataloader(root, "train", batch_size=16, shuffle=True, seed=1)
     resumed.load_state_dict(state)
     tail = [b.sample_id.tolist() for b in resumed]
     assert head + tail == full
-    assert resumed.state_dict() == {"epoch": 2, "batches_yielded": len(full)}
+    assert resumed.state_dict() == {"epoch": 2, "batches_yielded": len(full), "num_workers": 1}
 
 
 @pytest.mark.slow
@@ -155,14 +215,17 @@ def test_real_dataloader_workers_keep_order_and_resume(prepared):
     single = [b.sample_id.tolist() for b in make_dataloader(root, "train", batch_size=12, shuffle=True, seed=2)]
     loader = make_dataloader(root, "train", batch_size=12, shuffle=True, seed=2, num_workers=2)
     two = [b.sample_id.tolist() for b in loader]
-    assert two == single  # batch j comes from worker j % 2; the loader alternates: same order
+    # the loader alternates between the workers' contiguous blocks: the canonical order
+    assert two == [single[j] for j in canonical_order(len(single), 2)]
     assert sorted(x for b in two for x in b) == sorted(tables["train"].column("sample_id").to_pylist())
     it = iter(loader)
-    head = [next(it).sample_id.tolist() for _ in range(3)]  # odd count: the resume rotates workers
+    head = [next(it).sample_id.tolist() for _ in range(3)]  # odd count: resumed workers swap roles
     del it
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "batches_yielded": 3, "num_workers": 2}
     resumed = make_dataloader(root, "train", batch_size=12, shuffle=True, seed=2, num_workers=2)
-    resumed.load_state_dict(loader.state_dict())
-    assert head + [b.sample_id.tolist() for b in resumed] == single
+    resumed.load_state_dict(state)
+    assert head + [b.sample_id.tolist() for b in resumed] == two
 
 
 def test_invalid_label_pair_names_the_file(tmp_path):

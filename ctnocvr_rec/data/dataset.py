@@ -18,31 +18,42 @@ Sharding rule (documented contract, tested in ``tests/test_data_loader.py``)
    :meth:`ParquetBatchDataset.batch_counts` gives the batch count of every rank, so a trainer that
    evaluates with ``drop_remainder=False`` can see the (at most one) missing step and equalise (e.g.
    run the extra collective with an empty input or stop all ranks at ``min``).
-3. The rank's range is cut into batches of ``B`` rows; only the rank's last batch may be short.
-   Batch ``j`` goes to DataLoader worker ``j mod W``, so the DataLoader (which takes one batch from
-   each worker in turn) yields batches in the order ``j = 0, 1, 2, ...`` for any worker count.
-4. With ``shuffle``, rows are also permuted inside windows of ``shuffle_window_batches`` batches
-   (seeded by ``(seed, epoch, rank, window)``); a worker reads the windows holding its batches.
+3. The rank's range is cut into batches ``j = 0 .. n-1`` of ``B`` rows; only the last may be short.
+   With ``W`` DataLoader workers, worker ``w`` builds one contiguous block of batches (the first
+   ``n mod W`` workers one batch more than the others), so each worker decodes only the row groups
+   of its block. The DataLoader takes one batch from each worker in turn, so the rank's batches come
+   out in the *canonical order* :func:`canonical_order` ``(n, W)``: the blocks interleaved round-robin
+   (for ``W = 1``, simply ``0, 1, 2, ...``).
+4. With ``shuffle`` and ``shuffle_window_batches > 0``, rows are also permuted inside windows of
+   that many batches (seeded by ``(seed, epoch, rank, window)``); a window is decoded once per
+   worker whose block touches it (once, except at block boundaries).
 
-Resume: :meth:`state_dict` is ``{"epoch", "batches_yielded"}``. After :meth:`load_state_dict` the
-next iteration starts at batch ``batches_yielded`` of that epoch (earlier batches are not read), so
-a resumed run sees exactly the batches the interrupted one had not seen yet, in the same order.
-An iteration always continues from where the previous one stopped; once the epoch is finished
+Resume: :meth:`state_dict` is ``{"epoch", "batches_yielded", "num_workers"}`` (``num_workers``: the
+``W`` of the canonical order of the pass in progress). After :meth:`load_state_dict` the next
+iteration yields exactly the rest of that order, ``canonical_order(n, W_saved)[batches_yielded:]``,
+for any current worker count ``W'`` (worker ``p`` takes every ``W'``-th remaining batch starting at
+``p``, which the round-robin DataLoader yields in order; earlier batches are not read). So a resumed
+run sees exactly the batches the interrupted one had not seen yet, in the same order.
+An iteration always continues from where the previous one stopped; once the pass is finished
 (``batches_yielded == len``) the next iteration is a fresh pass of the same epoch, so call
 :meth:`set_epoch` between training epochs (it also resets the position).
 When the dataset runs inside DataLoader workers, the count lives in the main process: use
 :class:`ResumableDataLoader` (from :func:`make_dataloader`), whose ``state_dict`` does the counting.
 
-Batches are built vectorised from Arrow list offsets and values (one ``np.concatenate`` per batch
-for the ids, one for the weights, one for the lengths); nothing loops over rows in Python.
+Batches are built vectorised from Arrow list offsets and values, copied into preallocated numpy
+arrays with a constant number of calls per field; nothing loops over rows in Python. A background
+thread reads and decodes the next batches (Arrow releases the GIL) while the current KJT is built.
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,47 +108,55 @@ def feature_columns(schema: FieldSchema) -> list[str]:
     return cols
 
 
-def _list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(lengths, values) numpy pieces of a list column, one pair per chunk, from Arrow offsets."""
+def _list_chunks(column: pa.ChunkedArray | pa.Array, name: str) -> list[pa.Array]:
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    lengths, values = [], []
     for chunk in chunks:
-        offsets = chunk.offsets.to_numpy()  # of this (possibly sliced) chunk: length n + 1
-        lengths.append(np.diff(offsets).astype(np.int32, copy=False))
-        # flatten() honours the slice; lists are never null in a prepared set (absent = empty list)
-        values.append(chunk.flatten().to_numpy(zero_copy_only=False))
-    return lengths, values
+        if chunk.null_count:
+            raise ValueError(f"column {name!r} holds null lists; a prepared set stores absent fields as []")
+    return chunks
 
 
 def table_to_batch(table: pa.Table, schema: FieldSchema) -> CtnocvrBatch:
     """Build a :class:`CtnocvrBatch` from a prepared-split table of ``B`` rows, vectorised.
 
-    KJT layout: keys ``f_<field>`` in schema order; ``lengths`` key-major (``[F * B]``: all rows of
-    the first field, then the next field ...); ``values`` int64 ids; ``weights`` float32, the stored
-    weight for weighted fields and 1.0 for the others.
+    KJT layout: keys ``f_<field>`` in schema order; ``lengths`` int32, key-major (``[F * B]``: all
+    rows of the first field, then the next field ...); ``values`` int64 ids; ``weights`` float32,
+    the stored weight for weighted fields and 1.0 for the others.
+
+    Per field and Arrow chunk, the lengths are the differences of the list offsets and the ids are
+    the ``[offsets[0], offsets[-1])`` window of the child values (this also handles sliced chunks);
+    they are copied straight into preallocated arrays: a constant number of numpy calls per field.
     """
-    length_parts: list[np.ndarray] = []
-    value_parts: list[np.ndarray] = []
-    weight_parts: list[np.ndarray] = []
+    n = table.num_rows
+    id_chunks = {spec.name: _list_chunks(table.column(spec.name), spec.name) for spec in schema}
+    offsets = {name: [c.offsets.to_numpy() for c in chunks] for name, chunks in id_chunks.items()}
+    total = sum(int(o[-1] - o[0]) for offs in offsets.values() for o in offs)
+    values = np.empty(total, dtype=np.int64)
+    weights = np.ones(total, dtype=np.float32)
+    lengths = np.empty(len(schema) * n, dtype=np.int32)
+    pos = 0
+    row = 0
     for spec in schema:
-        lengths, values = _list_parts(table.column(spec.name))
-        length_parts.extend(lengths)
-        value_parts.extend(values)
-        if spec.weighted:
-            _, weights = _list_parts(table.column(spec.weight_column))
-            weight_parts.extend(w.astype(np.float32, copy=False) for w in weights)
-        else:
-            weight_parts.extend(np.ones(len(v), dtype=np.float32) for v in values)
-    values_np = np.concatenate(value_parts).astype(np.int64, copy=False)
-    weights_np = np.concatenate(weight_parts)
-    lengths_np = np.concatenate(length_parts)
-    if len(weights_np) != len(values_np):
-        raise ValueError("weight lists do not have the lengths of their id lists (corrupt prepared set)")
+        weight_chunks = (
+            _list_chunks(table.column(spec.weight_column), spec.weight_column) if spec.weighted else None)
+        for k, (chunk, off) in enumerate(zip(id_chunks[spec.name], offsets[spec.name])):
+            m = len(off) - 1
+            np.subtract(off[1:], off[:-1], out=lengths[row:row + m])
+            lo, hi = int(off[0]), int(off[-1])
+            values[pos:pos + hi - lo] = chunk.values.to_numpy()[lo:hi]
+            if weight_chunks is not None:
+                w_chunk = weight_chunks[k]
+                w_off = w_chunk.offsets.to_numpy()
+                if len(w_off) != len(off) or int(w_off[-1] - w_off[0]) != hi - lo:
+                    raise ValueError(f"{spec.weight_column}: weight lists do not match the id lists of {spec.name}")
+                weights[pos:pos + hi - lo] = w_chunk.values.to_numpy()[int(w_off[0]):int(w_off[-1])]
+            pos += hi - lo
+            row += m
     kjt = KeyedJaggedTensor(
         keys=schema.feature_names,
-        values=torch.from_numpy(values_np),
-        weights=torch.from_numpy(weights_np),
-        lengths=torch.from_numpy(lengths_np),
+        values=torch.from_numpy(values),
+        weights=torch.from_numpy(weights),
+        lengths=torch.from_numpy(lengths),
     )
 
     def column(name: str, dtype: np.dtype) -> torch.Tensor:
@@ -152,6 +171,24 @@ def table_to_batch(table: pa.Table, schema: FieldSchema) -> CtnocvrBatch:
         request_id=column("request_id", np.int64),
         user_id=column("user_id", np.int64),
     )
+
+
+def canonical_order(n_batches: int, workers: int) -> np.ndarray:
+    """Order in which a DataLoader with ``workers`` workers yields a rank's ``n_batches`` batches.
+
+    Worker ``w`` owns the contiguous block of batches ``[start_w, start_w + c_w)`` with
+    ``c_w = n // W + (w < n % W)``; the DataLoader takes one batch from each worker in turn.
+
+    >>> canonical_order(7, 2).tolist()
+    [0, 4, 1, 5, 2, 6, 3]
+    """
+    workers = max(1, workers)
+    counts = n_batches // workers + (np.arange(workers) < n_batches % workers)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rounds = int(counts.max()) if n_batches else 0
+    grid = starts[None, :] + np.arange(rounds)[:, None]  # [round, worker]
+    valid = np.arange(rounds)[:, None] < counts[None, :]
+    return grid[valid].astype(np.int64)  # row-major: round by round, workers in turn
 
 
 @dataclass(frozen=True)
@@ -174,9 +211,12 @@ class ParquetBatchDataset(IterableDataset):
         rank, world_size: this process's rank and the number of ranks.
         shuffle: per-epoch shuffle of row-group order and of rows inside windows.
         seed: shuffle seed (combined with the epoch).
-        shuffle_window_batches: window size of the row shuffle, in batches.
+        shuffle_window_batches: window size of the row shuffle, in batches; 0 = shuffle only the
+            row-group order (``prepare`` already shuffled the rows globally; the window shuffle only
+            varies batch composition between epochs and costs an Arrow ``take`` per batch).
         drop_remainder: every rank gets the same number of full batches (training); off: every row
             exactly once, ranks may differ by one batch (evaluation).
+        prefetch_batches: batches read ahead by a background thread while the current one is built.
     """
 
     def __init__(
@@ -191,6 +231,7 @@ class ParquetBatchDataset(IterableDataset):
         seed: int = 0,
         shuffle_window_batches: int = 4,
         drop_remainder: bool = False,
+        prefetch_batches: int = 8,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -205,8 +246,11 @@ class ParquetBatchDataset(IterableDataset):
         self.world_size = world_size
         self.shuffle = shuffle
         self.seed = seed
-        self.shuffle_window_batches = max(1, shuffle_window_batches)
+        if shuffle_window_batches < 0:
+            raise ValueError(f"shuffle_window_batches must be >= 0, got {shuffle_window_batches}")
+        self.shuffle_window_batches = shuffle_window_batches
         self.drop_remainder = drop_remainder
+        self.prefetch_batches = max(1, prefetch_batches)
         self.files = split_files(prepared_dir, split)
         self.columns = [*ID_COLUMNS, *LABEL_COLUMNS, *feature_columns(self.schema)]
         self.units: list[_Unit] = []
@@ -219,9 +263,7 @@ class ParquetBatchDataset(IterableDataset):
                 raise ValueError(f"{path}: missing column(s) {missing} required by schema {self.schema.source}")
             self.units.extend(_Unit(i, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
         self.num_rows = sum(u.rows for u in self.units)
-        self.epoch = 0
-        self._start_batch = 0
-        self._batches_yielded = 0
+        self.set_epoch(0)
 
     # ---------------------------------------------------------------- plan of an epoch
 
@@ -259,15 +301,22 @@ class ParquetBatchDataset(IterableDataset):
         self.epoch = int(epoch)
         self._start_batch = 0
         self._batches_yielded = 0
+        self._order_workers: int | None = None
 
     def state_dict(self) -> dict[str, int]:
-        """``{"epoch", "batches_yielded"}``; counts batches yielded in this process (workers=0)."""
-        return {"epoch": self.epoch, "batches_yielded": self._start_batch + self._batches_yielded}
+        """``{"epoch", "batches_yielded", "num_workers"}``, counting batches yielded in this process
+        (use :class:`ResumableDataLoader`'s when loading through DataLoader workers)."""
+        return {
+            "epoch": self.epoch,
+            "batches_yielded": self._start_batch + self._batches_yielded,
+            "num_workers": self._order_workers or 1,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self._start_batch = int(state["batches_yielded"])
         self._batches_yielded = 0
+        self._order_workers = int(state.get("num_workers", 1))
 
     # ---------------------------------------------------------------- reading
 
@@ -277,41 +326,65 @@ class ParquetBatchDataset(IterableDataset):
         n_batches = len(self)
         # continue where the last pass (or a loaded state) stopped; a finished pass starts over
         start = self._start_batch + self._batches_yielded
-        if start >= n_batches:
-            start = 0
-        self._start_batch, self._batches_yielded = start, 0
+        if start >= n_batches or (start == 0 and info is None):
+            start, self._order_workers = 0, None
+        order_workers = self._order_workers or workers
+        if info is None:
+            self._start_batch, self._batches_yielded, self._order_workers = start, 0, order_workers
         lo, hi = self.rank_row_range()
-        reader = _RangeReader(self.files, self._unit_order(), self.columns)
+        # single-process loading decodes with Arrow's thread pool; inside DataLoader workers the
+        # workers already use the cores
+        reader = _RangeReader(self.files, self._unit_order(), self.columns, use_threads=info is None)
         b, m = self.batch_size, self.shuffle_window_batches
-        # worker w takes batches j >= start with (j - start) % workers == w: the DataLoader asks the
-        # workers in turn starting at 0, so batches come out as start, start + 1, ...
-        window_index, window_table = -1, None
-        for j in range(start + worker, n_batches, workers):
-            if self.shuffle:
-                w = j // m
-                if w != window_index:
-                    w_lo = lo + w * m * b
-                    w_hi = min(w_lo + m * b, hi)
-                    table = reader.read(w_lo, w_hi)
-                    perm = np.random.default_rng([self.seed, self.epoch, self.rank, w, 0x52]).permutation(
-                        w_hi - w_lo)
-                    window_index, window_table = w, (table, perm)
-                table, perm = window_table
-                k = j - w * m
-                batch_table = table.take(pa.array(perm[k * b:(k + 1) * b]))
-            else:
-                batch_table = reader.read(lo + j * b, min(lo + (j + 1) * b, hi))
-            batch = table_to_batch(batch_table, self.schema)
-            if info is None:
-                self._batches_yielded += 1
-            yield batch
+        window: dict[str, Any] = {"index": -1}
+
+        def batch_table(j: int) -> pa.Table:
+            """Rows of batch ``j`` (runs in the prefetch thread only: the reader is not shared)."""
+            if not self.shuffle or m == 0:
+                return reader.read(lo + j * b, min(lo + (j + 1) * b, hi))
+            w = j // m
+            if window["index"] != w:
+                w_lo = lo + w * m * b
+                w_hi = min(w_lo + m * b, hi)
+                window["table"] = reader.read(w_lo, w_hi)
+                window["perm"] = np.random.default_rng([self.seed, self.epoch, self.rank, w, 0x52]).permutation(
+                    w_hi - w_lo)
+                window["index"] = w
+            k = j - w * m
+            return window["table"].take(pa.array(window["perm"][k * b:(k + 1) * b]))
+
+        # the rest of the pass's canonical order, dealt round-robin: the DataLoader asks the workers
+        # in turn starting at 0, so the batches come out in that order (see the module doc)
+        mine = canonical_order(n_batches, order_workers)[start:][worker::workers].tolist()
+        # A background thread reads/decodes/shuffles the next batches (Arrow releases the GIL) while
+        # this thread builds the KJT of the current one.
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-prefetch")
+        pending: deque[Future] = deque()
+        try:
+            upcoming = iter(mine)
+            for j in itertools.islice(upcoming, self.prefetch_batches):
+                pending.append(pool.submit(batch_table, j))
+            while pending:
+                table = pending.popleft().result()
+                nxt = next(upcoming, None)
+                if nxt is not None:
+                    pending.append(pool.submit(batch_table, nxt))
+                batch = table_to_batch(table, self.schema)
+                if info is None:
+                    self._batches_yielded += 1
+                yield batch
+        finally:
+            for fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True)
 
 
 class _RangeReader:
     """Reads row ranges of the virtual stream (units concatenated in ``order``); caches one unit."""
 
-    def __init__(self, files: list[str], order: list[_Unit], columns: list[str]) -> None:
+    def __init__(self, files: list[str], order: list[_Unit], columns: list[str], use_threads: bool = True) -> None:
         self.files = files
+        self.use_threads = use_threads
         self.order = order
         self.columns = columns
         self.starts = np.concatenate([[0], np.cumsum([u.rows for u in order])]).astype(np.int64)
@@ -325,7 +398,7 @@ class _RangeReader:
         handle = self._handles.get(unit.file)
         if handle is None:
             handle = self._handles[unit.file] = pq.ParquetFile(self.files[unit.file])
-        table = handle.read_row_group(unit.row_group, columns=self.columns)
+        table = handle.read_row_group(unit.row_group, columns=self.columns, use_threads=self.use_threads)
         bad = pc.sum(pc.greater(table.column("conversion"), table.column("click"))).as_py() or 0
         if bad:
             raise ValueError(
@@ -368,17 +441,23 @@ class ResumableDataLoader:
         self.prefetch_factor = prefetch_factor
         self._yielded = 0
         self._start = 0
+        self._order_workers: int | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
-        self._start, self._yielded = 0, 0
+        self._start, self._yielded, self._order_workers = 0, 0, None
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.dataset.epoch, "batches_yielded": self._start + self._yielded}
+        return {
+            "epoch": self.dataset.epoch,
+            "batches_yielded": self._start + self._yielded,
+            "num_workers": self._order_workers or max(1, self.num_workers),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.dataset.load_state_dict(state)
         self._start, self._yielded = int(state["batches_yielded"]), 0
+        self._order_workers = int(state.get("num_workers", 1))
 
     def __len__(self) -> int:
         """Batches of this rank in one epoch."""
@@ -386,10 +465,11 @@ class ResumableDataLoader:
 
     def __iter__(self) -> Iterator[CtnocvrBatch]:
         start = self._start + self._yielded  # continue; after a finished pass, start a new one
-        if start >= len(self.dataset):
-            start = 0
+        if start >= len(self.dataset) or start == 0:
+            start, self._order_workers = 0, max(1, self.num_workers)
         self._start, self._yielded = start, 0
-        self.dataset.load_state_dict({"epoch": self.dataset.epoch, "batches_yielded": start})
+        self.dataset.load_state_dict(
+            {"epoch": self.dataset.epoch, "batches_yielded": start, "num_workers": self._order_workers})
         loader = DataLoader(
             self.dataset,
             batch_size=None,  # the dataset yields whole batches
