@@ -72,8 +72,13 @@ def run_train(args: argparse.Namespace) -> int:
         return subprocess.run(cmd, env=worker_env(args.nproc), check=False).returncode
 
     from ctnocvr_rec.train.api import run_in_process
+    from ctnocvr_rec.train.loop import NonFiniteLossError
 
-    result = run_in_process(cfg, resume=args.resume, plan_file=args.plan)
+    try:
+        result = run_in_process(cfg, resume=args.resume, plan_file=args.plan)
+    except NonFiniteLossError as e:
+        print(f"ctnocvr train: error: {e}", file=sys.stderr)
+        return 3
     if result is not None:
         print(f"[train] results: {cfg.train.run_dir}/metrics.json", file=sys.stderr)
     return 0
