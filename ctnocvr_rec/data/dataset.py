@@ -502,3 +502,41 @@ def make_dataloader(
         seed=seed, shuffle_window_batches=shuffle_window_batches, drop_remainder=drop_remainder,
     )
     return ResumableDataLoader(dataset, num_workers=num_workers)
+
+
+def benchmark_loader(
+    prepared_dir: str | Path,
+    split: str = "train",
+    batch_size: int = 4096,
+    num_workers: int = 0,
+    shuffle: bool = True,
+    shuffle_window_batches: int = 4,
+    passes: int = 1,
+    schema: FieldSchema | str | Path | None = None,
+) -> dict[str, float]:
+    """Samples/s of :func:`make_dataloader` over ``passes`` full passes (for ``tools/bench_data.py``).
+
+    Returns ``samples``, ``wall_s``, ``samples_per_s`` and ``samples_per_cpu_s`` (CPU time of this
+    process and its threads; workers' CPU is not included) plus the mean ids per row.
+    """
+    import time
+
+    loader = make_dataloader(prepared_dir, split, batch_size, schema=schema, num_workers=num_workers,
+                             shuffle=shuffle, shuffle_window_batches=shuffle_window_batches)
+    samples = ids = 0
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    for epoch in range(passes):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            samples += batch.batch_size
+            ids += batch.sparse_features.values().numel()
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return {
+        "samples": samples,
+        "wall_s": wall,
+        "samples_per_s": samples / wall if wall else float("nan"),
+        "samples_per_cpu_s": samples / cpu if cpu else float("nan"),
+        "ids_per_row": ids / samples if samples else float("nan"),
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+    }
