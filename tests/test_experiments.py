@@ -298,3 +298,10 @@ def test_bad_experiment_key_is_named(tmp_path):
     path.write_text(yaml.safe_dump({"run": {"model": {"archh": "x"}}}))
     with pytest.raises(ValueError, match="archh"):
         load_experiment(path)
+
+
+def test_sweep_rejects_unknown_grid_key(tmp_path):
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "o")}))
+    with pytest.raises(ValueError, match="score_wieght"):
+        _ctnocvr(["experiment", "sweep", "--config", str(cfg_path), "--grid", "model.score_wieght=1"])
