@@ -118,8 +118,8 @@ def render_report(report: PlanReport, fmt: str = "table", show_shards: bool = Fa
     lines += ["", "### Ranks" if md else "Ranks (used = shards + the reservation's input/dense estimate)"]
     rank_rows = []
     for r in report.ranks:
-        hbm_pct = f" ({r.used_hbm_bytes / r.hbm_capacity_bytes:.0%})" if r.hbm_capacity_bytes else ""
-        ddr_pct = f" ({r.used_ddr_bytes / r.ddr_capacity_bytes:.0%})" if r.ddr_capacity_bytes else ""
+        hbm_pct = f" ({r.used_hbm_bytes / r.hbm_capacity_bytes:.1%})" if r.hbm_capacity_bytes else ""
+        ddr_pct = f" ({r.used_ddr_bytes / r.ddr_capacity_bytes:.1%})" if r.ddr_capacity_bytes else ""
         rank_rows.append(
             [
                 r.rank,

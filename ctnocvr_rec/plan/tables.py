@@ -65,7 +65,10 @@ def load_manifest_sizes(prepared_dir: str | Path) -> TableSizes:
     """``num_embeddings`` per field from ``<prepared_dir>/manifest.json``."""
     path = Path(prepared_dir) / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (run `ctnocvr data prepare` first)")
+        raise FileNotFoundError(
+            f"{path} does not exist: run `ctnocvr data prepare` first, point --prepared at a prepared set, "
+            f"or use built-in sizes with --preset ({', '.join(list_presets())})"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
