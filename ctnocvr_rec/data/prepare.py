@@ -69,6 +69,7 @@ SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
 USER_ID_FIELD = "101"
 SKELETON_FILE = "sample_skeleton_{split}.csv"
 COMMON_FILE = "common_features_{split}.csv"
+MIN_BUCKETS = 4  # so that pass 2 keeps several cores busy even on a small split (fixed: output must not depend on cores)
 RAW_LINE_LIMIT = 300  # characters of the raw line kept in rejects.csv
 
 
@@ -90,7 +91,7 @@ class PrepareOptions:
     strict: bool = False
     force: bool = False
     progress: bool = True
-    compression: str = "zstd"
+    compression: str = "lz4"
 
     def output_options(self) -> dict[str, Any]:
         """The options that change the output (fingerprint + manifest)."""
@@ -606,7 +607,7 @@ def _process_split(
     ctx.common = common
 
     # pass 1
-    ctx.buckets = max(1, math.ceil(_estimate_rows(skeleton_path) / opts.rows_per_shard))
+    ctx.buckets = max(MIN_BUCKETS, math.ceil(_estimate_rows(skeleton_path) / opts.rows_per_shard))
     (ctx.scratch / split_tag).mkdir(parents=True, exist_ok=True)
     ranges = chunk_ranges(skeleton_path, int(opts.chunk_mb * (1 << 20)))
     tasks = [(i, s, e) for i, (s, e) in enumerate(ranges)]

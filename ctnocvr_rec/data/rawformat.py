@@ -108,6 +108,27 @@ class FieldSlots:
     def codes(self) -> np.ndarray:
         return np.array([_pack_name(n.encode()) for n in self.names], dtype=np.uint64)
 
+    def lookup(self, name_code: np.ndarray, short: np.ndarray) -> np.ndarray:
+        """Slot of each packed field name (-1 when not a slot), via a collision-free modulo table."""
+        codes = self.codes
+        if len(codes) == 0:
+            return np.full(len(name_code), -1, np.int64)
+        modulus = _table_modulus(tuple(int(c) for c in codes))
+        table = np.full(modulus, -1, np.int64)
+        table[(codes % np.uint64(modulus)).astype(np.int64)] = np.arange(len(codes))
+        slot = table[(name_code % np.uint64(modulus)).astype(np.int64)]
+        hit = (slot >= 0) & short
+        hit[hit] = codes[slot[hit]] == name_code[hit]
+        return np.where(hit, slot, -1)
+
+
+def _table_modulus(codes: tuple[int, ...]) -> int:
+    """Smallest modulus >= 2 * len(codes) under which the codes do not collide."""
+    modulus = max(2 * len(codes), 2)
+    while len({c % modulus for c in codes}) < len(codes):
+        modulus += 1
+    return modulus
+
 
 def _pack_name(name: bytes) -> int:
     """Little-endian packing of a <= 8 byte name (the fast path computes the same from the buffer)."""
@@ -282,6 +303,38 @@ def parse_uint_tokens(
     return value.astype(np.int64), ok
 
 
+_DOTS = np.uint64(0x2E2E2E2E2E2E2E2E)
+_LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
+_POW10 = 10.0 ** np.arange(9)
+
+
+def parse_short_decimals(
+    words: np.ndarray, end: np.ndarray, length: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """float32 values of tokens ``[end - length, end)`` of 1..8 bytes: digits with at most one '.'.
+
+    Returns ``(values float32 [n], ok bool [n])``; ``ok`` is False for any other token (signs,
+    exponents, longer tokens), which the caller parses another way. The value is the digits as an
+    integer divided by a power of ten: the correctly rounded double, as Python's ``float`` gives.
+    """
+    length_c = np.clip(length, 0, 8)
+    w = words[end - 8] & _KEEP_TOP[length_c]  # the token in the top bytes, zeros below
+    x = w ^ _DOTS
+    dot = ~((((x & _LOW7) + _LOW7) | x) | _LOW7)  # 0x80 exactly in the bytes that are '.'
+    has_dot = dot != 0
+    single = (dot & (dot - np.uint64(1))) == 0
+    dot_byte = np.where(has_dot, (np.frexp(dot.astype(np.float64))[1] - 1) // 8, 0)
+    # drop the '.': the bytes below it move up one byte
+    joined = (w & ~_KEEP_LOW[dot_byte + 1]) | ((w & _KEEP_LOW[dot_byte]) << np.uint64(8))
+    digits_word = np.where(has_dot, joined, w)
+    n_digits = np.clip(length_c - has_dot, 0, 8)
+    digits_word = (digits_word & _KEEP_TOP[n_digits]) | _FILL_ZERO_DIGITS[n_digits]
+    ok = (length >= 1) & (length <= 8) & single & (n_digits >= 1) & _all_digits(digits_word)
+    frac_digits = np.where(has_dot, 7 - dot_byte, 0)
+    values = (_eight_digits(digits_word).astype(np.float64) / _POW10[frac_digits]).astype(np.float32)
+    return values, ok
+
+
 _FNV_OFFSET = (np.uint64(0xCBF29CE484222325), np.uint64(0x84222325CBF29CE4))
 _MIX_MUL = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F))
 
@@ -364,7 +417,11 @@ def _parse_float_tokens(
 # ----------------------------------------------------------------------------------------------
 
 
-_SEP_PATTERN = np.array([FIELD_SEP, VALUE_SEP, ITEM_SEP], np.uint8)  # separator j of a line: pattern[j % 3]
+# _BAD_PAIR[4 * a + b]: separator b may not follow separator a inside a line
+_BAD_PAIR = np.ones(16, bool)
+_BAD_PAIR[4 * FIELD_SEP + VALUE_SEP] = _BAD_PAIR[4 * VALUE_SEP + ITEM_SEP] = _BAD_PAIR[
+    4 * ITEM_SEP + FIELD_SEP
+] = False
 
 
 def _line_bounds(padded: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -425,19 +482,31 @@ def parse_chunk(data: bytes, kind: FileKind, slots: FieldSlots) -> ParsedChunk:
     col_end[bad_cols, :-1] = starts[bad_cols, None]
     region_start, region_end = col_start[:, -1], col_end[:, -1]
 
-    # --- separators \x00..\x03: the sequence of each line must be \x02 \x03 (\x01 \x02 \x03)*
+    # --- separators \x00..\x03: the sequence of each line must be \x02 \x03 (\x01 \x02 \x03)*.
+    # Checked pairwise on the whole chunk (no per-separator line arrays): \x02 -> \x03, \x01 -> \x02,
+    # \x03 -> \x01 inside a line; a line's first separator is \x02 and its last \x03.
     seps = np.flatnonzero(padded[PAD : PAD + size] < 4) + PAD
     sep_first, sep_count = _per_line_counts(seps, starts, ends)
     sep_type = padded[seps]
-    sep_line = np.repeat(np.arange(n), sep_count)
-    sep_rank = np.arange(len(seps)) - np.repeat(sep_first, sep_count)
-    bad_sep = sep_type != _SEP_PATTERN[sep_rank % 3]
-    flagged[sep_line[bad_sep]] = True
     has_items = region_end > region_start
     flagged |= np.where(has_items, sep_count % 3 != 2, sep_count != 0)
-    # the first separator must lie in feature_list
     with_seps = np.flatnonzero(sep_count > 0)
-    flagged[with_seps] |= seps[sep_first[with_seps]] < region_start[with_seps]
+    first_sep = sep_first[with_seps]
+    last_sep = first_sep + sep_count[with_seps] - 1
+    flagged[with_seps] |= (
+        (seps[first_sep] < region_start[with_seps])
+        | (sep_type[first_sep] != FIELD_SEP)
+        | (sep_type[last_sep] != VALUE_SEP)
+    )
+    if len(seps) > 1:
+        bad_pair = _BAD_PAIR[sep_type[:-1] * np.uint8(4) + sep_type[1:]]
+        # a pair across two lines is not a sequence inside one (first/last checks cover those)
+        bad_pair[last_sep[last_sep < len(seps) - 1]] = False
+        bad_at = np.flatnonzero(bad_pair)
+        if len(bad_at):
+            flagged[np.searchsorted(ends, seps[bad_at])] = True
+    if len(seps) and sep_type[-1] == 0:
+        flagged[np.searchsorted(ends, seps[-1])] = True
 
     # --- leading integer columns and the key
     int_cols = [kind.col(c) for c in kind.int_columns]
@@ -454,22 +523,22 @@ def parse_chunk(data: bytes, kind: FileKind, slots: FieldSlots) -> ParsedChunk:
         flagged |= (click > 1) | (buy > 1) | ((click == 0) & (buy == 1))
 
     # --- items of the lines still unflagged
-    keep_sep = ~flagged[sep_line]
-    seps, sep_type, sep_line = seps[keep_sep], sep_type[keep_sep], sep_line[keep_sep]
+    if flagged.any():  # rare: drop the separators of flagged lines so the rest stays aligned
+        keep_sep = ~np.repeat(flagged, sep_count)
+        seps, sep_type = seps[keep_sep], sep_type[keep_sep]
     items_per_line = np.where(flagged, 0, (sep_count + 1) // 3)
-    item_line = np.repeat(np.arange(n), items_per_line)
-    is_x02 = sep_type == FIELD_SEP
-    x02_idx = np.flatnonzero(is_x02)
+    item_bounds = np.zeros(n + 1, np.int64)  # items of line i: [item_bounds[i], item_bounds[i + 1])
+    np.cumsum(items_per_line, out=item_bounds[1:])
+    x02_idx = np.flatnonzero(sep_type == FIELD_SEP)
     x02 = seps[x02_idx]
     x03 = seps[x02_idx + 1]
-    first_item = np.ones(len(x02), bool)
-    if len(x02):
-        first_item[1:] = item_line[1:] != item_line[:-1]
-    name_start = np.where(first_item, region_start[item_line], seps[np.maximum(x02_idx - 1, 0)] + 1)
-    last_item = np.ones(len(x02), bool)
-    if len(x02):
-        last_item[:-1] = item_line[1:] != item_line[:-1]
-    value_end = np.where(last_item, region_end[item_line], seps[np.minimum(x02_idx + 2, len(seps) - 1)])
+    lines_with_items = np.flatnonzero(items_per_line > 0)
+    # a name starts after the previous \x01, or at feature_list for a line's first item
+    name_start = seps[np.maximum(x02_idx - 1, 0)] + 1
+    name_start[item_bounds[lines_with_items]] = region_start[lines_with_items]
+    # a value ends at the next \x01, or at the line end for a line's last item
+    value_end = seps[np.minimum(x02_idx + 2, max(len(seps) - 1, 0))]
+    value_end[item_bounds[lines_with_items + 1] - 1] = region_end[lines_with_items]
     name_len = x02 - name_start
     id_len = x03 - x02 - 1
     value_len = value_end - x03 - 1
@@ -479,19 +548,23 @@ def parse_chunk(data: bytes, kind: FileKind, slots: FieldSlots) -> ParsedChunk:
     ids, ids_ok = parse_uint_tokens(words, x03, id_len)
     item_bad |= ~ids_ok
 
-    # values: "1.0" is checked by one word compare, everything else goes through one Arrow cast
+    # values: short plain decimals ("1.0", "0.69315", "2") by SWAR, anything else by an Arrow cast
     values = np.ones(len(x02), np.float32)
     is_one = (value_len == 3) & ((_words_ending_at(words, value_end) & _KEEP_TOP[3]) == _ONE_DOT_ZERO)
-    other = np.flatnonzero(~is_one & ~item_bad)
-    values[other], other_ok = _parse_float_tokens(padded, x03[other] + 1, value_len[other])
-    item_bad[other[~other_ok]] = True
+    rest = np.flatnonzero(~is_one)
+    values[rest], simple = parse_short_decimals(words, value_end[rest], value_len[rest])
+    other = rest[~simple & ~item_bad[rest]]
+    if len(other):
+        values[other], other_ok = _parse_float_tokens(padded, x03[other] + 1, value_len[other])
+        item_bad[other[~other_ok]] = True
 
     # feature names: packed bytes of names up to 8 bytes
     short = name_len <= 8
-    name_code = _words_ending_at(words, x02) >> (
-        np.uint64(8) * (np.uint64(8) - np.minimum(name_len, 8).astype(np.uint64))
-    )
-    flagged[item_line[item_bad]] = True
+    shift = np.uint64(8) * (np.uint64(8) - np.minimum(name_len, 8).astype(np.uint64))
+    name_code = _words_ending_at(words, x02) >> shift
+    bad_items = np.flatnonzero(item_bad)
+    if len(bad_items):
+        flagged[np.searchsorted(item_bounds, bad_items, side="right") - 1] = True
 
     # feature_num must equal the item count
     feature_num = ints[:, kind.int_columns.index("feature_num")]
@@ -499,21 +572,21 @@ def parse_chunk(data: bytes, kind: FileKind, slots: FieldSlots) -> ParsedChunk:
 
     # --- keep the items of accepted lines and split them into slots
     accepted = np.flatnonzero(~flagged)
-    item_keep = ~flagged[item_line]
-    item_line, ids, values = item_line[item_keep], ids[item_keep], values[item_keep]
-    name_code, short = name_code[item_keep], short[item_keep]
-    name_start, name_len = name_start[item_keep], name_len[item_keep]
-    line_rank = np.full(n, -1, np.int64)
-    line_rank[accepted] = np.arange(len(accepted))
-    row_of_item = line_rank[item_line]
+    if len(accepted) < n:
+        item_keep = np.repeat(~flagged, items_per_line)
+        ids, values, name_code, short = (
+            ids[item_keep],
+            values[item_keep],
+            name_code[item_keep],
+            short[item_keep],
+        )
+        name_start, name_len = name_start[item_keep], name_len[item_keep]
+        items_per_line = np.where(flagged, 0, items_per_line)
+        item_bounds = np.zeros(n + 1, np.int64)
+        np.cumsum(items_per_line, out=item_bounds[1:])
+    row_bounds = item_bounds[np.append(accepted, n)]  # item range of each accepted line
 
-    codes = slots.codes
-    order = np.argsort(codes)
-    slot_of_item = np.full(len(ids), -1, np.int64)
-    if len(codes):
-        pos = np.minimum(np.searchsorted(codes[order], name_code), len(codes) - 1)
-        match = short & (codes[order][pos] == name_code)
-        slot_of_item[match] = order[pos[match]]
+    slot_of_item = slots.lookup(name_code, short)
     ignored: dict[str, int] = {}
     unmatched = np.flatnonzero(slot_of_item < 0)
     if len(unmatched):
@@ -533,11 +606,12 @@ def parse_chunk(data: bytes, kind: FileKind, slots: FieldSlots) -> ParsedChunk:
             ignored[name] = ignored.get(name, 0) + 1
 
     csrs: list[Csr] = []
-    n_acc = len(accepted)
+    by_slot = np.argsort(slot_of_item.astype(np.int8), kind="stable")  # radix sort; keeps line order
+    slot_bounds = np.searchsorted(slot_of_item[by_slot], np.arange(-1, len(slots.names) + 1))
     for k, weighted in enumerate(slots.weighted):
-        sel = np.flatnonzero(slot_of_item == k)
-        offsets = np.zeros(n_acc + 1, np.int64)
-        np.cumsum(np.bincount(row_of_item[sel], minlength=n_acc), out=offsets[1:])
+        sel = by_slot[slot_bounds[k + 1] : slot_bounds[k + 2]]
+        # items are in line order, so each row's share of sel is a contiguous run
+        offsets = np.searchsorted(sel, row_bounds).astype(np.int64)
         csrs.append(Csr(offsets, ids[sel], values[sel] if weighted else None))
 
     key_start = col_start[accepted, key_col]
@@ -553,7 +627,7 @@ def parse_chunk(data: bytes, kind: FileKind, slots: FieldSlots) -> ParsedChunk:
         ignored=ignored,
         line_starts=starts - PAD,
         line_ends=ends - PAD,
-        fast_lines=n_acc,
+        fast_lines=len(accepted),
     )
     flagged_lines = np.flatnonzero(flagged)
     if len(flagged_lines):

@@ -1,0 +1,377 @@
+#!/usr/bin/env python
+"""Data benchmark: ``prepare`` vs a naive line-by-line reference, loader samples/s, peak RSS.
+
+One run, the same synthetic raw files (``ctnocvr_rec.data.synth``) for every measurement:
+
+1. ``ctnocvr data prepare`` end to end (both official splits): rows/s = skeleton rows / wall time.
+2. :func:`naive_prepare`, the same job written the way community Ali-CCP scripts do it, in plain
+   Python line by line: index the common-features file in a dict, read the skeleton, join on
+   ``common_feature_index``, count the vocabularies on train (pass 1), then re-read, map ids and
+   write the same Parquet columns in buffered, shuffled row groups (pass 2).
+   ``--naive-rows N`` limits it to the first ``N`` skeleton lines of each split; its
+   common-features time is then pro-rated by the share of skeleton lines processed (it is linear
+   in the lines, so the rows/s stay comparable).
+3. The loader (``ctnocvr_rec.data.dataset.ParquetBatchDataset``) over the prepared train split at
+   batch 4096, one process: samples/s.
+
+Each phase runs in its own subprocess so that its peak RSS (``getrusage``, self and children) is
+its own. Usage::
+
+    .venv/bin/python tools/bench_data.py                 # 1M train rows (+ 10% test rows)
+    .venv/bin/python tools/bench_data.py --rows 200000 --naive-rows 50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _peak_rss_mb() -> dict[str, float]:
+    """Peak resident set size (MiB) of this process and of its largest waited-for child."""
+    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"self": self_kb / 1024, "largest_child": child_kb / 1024}
+
+
+# ----------------------------------------------------------------------------------------------
+# The naive reference
+# ----------------------------------------------------------------------------------------------
+
+
+def _parse_items(feature_list: str) -> list[tuple[str, int, float]]:
+    items = []
+    if feature_list:
+        for item in feature_list.split("\x01"):
+            name, rest = item.split("\x02")
+            fid, value = rest.split("\x03")
+            items.append((name, int(fid), float(value)))
+    return items
+
+
+def naive_prepare(
+    raw_dir: str, out_dir: str, schema_path: str, valid_fraction: float, seed: int, max_rows: int | None
+) -> dict[str, Any]:
+    """Line-by-line Python preparation producing the same columns as ``ctnocvr data prepare``.
+
+    Returns ``{"rows": skeleton rows written or rejected, "seconds": pro-rated wall time}``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ctnocvr_rec.data.schema import load_schema
+
+    schema = load_schema(schema_path)
+    fields = list(schema)
+    user_fields = {f.name for f in schema.user_fields}
+    out = Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    rng = random.Random(seed)
+    counts: dict[str, Counter[int]] = {f.name: Counter() for f in fields}
+    vocab: dict[str, dict[int, int]] = {}
+    rows_total = 0
+    seconds = 0.0
+    request_base = 0
+
+    arrow_fields = [
+        pa.field("sample_id", pa.int64()),
+        pa.field("request_id", pa.int64()),
+        pa.field("user_id", pa.int64()),
+        pa.field("click", pa.int8()),
+        pa.field("conversion", pa.int8()),
+    ]
+    for f in fields:
+        arrow_fields.append(pa.field(f.name, pa.list_(pa.int64())))
+        if f.weighted:
+            arrow_fields.append(pa.field(f.weight_column, pa.list_(pa.float32())))
+    arrow_schema = pa.schema(arrow_fields)
+
+    for split in ("train", "test"):
+        skeleton_path = Path(raw_dir) / f"sample_skeleton_{split}.csv"
+        common_path = Path(raw_dir) / f"common_features_{split}.csv"
+        if not skeleton_path.exists():
+            continue
+        # --- common features: a dict of dicts
+        t0 = time.perf_counter()
+        common: dict[str, tuple[int, dict[str, list[tuple[int, float]]]]] = {}
+        with open(common_path, encoding="utf-8") as f:
+            for line in f:
+                key, feature_num, feature_list = line.rstrip("\n").split(",")
+                items = _parse_items(feature_list)
+                if int(feature_num) != len(items) or key in common:
+                    continue
+                feats: dict[str, list[tuple[int, float]]] = {}
+                for name, fid, value in items:
+                    feats.setdefault(name, []).append((fid, value))
+                common[key] = (len(common), feats)
+        t_common = time.perf_counter() - t0
+        with open(skeleton_path, "rb") as f:
+            total_lines = sum(1 for _ in f)
+        used_lines = min(total_lines, max_rows) if max_rows else total_lines
+
+        def skeleton_rows(path: Path = skeleton_path, limit: int = used_lines):
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f):
+                    if i >= limit:
+                        return
+                    sid, click, buy, key, feature_num, feature_list = line.rstrip("\n").split(",")
+                    items = _parse_items(feature_list)
+                    if int(feature_num) != len(items) or key not in common or (click, buy) == ("0", "1"):
+                        continue  # a reject
+                    yield int(sid), int(click), int(buy), key, items
+
+        t0 = time.perf_counter()
+        splits_of_rows: list[str] = []
+        if split == "train":
+            # pass 1: vocabulary counts on train rows (user fields via the joined common row)
+            for sid, _click, _buy, key, items in skeleton_rows():
+                target = "valid" if rng.random() < valid_fraction else "train"
+                splits_of_rows.append(target)
+                if target != "train":
+                    continue
+                for name, fid, _value in items:
+                    if name in counts:
+                        counts[name][fid] += 1
+                for name, values in common[key][1].items():
+                    if name in counts:
+                        for fid, _value in values:
+                            counts[name][fid] += 1
+            for f in fields:
+                if f.mapping == "vocab":
+                    ranked = sorted(
+                        (fid for fid, c in counts[f.name].items() if c >= f.min_count),
+                        key=lambda fid, c=counts[f.name]: (-c[fid], fid),
+                    )
+                    vocab[f.name] = {fid: i + 1 for i, fid in enumerate(ranked)}
+
+        def mapped(f: Any, fid: int) -> int:
+            if f.mapping == "hash":
+                return fid % f.num_buckets
+            return vocab[f.name].get(fid, 0)
+
+        # pass 2: re-read, join, map, write shuffled buffers
+        writers: dict[str, Any] = {}
+        buffers: dict[str, list[dict[str, Any]]] = {}
+
+        def flush(name: str) -> None:
+            rows = buffers.pop(name, [])
+            if not rows:
+                return
+            rng.shuffle(rows)
+            if name not in writers:
+                (out / name).mkdir(parents=True, exist_ok=True)
+                writers[name] = pq.ParquetWriter(
+                    out / name / "part-00000.parquet", arrow_schema, compression="zstd"
+                )
+            columns = {c: [r[c] for r in rows] for c in arrow_schema.names}
+            writers[name].write_table(
+                pa.Table.from_pydict(columns, schema=arrow_schema), row_group_size=65_536
+            )
+
+        for n, (sid, click, buy, key, items) in enumerate(skeleton_rows()):
+            target = splits_of_rows[n] if split == "train" else "test"
+            request_id, user = common[key]
+            by_field: dict[str, list[tuple[int, float]]] = {}
+            for name, fid, value in items:
+                by_field.setdefault(name, []).append((fid, value))
+            row: dict[str, Any] = {
+                "sample_id": sid,
+                "request_id": request_base + request_id,
+                "user_id": user["101"][0][0] if "101" in user else -1,
+                "click": click,
+                "conversion": buy,
+            }
+            for f in fields:
+                values = (user if f.name in user_fields else by_field).get(f.name, [])
+                row[f.name] = [mapped(f, fid) for fid, _ in values]
+                if f.weighted:
+                    row[f.weight_column] = [value for _, value in values]
+            buffers.setdefault(target, []).append(row)
+            if len(buffers[target]) >= 65_536:
+                flush(target)
+        for name in list(buffers):
+            flush(name)
+        for writer in writers.values():
+            writer.close()
+        seconds += time.perf_counter() - t0 + t_common * used_lines / max(total_lines, 1)
+        rows_total += used_lines
+        request_base += len(common)
+    return {"rows": rows_total, "seconds": seconds}
+
+
+# ----------------------------------------------------------------------------------------------
+# Phases (each in its own subprocess)
+# ----------------------------------------------------------------------------------------------
+
+
+def phase_synth(args: argparse.Namespace) -> dict[str, Any]:
+    from ctnocvr_rec.data.synth import SynthConfig, generate
+
+    t0 = time.perf_counter()
+    cfg = SynthConfig(
+        rows_train=args.rows,
+        rows_test=args.rows // 10,
+        users=max(1000, args.rows // 50),
+        items=max(500, args.rows // 200),
+        seed=0,
+    )
+    generate(cfg, args.raw, workers=args.workers)
+    return {"seconds": time.perf_counter() - t0}
+
+
+def phase_prepare(args: argparse.Namespace) -> dict[str, Any]:
+    from ctnocvr_rec.data.prepare import PrepareOptions, prepare
+
+    t0 = time.perf_counter()
+    manifest = prepare(
+        PrepareOptions(
+            args.raw, args.prepared, workers=args.workers, force=True, progress=not args.no_progress
+        )
+    )
+    seconds = time.perf_counter() - t0
+    rows = manifest["rejects"]["rows_in"]
+    return {
+        "rows": rows,
+        "seconds": seconds,
+        "rows_per_s": rows / seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+        "exact_path_rows": sum(
+            v["skeleton"]["rows_parsed_by_exact_path"] for v in manifest["input_files"].values()
+        ),
+    }
+
+
+def phase_naive(args: argparse.Namespace) -> dict[str, Any]:
+    result = naive_prepare(args.raw, args.naive_out, "configs/fields/aliccp.yaml", 0.1, 0, args.naive_rows)
+    result["rows_per_s"] = result["rows"] / result["seconds"]
+    result["peak_rss_mb"] = _peak_rss_mb()
+    return result
+
+
+def phase_loader(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from ctnocvr_rec.data.dataset import ParquetBatchDataset
+
+    torch.set_num_threads(1)
+    dataset = ParquetBatchDataset(args.prepared, "train", args.batch_size)
+    samples = batches = 0
+    t0 = time.perf_counter()
+    for batch in dataset:
+        samples += batch.batch_size
+        batches += 1
+    seconds = time.perf_counter() - t0
+    return {
+        "samples": samples,
+        "batches": batches,
+        "seconds": seconds,
+        "samples_per_s": samples / seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+PHASES = {"synth": phase_synth, "prepare": phase_prepare, "naive": phase_naive, "loader": phase_loader}
+
+
+def _run_phase(name: str, argv: list[str]) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--phase", name, *argv],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=1_000_000, help="synthetic train rows (test: 10%%)")
+    parser.add_argument(
+        "--naive-rows", type=int, default=0, help="skeleton lines per split for the naive reference (0 = all)"
+    )
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--work", default="", help="work folder (default: a temporary one, removed)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
+    parser.add_argument("--raw", help=argparse.SUPPRESS)
+    parser.add_argument("--prepared", help=argparse.SUPPRESS)
+    parser.add_argument("--naive-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.phase:
+        print(json.dumps(PHASES[args.phase](args)))
+        return 0
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ctnocvr-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    common_argv = [
+        "--rows",
+        str(args.rows),
+        "--naive-rows",
+        str(args.naive_rows),
+        "--workers",
+        str(args.workers),
+        "--batch-size",
+        str(args.batch_size),
+        "--raw",
+        str(work / "raw"),
+        "--prepared",
+        str(work / "prepared"),
+        "--naive-out",
+        str(work / "naive"),
+    ]
+    if args.no_progress:
+        common_argv.append("--no-progress")
+    try:
+        if not (work / "raw" / "sample_skeleton_train.csv").exists():
+            synth = _run_phase("synth", common_argv)
+            print(f"synth: {args.rows:,} train rows in {synth['seconds']:.1f}s", file=sys.stderr)
+        prepared = _run_phase("prepare", common_argv)
+        naive = _run_phase("naive", common_argv)
+        loader = _run_phase("loader", common_argv)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    ratio = prepared["rows_per_s"] / naive["rows_per_s"]
+    print(
+        f"raw files: {args.rows:,} train + {args.rows // 10:,} test rows (ctnocvr_rec.data.synth), "
+        f"{args.workers} workers, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
+    print(
+        f"prepare : {prepared['rows']:>10,} rows in {prepared['seconds']:7.1f}s = {prepared['rows_per_s']:>10,.0f} "
+        f"rows/s  (peak RSS parent {prepared['peak_rss_mb']['self']:,.0f} MiB, largest worker "
+        f"{prepared['peak_rss_mb']['largest_child']:,.0f} MiB)"
+    )
+    print(
+        f"naive   : {naive['rows']:>10,} rows in {naive['seconds']:7.1f}s = {naive['rows_per_s']:>10,.0f} "
+        f"rows/s  (peak RSS {naive['peak_rss_mb']['self']:,.0f} MiB)"
+    )
+    print(f"speed-up: {ratio:.1f}x (target >= 10x)")
+    print(
+        f"loader  : {loader['samples']:>10,} samples in {loader['seconds']:7.1f}s = "
+        f"{loader['samples_per_s']:>10,.0f} samples/s at batch {args.batch_size}, 1 process "
+        f"(peak RSS {loader['peak_rss_mb']['self']:,.0f} MiB)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
