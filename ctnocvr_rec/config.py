@@ -52,29 +52,42 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Ranker architecture (paper Sec. 2.3 / 3.2; defaults are the paper's)."""
+    """Ranker architecture (paper Sec. 2.3 / 3.2). See ``ctnocvr_rec/models/rankers.py``.
+
+    Paper values: the sweep ranges of Sec. 3.2 are given per field; where the paper reports a best
+    value (λ_cvr = 0.5, Fig. 3a; ω = 0.01, Fig. 3b) it is the default; other defaults are ours.
+    """
 
     #: one of esmm | mmoe | cgc | ple
     arch: str = "mmoe"
-    #: False = the paper's "Base" model; True = "+CTnoCVR"
+    #: False = the paper's "Base" model; True = "+CTnoCVR" (ESMM: derived pCTnoCVR term;
+    #: MMoE/CGC/PLE: a third task with its own gate and tower, plus the score term)
     use_ctnocvr: bool = True
-    #: default embedding dim of every field (paper sweeps {12, 18, 24})
+    #: default embedding dim of every field (paper sweeps {12, 18, 24}). Dims not divisible by 4 are
+    #: served by a table of dim ceil4(d) cut back to d (fbgemm kernel constraint; see
+    #: modules/field_embedding.py)
     embedding_dim: int = 18
     #: per-field overrides of the embedding dim, e.g. {"101": 24}
     field_embedding_dims: dict[str, int] = field(default_factory=dict)
+    #: expert counts (paper sweeps "number of experts and units in {16, 8, 4}")
     num_experts: int = 8  # MMoE shared experts
     num_shared_experts: int = 4  # CGC/PLE shared experts (m_s)
     num_task_experts: int = 4  # CGC/PLE experts per task (m_k)
-    num_levels: int = 2  # PLE extraction levels (CGC is PLE with 1 level)
+    num_levels: int = 2  # PLE extraction levels (CGC is one level; not in the paper)
+    #: layer widths of each expert MLP (paper: units in {16, 8, 4})
     expert_hidden: list[int] = field(default_factory=lambda: [16])
+    #: task tower hidden widths (paper: MLP dims {300, 200, 80})
     tower_hidden: list[int] = field(default_factory=lambda: [300, 200, 80])
+    #: dropout on each tower's input (not in the paper)
     dropout: float = 0.0
-    #: loss weights of eq. 6 (lambda_cvr: paper best 0.5; lambda_ctnocvr: weight of the CTnoCVR term)
+    #: loss weights of eq. 6 (paper sweeps λ_cvr and λ_ctnocvr over {0.2, 0.5, 0.8, 1, 2, 4, 5};
+    #: best λ_cvr = 0.5). The CVR term is averaged over clicked rows only.
     loss_weight_ctr: float = 1.0
     loss_weight_cvr: float = 0.5
     loss_weight_ctnocvr: float = 1.0
     loss_weight_ctcvr: float = 1.0  # ESMM only
-    #: the paper's "score weight" omega (Fig. 3b, best 0.01): weight of BCE(c, pCTR*(1-pCVR))
+    #: the paper's "score weight" ω (swept over 0.0001…0.03, best 0.01, Fig. 3b). Our reading: weight of
+    #: BCE(c, pCTR·(1 − pCVR)) in MMoE/CGC/PLE +CTnoCVR (0 disables the term)
     score_weight: float = 0.01
 
 

@@ -20,7 +20,7 @@ Speed: the experts are never run as a Python loop of small matmuls. At the first
 sees the same input, so the first layer of *all* experts is one GEMM ``x @ [d, E*h]``; at later PLE
 levels the task experts are one ``bmm`` over tasks and the shared experts one GEMM; deeper expert
 layers are one ``baddbmm`` over experts with weights stacked as ``[E, h_in, h_out]``. Gates are one
-GEMM (first level) or one ``bmm``, and mixing is one ``bmm`` plus a broadcast multiply-sum.
+GEMM (first level) or one ``bmm``, and mixing is one ``bmm`` with a block-masked gate matrix.
 
 All counts are plain Python ints fixed at construction, so the module is fx-traceable
 (``TrainPipelineSparseDist``) and exportable.
@@ -181,14 +181,15 @@ class ExtractionLevel(nn.Module):
             experts = hidden.transpose(0, 1)  # [B, E, h_last]
 
         gates = self._gates(x_tasks)  # [B, T, m_k + m_s]
-        task_out: torch.Tensor | None = None
         if mk:
-            own = experts[:, : t * mk].unflatten(1, (t, mk))  # [B, T, m_k, h]
-            task_out = (gates[:, :, :mk].unsqueeze(-1) * own).sum(dim=2)
-        if self.num_shared_experts:
-            shared_part = torch.bmm(gates[:, :, mk:], experts[:, t * mk :])  # [B, T, h]
-            task_out = shared_part if task_out is None else task_out + shared_part
-        assert task_out is not None
+            # Spread each task's gate over all E experts (zeros on the other tasks' experts) so the
+            # mixing is one bmm [B, T, E] @ [B, E, h]: the selection S_k of eq. 4 as a block mask.
+            block = torch.eye(t, dtype=gates.dtype, device=gates.device).view(1, t, t, 1)
+            own = (gates[:, :, :mk].unsqueeze(2) * block).flatten(2)  # [B, T, T*m_k]
+            mixing = torch.cat([own, gates[:, :, mk:]], dim=2) if self.num_shared_experts else own
+        else:
+            mixing = gates
+        task_out = torch.bmm(mixing, experts)  # [B, T, h]
 
         shared_out: torch.Tensor | None = None
         shared_gate: torch.Tensor | None = None
