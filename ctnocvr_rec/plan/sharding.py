@@ -132,14 +132,12 @@ def fused_params(optim: OptimConfig, device_type: str) -> dict[str, Any]:
             f"train.optim.sparse={optim.sparse!r} has no CPU kernel in fbgemm-gpu-cpu; on CPU use one of "
             f"{list(CPU_SPARSE_OPTIMISERS)} (the others run on CUDA only)"
         )
-    params: dict[str, Any] = {
+    # train.optim.weight_decay is the dense optimiser's (train/optim.py); the tables get none
+    return {
         "optimizer": SPARSE_OPTIMISERS[name],
         "learning_rate": float(optim.sparse_lr),
         "eps": float(optim.sparse_eps),
     }
-    if optim.weight_decay:
-        params["weight_decay"] = float(optim.weight_decay)
-    return params
 
 
 def make_sharders(optim: OptimConfig, device_type: str) -> list[ModuleSharder[nn.Module]]:
