@@ -206,6 +206,17 @@ def test_cli_json_output_is_a_loadable_plan(tmp_path: Path, capsys: pytest.Captu
     assert len(tree["report"]["ranks"]) == 2
 
 
+def test_pooling_factor_constraint_reaches_the_perf_model() -> None:
+    cluster = api.Cluster(world_size=2, device="cpu")
+
+    def perf_of_table(pooling: float) -> float:
+        pin = {"t_110_14": {"sharding_types": ["table_wise"], "pooling_factors": [pooling]}}
+        report = api.what_if_plan(run_config(constraints=pin), cluster, preset="aliccp-full")
+        return next(t.perf_ms for t in report.tables if t.name == "t_110_14")
+
+    assert perf_of_table(200.0) > 2 * perf_of_table(20.0)
+
+
 def test_cpu_row_wise_request_is_explained() -> None:
     cfg = PlanConfig(constraints={"t_101": {"sharding_types": ["row_wise"]}})
     with pytest.raises(ValueError, match="only on CUDA") as info:
