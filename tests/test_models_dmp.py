@@ -82,6 +82,11 @@ def _check_arch(rank: int, arch: str) -> None:
     )
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, device=cpu, plan=plan, sharders=sharders)
+    # DMP materialised the meta dense part through our reset_parameters: finite, non-zero, and
+    # within nn.Linear's init bound 1/sqrt(fan_in) <= 1 (uninitialised memory would not be).
+    for name, value in dmp.state_dict().items():
+        if isinstance(value, torch.Tensor) and type(value) is torch.Tensor:
+            assert torch.isfinite(value).all() and 0 < value.abs().max() <= 1, name
     copy_global_state(dmp.state_dict(), global_state)
     assert type(dmp.module.sparse_arch.embedding_bag_collection).__name__ == "ShardedEmbeddingBagCollection"
     planned = {name: ps.sharding_type for name, ps in plan.plan["sparse_arch.embedding_bag_collection"].items()}
