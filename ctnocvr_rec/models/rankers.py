@@ -20,6 +20,7 @@ PLE        stacked CGC levels with shared gates   as MMoE
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -157,7 +158,7 @@ class GatedRanker(MultiTaskRanker):
 class MMoE(GatedRanker):
     """MMoE (Ma et al. 2018): ``num_experts`` shared experts, one softmax gate per task."""
 
-    def __init__(self, sparse_arch: FieldEmbedding, num_experts: int = 8, **kwargs) -> None:
+    def __init__(self, sparse_arch: FieldEmbedding, num_experts: int = 8, **kwargs: Any) -> None:
         super().__init__(sparse_arch, num_task_experts=0, num_shared_experts=num_experts, num_levels=1, **kwargs)
 
 
@@ -179,7 +180,7 @@ class PLE(GatedRanker):
         num_task_experts: int = 4,
         num_shared_experts: int = 4,
         num_levels: int = 2,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(sparse_arch, num_task_experts, num_shared_experts, num_levels=num_levels, **kwargs)
 
