@@ -166,7 +166,7 @@ class CGC(GatedRanker):
     """CGC (Tang et al. 2020; paper Fig. 1): ``m_k`` experts per task + ``m_s`` shared, eqs. 3-4."""
 
     def __init__(
-        self, sparse_arch: FieldEmbedding, num_task_experts: int = 4, num_shared_experts: int = 4, **kwargs
+        self, sparse_arch: FieldEmbedding, num_task_experts: int = 4, num_shared_experts: int = 4, **kwargs: Any
     ) -> None:
         super().__init__(sparse_arch, num_task_experts, num_shared_experts, num_levels=1, **kwargs)
 
