@@ -86,7 +86,7 @@ class PrepareOptions:
     split_by: str = "row"  # row | user
     seed: int = 0
     workers: int = 0  # 0 = all cores
-    chunk_mb: float = 16.0
+    chunk_mb: float = 8.0
     rows_per_shard: int = 262_144
     strict: bool = False
     force: bool = False
