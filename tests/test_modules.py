@@ -214,3 +214,27 @@ def test_task_tower_returns_one_logit_per_row():
     tower = TaskTower(16, [300, 200, 80])
     assert tower(torch.randn(5, 16)).shape == (5,)
     assert sum(p.numel() for p in tower.parameters()) == 16 * 300 + 300 + 300 * 200 + 200 + 200 * 80 + 80 + 81
+
+
+def test_field_embedding_selects_pooled_columns_by_key_not_position():
+    # A sharded EBC returns its KeyedTensor in sharding-group order, not config order.
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    schema = tiny_schema()
+    sizes = _sizes(schema)
+    emb = FieldEmbedding(schema, sizes, embedding_dim=6, device=CPU)
+    kjt = random_kjt(schema, sizes, batch_size=4, generator=torch.Generator().manual_seed(2))
+    expected = emb(kjt)
+
+    class ReversedKeys(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+            pooled = self.inner(features).to_dict()
+            keys = list(reversed(list(pooled)))
+            return KeyedTensor.from_tensor_list(keys, [pooled[k] for k in keys])
+
+    emb.embedding_bag_collection = ReversedKeys(emb.embedding_bag_collection)
+    torch.testing.assert_close(emb(kjt), expected)
