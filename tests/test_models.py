@@ -121,3 +121,19 @@ def test_training_forward_is_fx_traceable_for_the_pipeline():
     batch = SyntheticStream(tiny_schema(), SIZES, batch_size=8, seed=5).next_batch()
     traced = symbolic_trace(model)
     torch.testing.assert_close(traced(batch)[0], model(batch)[0])
+
+
+@pytest.mark.parametrize("arch", ["esmm", "cgc"])
+def test_no_click_batch_gives_finite_loss_and_gradients(arch):
+    torch.manual_seed(0)
+    model = build_model(small_cfg(arch, True), tiny_schema(), SIZES, device=CPU)
+    batch = SyntheticStream(tiny_schema(), SIZES, batch_size=16, seed=2).next_batch()
+    zeros = torch.zeros(16)
+    no_click = type(batch).from_labels(batch.sparse_features, zeros, zeros)
+    loss, out = model(no_click)
+    loss.backward()
+    assert torch.isfinite(loss)
+    if "loss_cvr" in out:
+        assert out["loss_cvr"].item() == 0.0
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
