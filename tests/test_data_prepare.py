@@ -485,3 +485,16 @@ def test_common_chunk_counts_ignored_fields() -> None:
     assert chunk.n_lines == 2 and not chunk.rejects
     assert chunk.ignored == {"150_14": 1}
     assert chunk.slots[0].offsets.tolist() == [0, 1, 1] and chunk.slots[0].ids.tolist() == [1]
+
+
+def test_empty_test_split_and_crlf_lines(tmp_path: Path, schema_path: Path) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    write_raw(raw, "train", COMMON_TRAIN, SKELETON_TRAIN)
+    crlf = (raw / "sample_skeleton_train.csv").read_bytes().replace(b"\n", b"\r\n")
+    (raw / "sample_skeleton_train.csv").write_bytes(crlf)
+    (raw / "common_features_test.csv").write_bytes(b"")
+    (raw / "sample_skeleton_test.csv").write_bytes(b"")
+    manifest = run_prepare(raw, out, schema_path)
+    assert manifest["splits"]["test"] == {"rows": 0, "clicks": 0, "conversions": 0, "files": []}
+    assert manifest["rejects"]["rows_in"] == 5 == manifest["rejects"]["rows_written"]
+    assert sorted(read_split(out, "train")) == [1, 2, 3, 4, 5]

@@ -91,7 +91,7 @@ class PrepareOptions:
     strict: bool = False
     force: bool = False
     progress: bool = True
-    compression: str = "lz4"
+    compression: str = "zstd"
 
     def output_options(self) -> dict[str, Any]:
         """The options that change the output (fingerprint + manifest)."""
@@ -581,6 +581,8 @@ def _estimate_rows(path: Path) -> int:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(1 << 20)
+    if not head:
+        return 1
     lines = max(head.count(b"\n"), 1)
     return max(1, math.ceil(size / (len(head) / lines)))
 
