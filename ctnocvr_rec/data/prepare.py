@@ -265,7 +265,7 @@ def load_common(path: Path, ctx: _Context, pool: Any, progress: bool) -> CommonT
                 if h1 is not None:
                     rejected_keys.setdefault(h1, (line_base + line + 1, reason))
             if ctx.options.strict and part.rejects:
-                _raise_first(rejects)
+                _raise_first(rejects, ctx.options.raw_dir)
             lines.append(part.chunk.line + line_base + 1)
             parts.append(part.chunk)
             ignored.update(part.chunk.ignored)
@@ -302,7 +302,7 @@ def load_common(path: Path, ctx: _Context, pool: Any, progress: bool) -> CommonT
                 )
             )
         if ctx.options.strict:
-            _raise_first(rejects)
+            _raise_first(rejects, ctx.options.raw_dir)
         keep = np.ones(len(line), bool)
         keep[later] = False
         rows = np.flatnonzero(keep)
@@ -521,12 +521,12 @@ class _NullBar:
         pass
 
 
-def _bar(total: int, desc: str, enabled: bool) -> Any:
+def _bar(total: int, desc: str, enabled: bool, unit: str = "B") -> Any:
     if not enabled:
         return _NullBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", file=sys.stderr, leave=False)
 
 
 def _imap(pool: Any, fn: Any, tasks: list[Any]) -> Iterator[Any]:
@@ -535,9 +535,10 @@ def _imap(pool: Any, fn: Any, tasks: list[Any]) -> Iterator[Any]:
     return pool.imap(fn, tasks)
 
 
-def _raise_first(rejects: Iterable[tuple[str, int, str, str, str]]) -> None:
+def _raise_first(rejects: Iterable[tuple[str, int, str, str, str]], folder: str) -> None:
+    """--strict: the first reject (by line) as ``FILE:LINE: reason (field ...)``."""
     file, line, reason, detail, _ = min(rejects, key=lambda r: r[1])
-    raise PrepareError(f"{file}:{line}: {reason} ({detail})")
+    raise PrepareError(f"{Path(folder) / file}:{line}: {reason} ({detail})")
 
 
 def _fork_pool(workers: int) -> Any:
@@ -629,7 +630,7 @@ def _process_split(
                         (skeleton_path.name, line_base + line + 1, reason, detail, raw_text)
                     )
                 if opts.strict and res.rejects:
-                    _raise_first(skeleton_rejects)
+                    _raise_first(skeleton_rejects, opts.raw_dir)
                 for counter, (ids, counts) in zip(counters, res.counts):
                     counter.add(ids, counts)
                 refs.append(res.common_refs)
@@ -671,7 +672,7 @@ def _process_split(
     _CTX = ctx
     pool = _fork_pool(opts.workers)
     try:
-        with _bar(ctx.buckets, f"shards   {split_tag}", opts.progress) as bar:
+        with _bar(ctx.buckets, f"shards   {split_tag}", opts.progress, unit="bucket") as bar:
             for written in _imap(pool, _pass2_task, [(b, len(ranges)) for b in range(ctx.buckets)]):
                 for split_name, info in written.items():
                     files.setdefault(split_name, []).append(info)
