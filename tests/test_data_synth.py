@@ -181,3 +181,11 @@ def test_cli_and_bad_arguments(tmp_path, capsys):
         generate(SynthConfig(ctr=1.5, **SMALL), tmp_path / "bad")
     with pytest.raises(ValueError, match="clickbait-share"):
         generate(SynthConfig(clickbait_share=0.7, gem_share=0.5, **SMALL), tmp_path / "bad")
+
+
+def test_tiny_worlds_work(tmp_path):
+    """Fewer items than categories, a single user: every category still holds an item."""
+    report = generate(SynthConfig(rows_train=60, rows_test=5, users=1, items=2), tmp_path)
+    rows = _read_skeleton(tmp_path / "sample_skeleton_train.csv")
+    assert len(rows) == 60 and report["derived"]["cardinality"]["206"] <= 2
+    assert len({r[3] for r in rows}) == report["derived"]["splits"]["train"]["requests"]

@@ -256,6 +256,8 @@ def _build_world(cfg: SynthConfig, schema: FieldSchema) -> _World:
     attr_divisors = (50, 10, 30, 20)
     for k, spec in enumerate(roles.item_attrs):
         card[spec.name] = max(4, n_items // attr_divisors[k % len(attr_divisors)])
+    # every category must hold an item (users draw candidates from their preferred categories)
+    card[roles.item_attrs[0].name] = min(card[roles.item_attrs[0].name], n_items)
     for k, spec in enumerate(roles.user_attrs):
         card[spec.name] = USER_ATTR_CARDINALITIES[k % len(USER_ATTR_CARDINALITIES)]
     for h in roles.histories:
