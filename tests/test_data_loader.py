@@ -264,7 +264,8 @@ def test_invalid_label_pair_names_the_file(tmp_path):
     table = table.set_column(table.schema.get_field_index("click"), "click", pa.array(click))
     table = table.set_column(table.schema.get_field_index("conversion"), "conversion", pa.array(conversion))
     pq.write_table(table, path)
-    with pytest.raises(ValueError, match=r"part-00000.parquet row group 0: 1 row\(s\) with conversion=1 and click=0"):
+    with pytest.raises(ValueError, match=r"part-00000.parquet row group 0: 1 row\(s\) with conversion=1 and "
+                       r"click=0 .* first at row 7 of the group \(sample_id 8\)"):
         list(ParquetBatchDataset(tmp_path, "train", batch_size=8))
 
 

@@ -466,11 +466,14 @@ class _RangeReader:
         if handle is None:
             handle = self._handles[unit.file] = pq.ParquetFile(self.files[unit.file])
         table = handle.read_row_group(unit.row_group, columns=self.columns, use_threads=self.use_threads)
-        bad = pc.sum(pc.greater(table.column("conversion"), table.column("click"))).as_py() or 0
+        invalid = pc.greater(table.column("conversion"), table.column("click"))
+        bad = pc.sum(invalid).as_py() or 0
         if bad:
+            first = int(np.flatnonzero(invalid.to_numpy(zero_copy_only=False))[0])
             raise ValueError(
                 f"{self.files[unit.file]} row group {unit.row_group}: {bad} row(s) with conversion=1 and "
-                "click=0 (invalid label pair, paper Table 1); re-run `ctnocvr data prepare`")
+                f"click=0 (invalid label pair, paper Table 1), first at row {first} of the group "
+                f"(sample_id {table.column('sample_id')[first].as_py()}); re-run `ctnocvr data prepare`")
         self._cached = (k, table)
         return table
 
