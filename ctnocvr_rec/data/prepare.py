@@ -735,6 +735,8 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
     raw = Path(opts.raw_dir)
     out = Path(opts.out_dir)
     schema = load_schema(opts.schema)
+    if opts.split_by == "user" and USER_ID_FIELD not in [s.name for s in schema.user_fields]:
+        raise PrepareError(f"--split-by user needs the user-id field {USER_ID_FIELD!r} in {opts.schema}")
     splits = ["train"]
     for name in (SKELETON_FILE, COMMON_FILE):
         if not (raw / name.format(split="train")).is_file():
