@@ -8,8 +8,10 @@ run folder and launches ``torch.distributed.run --standalone`` with ``nproc`` wo
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -47,6 +49,9 @@ def run_in_process(cfg: RunConfig, resume: bool = False, plan_file: str | None =
     from ctnocvr_rec.train.distributed import init_distributed, shutdown
     from ctnocvr_rec.train.loop import Trainer
 
+    if hasattr(signal, "SIGUSR1"):
+        # `kill -USR1 <pid>` prints every thread's Python stack: where a stuck rank waits
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     ctx = init_distributed(cfg.train.device)
     try:
         return Trainer(cfg, ctx, plan_file=plan_file, resume=resume).run()

@@ -65,6 +65,24 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _attempt_store(timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store of this torchelastic attempt, under a per-attempt key prefix.
+
+    By default torchrun's workers share the agent's TCPStore *across restarts* (torch 2.13
+    ``_create_c10d_store``: "a new TCPStore for every retry" no longer holds with the shared
+    rendezvous store). After a restart, gloo could then read a dead rank's address left by the
+    previous attempt and fail with "connectFullMesh ... Connection refused" (or hang). Prefixing
+    every key with the restart count gives each attempt a clean namespace.
+    """
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(addr, port, world, is_master=(not agent_store and rank == 0), timeout=timeout,
+                          multi_tenant=not agent_store)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"ctnocvr/attempt_{attempt}", store)
+
+
 def init_distributed(device_preference: str = "auto", timeout_s: float = 1800.0) -> DistContext:
     """Initialise (or adopt) the default process group and return this rank's :class:`DistContext`."""
     env_rank = int(os.environ.get("RANK", "0"))
@@ -77,7 +95,8 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 1800.0)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         if launched_by_torchrun():
-            dist.init_process_group(backend=backend, timeout=timeout)
+            dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(timeout),
+                                    rank=env_rank, world_size=env_world)
         else:
             # single process: a one-rank group on an in-memory store (no port, no env vars)
             dist.init_process_group(
