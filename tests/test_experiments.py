@@ -243,6 +243,18 @@ def test_end_to_end_fake_trainer(tmp_path, monkeypatch):
         assert float(improved["p_paired_t"]) == pytest.approx(
             paired_t_test(per_variant["base"], per_variant["ctnocvr"])[2]
         )
+        ctr = {
+            v: [
+                json.loads((out / "table3" / arch / v / f"seed{s}" / "metrics.json").read_text())["metrics"][
+                    "auc_ctr"
+                ]
+                for s in (0, 1)
+            ]
+            for v in ("base", "ctnocvr")
+        }
+        assert float(improved["diff_auc_ctr"]) == pytest.approx(
+            np.mean(ctr["ctnocvr"]) - np.mean(ctr["base"]), abs=1e-12
+        )
         assert float(improved["p_sign_flip"]) == pytest.approx(0.5)  # 2 seeds: 2 of 4 patterns always tie
         # oracle from the sidecar, recomputed independently of the report's join
         preds = pq.read_table(

@@ -141,6 +141,13 @@ def aggregate(records: list[dict[str, Any]], archs: list[str]) -> list[ArchSumma
                 p_sign_flip=test.p_sign_flip,
                 wins=test.wins,
             )
+            for name in TASK_METRICS[1:]:  # the other tasks: paired difference and t-test p
+                other = paired_comparison(
+                    [by_variant["base"][s][name] for s in paired],
+                    [by_variant["ctnocvr"][s][name] for s in paired],
+                )
+                rows["ctnocvr"][f"diff_{name}"] = other.mean_diff
+                rows["ctnocvr"][f"p_paired_t_{name}"] = other.p_t
         out.append(ArchSummary(arch=arch, rows=rows, seeds_paired=paired))
     return out
 
@@ -153,6 +160,8 @@ CSV_COLUMNS = [
     "oracle_auc_cvr_mean", "gap_auc_cvr_mean", "gap_auc_cvr_std",
     "oracle_auc_ctr_mean", "gap_auc_ctr_mean", "oracle_auc_ctcvr_mean", "gap_auc_ctcvr_mean",
     "oracle_auc_ctnocvr_mean", "gap_auc_ctnocvr_mean",
+    "diff_auc_ctr", "p_paired_t_auc_ctr", "diff_auc_ctcvr", "p_paired_t_auc_ctcvr",
+    "diff_auc_ctnocvr", "p_paired_t_auc_ctnocvr",
 ]  # fmt: skip
 
 
@@ -256,6 +265,20 @@ def render_markdown(
             + ", ".join(f"{TASK_TITLES[k]} AUC {_pct(v)}%" for k, v in orc.items())
             + ". Gap = model AUC - oracle AUC (AUC points x 100 above).",
         ]
+    lines += [
+        "",
+        "Other tasks, +CTnoCVR minus Base (mean paired difference in AUC points, paired t-test p):",
+        "",
+        "| Model | CTR | CTCVR | CTnoCVR |",
+        "|---|---|---|---|",
+    ]
+    for summary in summaries:
+        row = summary.rows["ctnocvr"]
+        if "diff_auc_ctr" in row:
+            cells = [
+                f"{100 * row[f'diff_{m}']:+.2f} (p={_p(row[f'p_paired_t_{m}'])})" for m in TASK_METRICS[1:]
+            ]
+            lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
     lines += ["", "## Summary", ""]
     lines += [f"- {verdict(s.rows['ctnocvr'])}" for s in summaries]
     lines.append("")
