@@ -11,10 +11,11 @@ Two parsers implement the same rules:
 
 * :func:`parse_chunk` works on a whole byte chunk with numpy. It never loops over lines in Python: it
   finds the separators with vectorised comparisons, validates the separator *sequence* of every
-  line (a line with ``k`` items must read ``\\x02 \\x03 (\\x01 \\x02 \\x03)*``, tokens non-empty), reads
-  integers with SWAR digit arithmetic on unaligned 64-bit words (8 digits per word), maps field names
-  by their packed bytes, and parses non-trivial float values with one Arrow cast over the compacted
-  value bytes. Lines that fail any check are *flagged*, not judged.
+  line pairwise (a line with ``k`` items must read ``\\x02 \\x03 (\\x01 \\x02 \\x03)*``, tokens
+  non-empty), reads integers with SWAR digit arithmetic on unaligned 64-bit words (8 digits per
+  word), maps field names by their packed bytes through a collision-free modulo table, reads short
+  plain decimals (``1.0``, ``0.69315``) by SWAR too and any other float with one Arrow cast over the
+  compacted value bytes. Lines that fail any check are *flagged*, not judged.
 * :func:`parse_line` is the plain, exact per-line parser. It runs only on flagged lines, produces the
   precise reject reason (``FILE:LINE: reason (field ...)``), and accepts the line if the fast path was
   merely conservative (e.g. a 17-digit id), so both paths always agree on what is accepted.
