@@ -274,10 +274,12 @@ def load_common(path: Path, ctx: _Context, pool: Any, progress: bool) -> CommonT
     line = np.concatenate(lines) if lines else np.zeros(0, np.int64)
     h1 = np.concatenate([p.key_h1 for p in parts]) if parts else np.zeros(0, np.uint64)
     h2 = np.concatenate([p.key_h2 for p in parts]) if parts else np.zeros(0, np.uint64)
-    slots = [
-        Csr.concat([p.slots[k] for p in parts], w) if parts else Csr.empty(0, w)
-        for k, w in enumerate(ctx.user_slots.weighted)
-    ]
+    slots = []
+    for k, w in enumerate(ctx.user_slots.weighted):
+        # one field at a time, freeing the chunk pieces as we go: peak = table + one field
+        slots.append(Csr.concat([p.slots[k] for p in parts], w) if parts else Csr.empty(0, w))
+        for p in parts:
+            p.slots[k] = Csr.empty(0, w)
     # duplicate keys: the first line wins, later ones are rejects
     order = np.argsort(h1, kind="stable")
     same = h1[order][1:] == h1[order][:-1]
