@@ -189,8 +189,10 @@ def csr_gather_index(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray,
     new_offsets = np.zeros(len(rows) + 1, np.int64)
     np.cumsum(lengths, out=new_offsets[1:])
     total = int(new_offsets[-1])
-    # index = start of the value's row + its position inside the row
-    index = np.arange(total, dtype=np.int64) + np.repeat(starts - new_offsets[:-1], lengths)
+    # index = start of the value's row + its position inside the row (int32 when it fits: less traffic)
+    dtype = np.int32 if len(offsets) and int(offsets[-1]) < 2**31 and total < 2**31 else np.int64
+    index = np.arange(total, dtype=dtype)
+    index += np.repeat((starts - new_offsets[:-1]).astype(dtype), lengths)
     return new_offsets, index
 
 

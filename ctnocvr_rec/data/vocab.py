@@ -83,8 +83,22 @@ class FieldVocab:
             return np.mod(ids, self.spec.num_buckets)
         if len(self.raw_ids) == 0:
             return np.zeros_like(ids)
+        table = self._dense_table()
+        if table is not None:  # small raw-id range: one gather instead of a binary search per id
+            inside = (ids >= 0) & (ids < len(table))
+            return np.where(inside, table[np.where(inside, ids, 0)], OOV_ID).astype(np.int64)
         pos = np.minimum(np.searchsorted(self.raw_ids, ids), len(self.raw_ids) - 1)
         return np.where(self.raw_ids[pos] == ids, self.mapped[pos], OOV_ID)
+
+    def _dense_table(self) -> np.ndarray | None:
+        """``table[raw_id] = mapped id`` (int32) when the raw ids span at most 2^24 values, else None."""
+        if not hasattr(self, "_table"):
+            self._table = None
+            top = int(self.raw_ids[-1]) if len(self.raw_ids) else -1
+            if 0 <= int(self.raw_ids[0]) and top < (1 << 24) and int(self.mapped.max()) < (1 << 31):
+                self._table = np.full(top + 1, OOV_ID, np.int32)
+                self._table[self.raw_ids] = self.mapped
+        return self._table
 
     @classmethod
     def build(cls, spec: FieldSpec, raw_ids: np.ndarray, counts: np.ndarray) -> FieldVocab:
