@@ -538,3 +538,21 @@ def test_synth_prepare_load_round_trip(tmp_path: Path, synth_raw: Path) -> None:
                     # float32 weights compare exactly; unweighted fields carry 1.0
                     assert weights[lo:hi] == (row[spec.weight_column] if spec.weighted else [1.0] * (hi - lo))
         assert seen == set(rows)
+
+
+@pytest.mark.parametrize("top_id", [20, 10**12])  # dense lookup table / binary search
+def test_vocab_mapping_rank_min_count_and_oov(top_id: int) -> None:
+    from ctnocvr_rec.data.schema import FieldSpec
+    from ctnocvr_rec.data.vocab import FieldVocab
+
+    vocab = FieldVocab.build(
+        FieldSpec("x", "item", min_count=2), np.array([3, 5, 9, top_id]), np.array([5, 1, 2, 7])
+    )
+    # ranked by count: top_id (7) -> 1, 3 (5) -> 2, 9 (2) -> 3; 5 (1 < min_count) and unseen ids -> 0
+    ids = np.array([3, 5, 9, top_id, 21, -4, 0, 10**15])
+    assert vocab.map(ids).tolist() == [2, 0, 3, 1, 0, 0, 0, 0]
+    assert vocab.num_embeddings == 4 and vocab.size == 3
+    hashed = FieldVocab.build(
+        FieldSpec("h", "item", mapping="hash", num_buckets=7), np.array([3]), np.array([1])
+    )
+    assert hashed.map(np.array([3, 10, 10**12])).tolist() == [3, 3, 10**12 % 7] and hashed.num_embeddings == 7
