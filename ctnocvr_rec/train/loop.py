@@ -301,6 +301,12 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         split = cfg.eval.final_split or cfg.data.test_split
         batches = open_eval_batches(cfg, ctx, split)
+        if batches is None and not cfg.eval.final_split:
+            # a prepared set made without test files: report on the validation split instead
+            logger.message(f"[train] no '{split}' split in {cfg.data.prepared_dir}; final evaluation on "
+                           f"'{cfg.data.eval_split}'")
+            split = cfg.data.eval_split
+            batches = open_eval_batches(cfg, ctx, split)
         if batches is None:
             raise FileNotFoundError(f"{cfg.data.prepared_dir}: no '{split}' split to evaluate on")
         predictions = self.run_dir / "predictions" / f"{split}.parquet" if cfg.eval.save_predictions else None
