@@ -278,6 +278,7 @@ def phase_prepare(args: argparse.Namespace) -> dict[str, Any]:
         "rows_per_s": rows / seconds,
         "peak_rss_mb": _peak_rss_mb(),
         "cpu_seconds": _cpu_seconds() - cpu0,
+        "phases": manifest.get("_timings", {}),
         "exact_path_rows": sum(
             v["skeleton"]["rows_parsed_by_exact_path"] for v in manifest["input_files"].values()
         ),
@@ -393,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         f"naive   : {naive['rows']:>10,} rows in {naive['seconds']:7.1f}s = {naive['rows_per_s']:>10,.0f} "
         f"rows/s  (peak RSS {naive['peak_rss_mb']['self']:,.0f} MiB)"
     )
+    print("          phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in prepared["phases"].items()))
     print(f"speed-up: {ratio:.1f}x wall-clock (target >= 10x)")
     prepare_cpu, naive_cpu = (
         prepared["cpu_seconds"] / prepared["rows"],

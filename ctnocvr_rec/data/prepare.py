@@ -174,6 +174,8 @@ class _Context:
     vocabs: dict[str, FieldVocab] = field(default_factory=dict)
     request_base: int = 0
     out_tmp: Path | None = None
+    #: wall seconds per phase ("train/common", "train/pass1", ...), reported, never written
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 _CTX: _Context | None = None
@@ -601,6 +603,14 @@ def _process_split(
     common_path = raw / COMMON_FILE.format(split=split_tag)
     ctx.split_tag = split_tag
     ctx.skeleton_path = str(skeleton_path)
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        ctx.timings[f"{split_tag}/{phase}"] = now - clock
+        clock = now
+
     _CTX = ctx
     pool = _fork_pool(opts.workers)
     try:
@@ -610,6 +620,7 @@ def _process_split(
             pool.terminate()
     rejects.extend(common.rejects)
     ctx.common = common
+    lap("common")
 
     # pass 1
     ctx.buckets = max(MIN_BUCKETS, math.ceil(_estimate_rows(skeleton_path) / opts.rows_per_shard))
@@ -645,6 +656,7 @@ def _process_split(
         if pool is not None:
             pool.terminate()
     rejects.extend(skeleton_rejects)
+    lap("pass1")
 
     # vocabulary (train only), then map the common table once
     if split_tag == "train":
@@ -666,6 +678,8 @@ def _process_split(
         csr = common.slots[k]
         common.slots[k] = Csr(csr.offsets, ctx.vocabs[name].map(csr.ids), csr.weights)
 
+    lap("vocab")
+
     # pass 2
     assert ctx.out_tmp is not None
     for split_name in SPLIT_CODES:
@@ -683,6 +697,7 @@ def _process_split(
         if pool is not None:
             pool.terminate()
     shutil.rmtree(ctx.scratch / split_tag)
+    lap("pass2")
 
     rows_written = sum(rows_by_split.values())
     report["files"][split_tag] = {
@@ -806,6 +821,7 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     manifest["_wall_s"] = time.perf_counter() - t0  # not written: the file stays byte-identical
+    manifest["_timings"] = dict(ctx.timings)
     return manifest
 
 
@@ -961,6 +977,8 @@ def summary(manifest: dict[str, Any]) -> str:
         lines.append(f"  rejects {file}: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
     if "_wall_s" in manifest:
         lines.append(
-            f"  {manifest['_wall_s']:.1f}s, {r['rows_in'] / max(manifest['_wall_s'], 1e-9):,.0f} rows/s"
+            f"  {manifest['_wall_s']:.1f}s, {r['rows_in'] / max(manifest['_wall_s'], 1e-9):,.0f} rows/s ("
+            + ", ".join(f"{k} {v:.1f}s" for k, v in manifest.get("_timings", {}).items())
+            + ")"
         )
     return "\n".join(lines)
