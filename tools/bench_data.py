@@ -20,14 +20,15 @@ its own. Usage::
     .venv/bin/python tools/bench_data.py                 # 1M train rows (+ 10% test rows)
     .venv/bin/python tools/bench_data.py --rows 200000 --naive-rows 50000
 
-Measured on the 2-core dev machine (shared: load average 5.6 from other jobs during the run),
-``--rows 1000000 --naive-rows 100000`` (2026-11-28): prepare 1.1M rows in 33.7 s = 32.6k rows/s;
-naive 2.7k rows/s; 12.0x wall-clock; CPU 17.2 vs 191 us/row (11.1x less CPU per row, the figure
-that other load does not move; on an idle machine prepare's two workers raise the wall-clock
-ratio further); peak RSS 270 MiB parent + 700 MiB per worker (naive 1.2 GiB); loader 135k
-samples/s at batch 4096 in one process. Where prepare's CPU goes (1 process, profile): ~43% the
-Parquet writer (every row carries its request's ~100 user-history values), ~29% parsing, ~14%
-gathering the joined user lists.
+Measured on the 2-core dev machine, shared with other jobs (load average 5-6 during the runs),
+``--rows 1000000 --naive-rows 100000`` (2026-11-28), two runs: prepare 1.1M rows at 32.6k / 24.1k
+rows/s, naive 2.7k / 3.0k rows/s, i.e. 12.0x / 7.9x wall-clock; CPU per row 17.2 / 18.8 us (prepare,
+all processes) vs 191 / 209 us (naive): 11.1x less CPU per row in both runs -- the figure that other
+load does not move (under load prepare's two workers got only 0.45-0.56 cores; on an idle machine
+they add up to ~2x on top of the CPU ratio). Peak RSS 270 MiB parent + 700 MiB per worker (naive
+1.2 GiB); loader 114-135k samples/s at batch 4096 in one process. Where prepare's CPU goes (one
+process, profile): ~43% the Parquet writer (every row carries its request's ~100 user-history
+values and weights), ~29% parsing, ~14% gathering the joined user lists.
 """
 
 from __future__ import annotations
