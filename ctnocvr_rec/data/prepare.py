@@ -237,6 +237,7 @@ class _CommonPart:
 
 
 def _common_task(task: tuple[str, int, int]) -> _CommonPart:
+    """Parse common-features bytes ``[start, end)`` (rejects carry their key hash for later lookups)."""
     path, start, end = task
     data = _read(path, start, end)
     chunk = parse_chunk(data, COMMON, _ctx().user_slots)
@@ -356,6 +357,12 @@ def _scratch_file(ctx: _Context, chunk_index: int) -> Path:
 
 
 def _pass1_task(task: tuple[int, int, int]) -> _Pass1Result:
+    """Parse skeleton bytes ``[start, end)``, join, split, bucket; write one scratch file.
+
+    The scratch file (Arrow IPC) holds one record batch per bucket (rows in file order) with
+    ``byte_offset, sample_id, click, buy, crow`` (common-table row), ``split`` (0 train, 1 valid,
+    2 test) and per skeleton field its raw ids (+ ``__w`` weights).
+    """
     chunk_index, start, end = task
     ctx = _ctx()
     opts = ctx.options
@@ -446,6 +453,10 @@ def _list_parts(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pass2_task(task: tuple[int, int]) -> dict[str, dict[str, Any]]:
+    """Bucket ``b`` of every scratch file -> one shuffled shard per split present in it.
+
+    Returns ``{split: {"file", "rows", "clicks", "conversions"}}`` of the shards written.
+    """
     bucket, n_chunks = task
     ctx = _ctx()
     common = ctx.common
