@@ -352,6 +352,16 @@ class _Pass1Result:
     fast_lines: int
 
 
+def _count_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique ids and their counts (a bincount when the id range is small, else a sort)."""
+    if len(ids) and int(ids.min()) >= 0 and int(ids.max()) < 4 * len(ids) + 65_536:
+        counts = np.bincount(ids)
+        present = np.flatnonzero(counts)
+        return present.astype(np.int64), counts[present].astype(np.int64)
+    uniq, counts = np.unique(ids, return_counts=True)
+    return uniq, counts.astype(np.int64)
+
+
 def _scratch_file(ctx: _Context, chunk_index: int) -> Path:
     return ctx.scratch / ctx.split_tag / f"chunk-{chunk_index:06d}.arrow"
 
@@ -430,7 +440,7 @@ def _pass1_task(task: tuple[int, int, int]) -> _Pass1Result:
     if ctx.split_tag == "train":
         for s in slots:
             value_is_train = np.repeat(is_train, s.lengths)
-            counts.append(np.unique(s.ids[value_is_train], return_counts=True))
+            counts.append(_count_ids(s.ids[value_is_train]))
         refs = np.unique(crow[is_train], return_counts=True)
     rows_by_split = {
         name: int((split == code).sum()) for name, code in SPLIT_CODES.items() if (split == code).any()
