@@ -21,14 +21,15 @@ its own. Usage::
     .venv/bin/python tools/bench_data.py --rows 200000 --naive-rows 50000
 
 Measured on the 2-core dev machine, shared with other jobs (load average 5-6 during the runs),
-``--rows 1000000 --naive-rows 100000`` (2026-11-28), two runs: prepare 1.1M rows at 32.6k / 24.1k
-rows/s, naive 2.7k / 3.0k rows/s, i.e. 12.0x / 7.9x wall-clock; CPU per row 17.2 / 18.8 us (prepare,
-all processes) vs 191 / 209 us (naive): 11.1x less CPU per row in both runs -- the figure that other
-load does not move (under load prepare's two workers got only 0.45-0.56 cores; on an idle machine
-they add up to ~2x on top of the CPU ratio). Peak RSS 270 MiB parent + 700 MiB per worker (naive
-1.2 GiB); loader 114-135k samples/s at batch 4096 in one process. Where prepare's CPU goes (one
-process, profile): ~43% the Parquet writer (every row carries its request's ~100 user-history
-values and weights), ~29% parsing, ~14% gathering the joined user lists.
+``--rows 1000000 --naive-rows 100000`` (2026-11-28), three runs: prepare 1.1M rows at 32.6k /
+24.1k / 28.3k rows/s, naive 2.7k / 3.0k / 2.6k rows/s, i.e. 12.0x / 7.9x / 10.9x wall-clock; CPU per
+row 17.2 / 18.8 / 17.9 us (prepare, all processes) vs 191 / 209 / 205 us (naive): 11.1-11.4x less
+CPU per row -- the figure that other load does not move (under that load prepare's two workers got
+only 0.45-0.56 cores; on an idle machine they add up to ~2x on top of the CPU ratio). Peak RSS
+~280 MiB parent + ~700 MiB per worker (naive 1.2 GiB); loader 114-155k samples/s at batch 4096 in
+one process. Where prepare's CPU goes (one process, profile): ~45% the Parquet writer (every row
+carries its request's ~100 user-history values and weights), ~28% parsing, ~15% gathering the
+joined user lists.
 """
 
 from __future__ import annotations
