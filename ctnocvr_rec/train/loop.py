@@ -151,6 +151,8 @@ class Trainer:
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+            if not self.resume:
+                self._set_aside_old_checkpoints()
         barrier(ctx)
 
         resume_from = ckpt.agree_on_checkpoint(ctx, self.run_dir) if self.resume else None
@@ -189,6 +191,16 @@ class Trainer:
         finally:
             logger.close()
         return metrics
+
+    def _set_aside_old_checkpoints(self) -> None:
+        """A fresh (not resumed) run must not mix its checkpoints with an earlier run's in the folder:
+        a later ``--resume`` would pick whichever step number is higher. Move them aside, never delete."""
+        root = ckpt.checkpoints_root(self.run_dir)
+        if root.is_dir() and any(root.iterdir()):
+            aside = root.with_name(f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.rename(root, aside)
+            print(f"[train] starting fresh: moved the earlier checkpoints to {aside} "
+                  "(pass --resume to continue a run instead)", flush=True)
 
     # ----------------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
