@@ -299,6 +299,21 @@ def test_end_to_end_fake_trainer(tmp_path, monkeypatch):
     assert (out / "ranking" / "ranking_fig2.png").stat().st_size > 1000
     assert "exposure share of high-CTR-low-CVR items" in (out / "ranking" / "ranking.md").read_text()
 
+    # over all seeds: one report per seed plus the aggregate, whose means match the per-seed summaries
+    assert (
+        _ctnocvr(
+            ["report", "ranking", "--config", str(cfg_path), "--all-seeds", "--out", str(tmp_path / "rs")]
+        )
+        == 0
+    )
+    per_seed = [
+        json.loads((tmp_path / "rs" / f"seed{s}" / "ranking_summary.json").read_text()) for s in (0, 1)
+    ]
+    md_lines = (tmp_path / "rs" / "ranking_seeds.md").read_text().splitlines()
+    clickbait_line = next(line for line in md_lines if "planted clickbait" in line)
+    mean_before = 100 * np.mean([p["before"]["clickbait_exposure_share"] for p in per_seed])
+    assert clickbait_line.split("|")[2].strip().startswith(f"{mean_before:.2f}%")
+
 
 def test_bad_experiment_key_is_named(tmp_path):
     path = tmp_path / "bad.yaml"

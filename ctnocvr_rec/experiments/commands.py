@@ -100,6 +100,8 @@ def _ranking(args: argparse.Namespace) -> int:
     from ctnocvr_rec.experiments.ranking import ranking_report
 
     gt_dir = args.ground_truth
+    if args.all_seeds and (args.base or args.ctnocvr):
+        raise ValueError("--all-seeds uses the --config experiment's table3 runs; drop --base/--ctnocvr")
     if args.base and args.ctnocvr:
         base, ctnocvr = Path(args.base), Path(args.ctnocvr)
         out = Path(args.out or "ranking_report")
@@ -109,7 +111,9 @@ def _ranking(args: argparse.Namespace) -> int:
             "give both --base and --ctnocvr run folders, or neither (then --config picks table3 runs)"
         )
     else:
-        exp = _load(args)
+        from ctnocvr_rec.experiments.spec import load_experiment
+
+        exp = load_experiment(args.config, args.overrides)  # --out is the report folder here, not out_dir
         spec = exp.ranking
         arch = args.arch or spec.arch
         seed = spec.seed if args.seed is None else args.seed
@@ -120,6 +124,17 @@ def _ranking(args: argparse.Namespace) -> int:
         alpha = spec.alpha if args.alpha is None else args.alpha
         top_k = spec.top_k if args.top_k is None else args.top_k
         gt_dir = gt_dir or exp.ground_truth
+        if args.all_seeds:
+            from ctnocvr_rec.experiments.ranking import ranking_over_seeds
+
+            md_path = ranking_over_seeds(
+                root, exp.table3.seeds, out, split=args.split, gt_dir=gt_dir or None, score=score,
+                alpha=1.0 if alpha is None else alpha, top_k=3 if top_k is None else top_k,
+                command=_command_line(),
+            )  # fmt: skip
+            print(md_path.read_text(encoding="utf-8"))
+            print(f"written: {md_path} and a report per seed under {out}/seed<N>/", file=sys.stderr)
+            return 0
     ranking_report(base, ctnocvr, out, split=args.split, gt_dir=gt_dir or None, score=score,
                    alpha=1.0 if alpha is None else alpha, top_k=3 if top_k is None else top_k,
                    top_items=args.top_items, command=_command_line())  # fmt: skip
@@ -172,6 +187,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--arch", default="", help="with --config: which arch's table3 runs (default: config)"
     )
     ranking.add_argument("--seed", type=int, default=None, help="with --config: which seed (default: config)")
+    ranking.add_argument("--all-seeds", action="store_true",
+                         help="with --config: a report per table3 seed plus their aggregate with paired tests")  # fmt: skip
     ranking.add_argument("--split", default=None, help="evaluation split (default: the runs' metrics.json)")
     ranking.add_argument("--score", choices=["pctcvr", "pctr", "pcvr", "pctr_pcvr_alpha"], default=None,
                          help="ranking score (default pctcvr)")  # fmt: skip
