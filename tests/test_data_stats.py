@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 from _prepared_fixture import aliccp_schema, write_prepared
 
 from ctnocvr_rec.data import stats as stats_mod
+from ctnocvr_rec.data.prepared import read_manifest
 from ctnocvr_rec.data.stats import compute_stats, format_stats
 
 
@@ -72,3 +75,24 @@ def test_missing_split_is_a_clear_error(prepared):
     root, _ = prepared
     with pytest.raises(FileNotFoundError, match="valid"):
         compute_stats(root, ["valid"])
+
+
+def test_stats_and_prepared_helpers_do_not_import_torch():
+    # `ctnocvr --help` / `ctnocvr data stats` must not pay torch's import time (~15 s on this machine)
+    code = (
+        "import sys\n"
+        "import ctnocvr_rec.data.stats, ctnocvr_rec.data.prepared\n"
+        "print(sorted(m for m in ('torch', 'torchrec') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_read_manifest_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": 1,\n oops}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"manifest.json: not valid JSON \(line 2"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": "ctnocvr-prepared/1"}', encoding="utf-8")
+    assert read_manifest(tmp_path) == {"format": "ctnocvr-prepared/1"}

@@ -47,10 +47,7 @@ thread reads and decodes the next batches (Arrow releases the GIL) while the cur
 
 from __future__ import annotations
 
-import glob
 import itertools
-import json
-import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -67,35 +64,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ctnocvr_rec.data.batch import CtnocvrBatch
-from ctnocvr_rec.data.schema import FieldSchema, load_schema
+
+# re-exported: these helpers used to live here (prepared.py keeps them free of torch)
+from ctnocvr_rec.data.prepared import read_manifest, resolve_schema, split_files  # noqa: F401
+from ctnocvr_rec.data.schema import FieldSchema
 
 #: non-feature columns of a prepared split (design.md, "Prepared data set")
 ID_COLUMNS = ("sample_id", "request_id", "user_id")
 LABEL_COLUMNS = ("click", "conversion")
-
-
-def resolve_schema(prepared_dir: str | Path, schema: FieldSchema | str | Path | None) -> FieldSchema:
-    """The schema given, else the one recorded in ``<prepared_dir>/manifest.json`` (``"schema"``)."""
-    if isinstance(schema, FieldSchema):
-        return schema
-    if schema is not None:
-        return load_schema(schema)
-    manifest_path = Path(prepared_dir) / "manifest.json"
-    if manifest_path.exists():
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        tree = manifest.get("schema")
-        if isinstance(tree, dict) and tree.get("fields"):
-            return FieldSchema.from_dict(tree, source=f"{manifest_path}:schema")
-    raise ValueError(f"{prepared_dir}: no schema given and manifest.json holds none; pass schema=")
-
-
-def split_files(prepared_dir: str | Path, split: str) -> list[str]:
-    """Parquet files of ``split``, sorted by name."""
-    files = sorted(glob.glob(os.path.join(str(prepared_dir), split, "*.parquet")))
-    if not files:
-        raise FileNotFoundError(f"no Parquet files in {os.path.join(str(prepared_dir), split)}")
-    return files
 
 
 def feature_columns(schema: FieldSchema) -> list[str]:

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ctnocvr_rec.data.dataset import resolve_schema, split_files
+from ctnocvr_rec.data.prepared import resolve_schema, split_files
 from ctnocvr_rec.data.schema import OOV_ID, FieldSchema, FieldSpec
 
 
