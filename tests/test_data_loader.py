@@ -324,8 +324,14 @@ def test_round_trip_synth_prepare_load_keeps_every_row_and_value(tmp_path):
         vocab[spec.name] = dict(zip(v["raw_id"], v["mapped_id"]))
     seen = set()
     request_of_key: dict[str, int] = {}
+    # prepare stores int32 ids; the loader hands the KJT int64 ids, int32 lengths, float32 weights
+    assert pq.read_schema(next((out / "train").glob("*.parquet"))).field("205").type.value_type == pa.int32()
     for split in ("train", "valid", "test"):
-        for batch in ParquetBatchDataset(out, split, batch_size=128, schema=schema, rank=0, world_size=1):
+        for batch in ParquetBatchDataset(out, split, batch_size=128, schema=schema, rank=0, world_size=1,
+                                         shuffle=split == "train", shuffle_window_batches=2):
+            kjt = batch.sparse_features
+            assert (kjt.values().dtype, kjt.lengths().dtype, kjt.weights().dtype) == (
+                torch.int64, torch.int32, torch.float32)
             per_key = batch.sparse_features.to_dict()
             lengths = {k: jt.lengths().tolist() for k, jt in per_key.items()}
             offsets = {k: np.concatenate([[0], np.cumsum(v)]) for k, v in lengths.items()}
@@ -346,3 +352,17 @@ def test_round_trip_synth_prepare_load_keeps_every_row_and_value(tmp_path):
                     assert jt.weights()[lo:hi].tolist() == want_w, (sid, spec.name)
     assert seen == set(expected)  # every raw row once, none invented
     assert len(set(request_of_key.values())) == len(request_of_key)  # one request id per common key
+
+
+def test_gather_index_matches_repeat_arange():
+    rng = np.random.default_rng(3)
+    for n in (1, 7, 300):
+        row_lengths = rng.integers(0, 5, n)
+        row_lengths[rng.random(n) < 0.3] = 0  # empty rows, also first and last
+        src_offsets = np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int32)
+        order = rng.permutation(n)
+        starts, lengths = src_offsets[order], row_lengths[order].astype(np.int32)
+        out_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        want = np.concatenate([np.arange(s, s + k) for s, k in zip(starts, lengths)] + [np.zeros(0, int)])
+        got = dataset_mod._gather_index(starts, lengths, out_offsets)
+        assert got.tolist() == want.tolist()

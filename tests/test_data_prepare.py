@@ -161,8 +161,14 @@ def test_hand_written_round_trip_every_value(tmp_path: Path, schema_path: Path) 
     # columns and types of the design contract
     schema = pq.read_schema(next((out / "train").glob("*.parquet")))
     assert str(schema.field("sample_id").type) == "int64" and str(schema.field("click").type) == "int8"
-    assert str(schema.field("109_14").type) == "list<element: int64>"
-    assert str(schema.field("109_14__w").type) == "list<element: float>"
+    # ids int32 (every table fits), lists and items non-nullable, no dictionary on list columns
+    assert str(schema.field("109_14").type) == "list<element: int32 not null>"
+    assert str(schema.field("109_14__w").type) == "list<element: float not null>"
+    assert not schema.field("109_14").nullable and not schema.field("sample_id").nullable
+    meta = pq.ParquetFile(next((out / "train").glob("*.parquet"))).metadata
+    chunks = {meta.schema.column(c).path: meta.row_group(0).column(c) for c in range(meta.num_columns)}
+    assert chunks["109_14.list.element"].compression.startswith("LZ4")
+    assert not chunks["109_14.list.element"].has_dictionary_page
 
 
 # ---------------------------------------------------------------------------------------------
