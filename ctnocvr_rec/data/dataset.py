@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,7 +69,7 @@ from ctnocvr_rec.data.batch import CtnocvrBatch
 
 # re-exported: these helpers used to live here (prepared.py keeps them free of torch)
 from ctnocvr_rec.data.prepared import read_manifest, resolve_schema, split_files  # noqa: F401
-from ctnocvr_rec.data.schema import FieldSchema
+from ctnocvr_rec.data.schema import FieldSchema, FieldSpec
 
 #: batches per decoded window when rows are not shuffled (fewer, larger numpy calls per batch)
 _PLAIN_WINDOW_BATCHES = 4
@@ -107,21 +108,27 @@ def _list_parts(column: pa.ChunkedArray | pa.Array, name: str) -> tuple[np.ndarr
 
 def _gather_index(starts: np.ndarray, lengths: np.ndarray, out_offsets: np.ndarray) -> np.ndarray:
     """Source position of every output id when rows ``[starts[i], starts[i] + lengths[i])`` are
-    laid end to end (``out_offsets``: their cumulated lengths, ``[n + 1]``).
+    laid end to end (``out_offsets``: their cumulated lengths, ``[n + 1]``); dtype of ``starts``.
 
-    Built as the running sum of steps that are 1 inside a row and jump to the next row's start at
-    each row boundary: one ``cumsum`` over the ids, ~5x faster than ``repeat`` + ``arange``.
+    Each id's source is its row's start plus its rank inside the row: a ``repeat`` of the row shifts
+    plus an ``arange`` (measured in place faster than a ``cumsum`` of row-boundary jumps). Fields
+    with one id per row need neither: the sources are the starts.
     """
-    total = int(out_offsets[-1])
-    steps = np.ones(total, dtype=out_offsets.dtype)
-    if total == 0:
-        return steps
-    nonempty = lengths > 0
-    first = starts[nonempty]
-    steps[0] = first[0]
-    # at the first id of each later non-empty row: jump from the previous row's last id
-    steps[out_offsets[:-1][nonempty][1:]] = first[1:] - (first[:-1] + lengths[nonempty][:-1]) + 1
-    return np.cumsum(steps, out=steps)
+    if int(out_offsets[-1]) == len(lengths) and (lengths == 1).all():
+        return starts
+    src = np.repeat(starts - out_offsets[:-1].astype(starts.dtype, copy=False), lengths)
+    src += np.arange(len(src), dtype=src.dtype)
+    return src
+
+
+def _take(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``values[index]`` through torch's ``index_select``: ~2x faster than numpy's fancy indexing
+    on these 1-D int32 / float32 arrays (measured: 21 vs 44 ms for the 15.7M ids of the demo split)."""
+    with warnings.catch_warnings():
+        # Arrow buffers are read-only; index_select only reads them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        source = torch.from_numpy(values)
+    return torch.index_select(source, 0, torch.from_numpy(index)).numpy()
 
 
 class _Rows:
@@ -129,7 +136,7 @@ class _Rows:
 
     Without ``order`` the arrays are zero-copy views of the Arrow buffers. With ``order`` (row
     indices, the rows of batch after batch) every field is gathered once into that order: one
-    ``repeat`` and one fancy-index pass per field for the whole window, instead of a gather per
+    ``repeat`` and one ``index_select`` per field for the whole window, instead of a gather per
     batch. :meth:`batch` then copies contiguous slices into the KJT's key-major buffers (casting the
     ids to int64), a constant number of numpy calls per field.
     """
@@ -137,9 +144,9 @@ class _Rows:
     def __init__(self, table: pa.Table, schema: FieldSchema, order: np.ndarray | None = None) -> None:
         self.schema = schema
         self.n = table.num_rows if order is None else len(order)
-        #: per field: (offsets int64 or int32 [n + 1], ids [nnz], weights float32 [nnz] or None)
-        self.fields: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
-        for spec in schema:
+
+        def one_field(spec: FieldSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+            """(offsets int32/int64 [n + 1] from 0, ids [nnz], weights float32 [nnz] or None)."""
             offsets, ids = _list_parts(table.column(spec.name), spec.name)
             weights = None
             if spec.weighted:
@@ -159,9 +166,14 @@ class _Rows:
                 offsets = np.zeros(len(order) + 1, dtype=index_type)
                 np.cumsum(lengths, out=offsets[1:], dtype=index_type)
                 src = _gather_index(starts.astype(index_type, copy=False), lengths, offsets)
-                ids = ids[src]
-                weights = weights[src] if weights is not None else None
-            self.fields.append((offsets, ids, weights))
+                ids = _take(ids, src)
+                weights = _take(weights, src) if weights is not None else None
+            return offsets, ids, weights
+
+        # (two threads splitting the fields measured no faster on 2 cores: the read-ahead thread
+        # and Arrow's decoding already use the second one)
+        #: per field, in schema order: (offsets [n + 1], ids [nnz], weights [nnz] or None)
+        self.fields: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = [one_field(s) for s in schema]
         self.columns = {}
         for name in (*ID_COLUMNS, *LABEL_COLUMNS):
             col = table.column(name).to_numpy()
