@@ -11,8 +11,9 @@ One run, the same synthetic raw files (``ctnocvr_rec.data.synth``) for every mea
    ``--naive-rows N`` limits it to the first ``N`` skeleton lines of each split; its
    common-features time is then pro-rated by the share of skeleton lines processed (it is linear
    in the lines, so the rows/s stay comparable).
-3. The loader (``ctnocvr_rec.data.dataset.ParquetBatchDataset``) over the prepared train split at
-   batch 4096, one process: samples/s.
+3. The loader (``ctnocvr_rec.data.dataset.benchmark_loader``) over the prepared train split at
+   batch 4096, one process, in file order and shuffled (window of 4 batches): samples/s, best of
+   ``--loader-repeats`` passes each (other jobs on the machine only ever slow a pass down).
 
 Each phase runs in its own subprocess so that its peak RSS (``getrusage``, self and children) is
 its own. Usage::
@@ -20,14 +21,16 @@ its own. Usage::
     .venv/bin/python tools/bench_data.py                 # 1M train rows (+ 10% test rows)
     .venv/bin/python tools/bench_data.py --rows 200000 --naive-rows 50000
 
-Measured on the 2-core dev machine, shared with other jobs (load average 5-6 during the runs),
-``--rows 1000000 --naive-rows 100000`` (2026-11-28), three runs: prepare 1.1M rows at 32.6k /
-24.1k / 28.3k rows/s, naive 2.7k / 3.0k / 2.6k rows/s, i.e. 12.0x / 7.9x / 10.9x wall-clock; CPU per
-row 17.2 / 18.8 / 17.9 us (prepare, all processes) vs 191 / 209 / 205 us (naive): 11.1-11.4x less
-CPU per row -- the figure that other load does not move (under that load prepare's two workers got
-only 0.45-0.56 cores; on an idle machine they add up to ~2x on top of the CPU ratio). Peak RSS
-~280 MiB parent + ~700 MiB per worker (naive 1.2 GiB); loader 114-155k samples/s at batch 4096 in
-one process. Where prepare's CPU goes (one process, profile): ~45% the Parquet writer (every row
+Measured on the 2-core dev machine, ``--rows 1000000 --naive-rows 100000`` (2026-11-28).
+Shard layout 2 (lz4, int32 non-null id lists, no dictionary pages on lists; one run, load average
+1.6): prepare 1.1M rows at 122k rows/s, naive 5.7k rows/s (21.5x wall-clock); CPU per row 14.8 us
+(prepare, all processes) vs 175 us (naive): 11.9x less CPU per row. Peak RSS 273 MiB parent + 643
+MiB per worker (naive 1.2 GiB). Loader at batch 4096, one process, best of 5 (the five in brackets):
+773k samples/s in file order (527-773k), 519k shuffled (473-519k); peak RSS 933 MiB (the torch
+import, two decoded row groups of 65,536 rows, the memory-mapped shards).
+Earlier runs with zstd + dictionary-encoded int64 lists and the previous loader, under load 5-6:
+prepare 24-33k rows/s (naive 2.6-3.0k; 11.1-11.4x less CPU per row), loader 114-155k samples/s.
+Where prepare's CPU goes (one process, profile, zstd layout): ~45% the Parquet writer (every row
 carries its request's ~100 user-history values and weights), ~28% parsing, ~15% gathering the
 joined user lists.
 """
