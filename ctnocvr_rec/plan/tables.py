@@ -9,7 +9,6 @@ set's ``manifest.json["num_embeddings"]``, or a preset YAML (``ctnocvr_rec/prese
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from ctnocvr_rec.config import ModelConfig
+from ctnocvr_rec.data.prepared import read_manifest
 from ctnocvr_rec.data.schema import FieldSchema
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -69,10 +69,7 @@ def load_manifest_sizes(prepared_dir: str | Path) -> TableSizes:
             f"{path} does not exist: run `ctnocvr data prepare` first, point --prepared at a prepared set, "
             f"or use built-in sizes with --preset ({', '.join(list_presets())})"
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    manifest = read_manifest(prepared_dir)
     raw = manifest.get("num_embeddings")
     if not isinstance(raw, Mapping) or not raw:
         raise ValueError(f"{path}: no 'num_embeddings' mapping")

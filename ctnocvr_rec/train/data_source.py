@@ -17,8 +17,8 @@ from typing import Any
 
 from ctnocvr_rec.config import RunConfig
 from ctnocvr_rec.data.batch import CtnocvrBatch
+from ctnocvr_rec.data.prepared import read_manifest
 from ctnocvr_rec.train.distributed import DistContext
-from ctnocvr_rec.train.setup import read_manifest
 
 
 def _dataset(cfg: RunConfig, ctx: DistContext, split: str, training: bool) -> Any:

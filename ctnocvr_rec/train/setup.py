@@ -7,10 +7,8 @@ optimiser settings reach the kernels.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +16,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
 
 from ctnocvr_rec.config import RunConfig
+from ctnocvr_rec.data.prepared import read_manifest
 from ctnocvr_rec.data.schema import FieldSchema, load_schema
 from ctnocvr_rec.train.distributed import DistContext, broadcast_from_main
 
@@ -32,19 +31,6 @@ class ShardedModel:
     sharders: list[ModuleSharder[torch.nn.Module]]
     schema: FieldSchema
     num_embeddings: dict[str, int]
-
-
-def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
-    """``<prepared_dir>/manifest.json`` (written by ``ctnocvr data prepare``)."""
-    path = Path(prepared_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: data.prepared_dir must be a folder written by `ctnocvr data prepare`"
-        )
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
 
 
 def model_inputs(cfg: RunConfig) -> tuple[FieldSchema, dict[str, int]]:
