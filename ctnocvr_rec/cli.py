@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+import warnings
 
 #: (module, help) of every command area, in --help order
 AREAS = [
@@ -30,7 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_known_benign_warnings() -> None:
+    """Silence two messages torch prints on every run that say nothing about the user's job."""
+    # DCP loading a checkpoint into one process (eval/export) is intended, not a fallback.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+    # TrainPipelineSparseDist's fx trace triggers torch's note about is_fx_tracing semantics.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_known_benign_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
