@@ -265,17 +265,20 @@ def _set_dotted(tree: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
         node_cls = tp
 
 
+def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """``yaml.safe_load`` of ``path``; the top level must be a mapping (empty file -> ``{}``)."""
+    with open(path, encoding="utf-8") as f:
+        loaded = yaml.safe_load(f) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return loaded
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, cls: type[T] = RunConfig
 ) -> T:
     """Load ``cls`` from a YAML file (optional) and ``key.sub=value`` overrides."""
-    tree: dict[str, Any] = {}
-    if path:
-        with open(path, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        tree = loaded
+    tree = load_yaml_mapping(path) if path else {}
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from ctnocvr_rec.config import ConfigError, RunConfig, from_dict
+from ctnocvr_rec.config import ConfigError, RunConfig, from_dict, load_yaml_mapping
 
 #: the paper's Sec. 3.2 grids
 PAPER_LOSS_WEIGHT_CVR_GRID = [0.2, 0.5, 0.8, 1.0, 2.0, 4.0, 5.0]
@@ -89,13 +89,7 @@ class ExperimentConfig:
 
 def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load an experiment YAML; ``overrides`` (``key.sub=value``) apply to the ``run`` tree."""
-    tree: dict[str, Any] = {}
-    if path:
-        with open(path, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        tree = loaded
+    tree: dict[str, Any] = load_yaml_mapping(path) if path else {}
     if "source" in tree:
         raise ConfigError(f"{path}: 'source' is not a configuration key")
     try:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ctnocvr_rec.config import RunConfig, save_config, to_dict
+from ctnocvr_rec.config import RunConfig, save_config
 
 
 def torchrun_command(config_path: str | Path, nproc: int, max_restarts: int = 0, resume: bool = False,
@@ -98,7 +98,7 @@ def evaluate_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = Non
     from ctnocvr_rec.train.data_source import open_eval_batches
     from ctnocvr_rec.train.distributed import init_distributed, pick_device, shutdown
     from ctnocvr_rec.train.evaluate import evaluate
-    from ctnocvr_rec.train.loop import git_revision, write_results
+    from ctnocvr_rec.train.loop import results_record, write_results
     from ctnocvr_rec.train.setup import build_unsharded_model
 
     run_dir = Path(run_dir)
@@ -127,16 +127,11 @@ def evaluate_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = Non
     finally:
         shutdown(ctx)
     assert metrics is not None
-    result = {
-        "metrics": metrics,
-        "split": split,
-        "seed": cfg.train.seed,
-        "config": to_dict(cfg),
-        "git_rev": git_revision(),
-        "wall_s": time.time() - started,
-        "checkpoint": str(info.path),
-        "steps": int(info.meta.get("step", info.step)),
-        "saved_world_size": int(info.meta.get("world_size", 0)),
-    }
+    result = results_record(
+        cfg, metrics, split, started,
+        checkpoint=str(info.path),
+        steps=int(info.meta.get("step", info.step)),
+        saved_world_size=int(info.meta.get("world_size", 0)),
+    )
     write_results(run_dir / f"eval_{split}.json", result)
     return result

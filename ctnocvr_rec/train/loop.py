@@ -327,23 +327,32 @@ class Trainer:
         if metrics is None:
             return None
         st = self.state
-        result = {
-            "metrics": metrics,
-            "split": split,
-            "seed": cfg.train.seed,
-            "config": to_dict(cfg),
-            "git_rev": git_revision(),
-            "wall_s": time.time() - wall_start,
-            "samples_per_s": st.samples / st.train_time_s if st.train_time_s > 0 else float("nan"),
-            "steps": st.step,
-            "epochs_completed": st.epoch,
-            "world_size": ctx.world_size,
-            "checkpoint": self.last_checkpoint,
-        }
+        result = results_record(
+            cfg, metrics, split, wall_start,
+            samples_per_s=st.samples / st.train_time_s if st.train_time_s > 0 else float("nan"),
+            steps=st.step,
+            epochs_completed=st.epoch,
+            world_size=ctx.world_size,
+            checkpoint=self.last_checkpoint,
+        )
         logger.record("final", st.step, {"split": split, **metrics})
         write_results(self.run_dir / "metrics.json", result)
         logger.message(f"[train] {split} metrics after {st.step} steps:\n{format_metrics_table(metrics)}")
         return result
+
+
+def results_record(cfg: RunConfig, metrics: dict[str, Any], split: str, wall_start: float,
+                   **extra: Any) -> dict[str, Any]:
+    """The ``metrics.json`` / ``eval_<split>.json`` document (design.md, "Run folder")."""
+    return {
+        "metrics": metrics,
+        "split": split,
+        "seed": cfg.train.seed,
+        "config": to_dict(cfg),
+        "git_rev": git_revision(),
+        "wall_s": time.time() - wall_start,
+        **extra,
+    }
 
 
 def write_results(path: Path, result: dict[str, Any]) -> None:
