@@ -113,3 +113,13 @@ def test_enforced_plan_for_another_world_size_is_refused(prepared, tmp_path):
     run_in_process(make_cfg(prepared, tmp_path / "r", "train.steps=2", "train.eval_every_steps=0"),
                    plan_file=str(tmp_path / "p" / "plan.json"))
     assert json.loads((tmp_path / "r" / "plan.json").read_text())["modules"] == plan["modules"]
+
+
+def test_trainer_pipelines_the_sharded_embeddings(prepared, tmp_path, capfd):
+    """The trainer's model must be traceable by TrainPipelineSparseDist: the sharded EBC's input
+    distribution is pipelined, not silently run inline."""
+    torch.set_num_threads(1)
+    run_in_process(make_cfg(prepared, tmp_path / "p", "train.steps=3", "train.eval_every_steps=0"))
+    err = capfd.readouterr().err
+    assert "did not pipeline" not in err
+    assert "Sharded modules were not pipelined" not in err

@@ -226,6 +226,7 @@ class Trainer:
         pipeline = TrainPipelineSparseDist(model, optimizer, ctx.device, execute_all_batches=True)
         window: dict[str, float] = {}
         window_rows, window_steps, window_t0 = 0, 0, time.perf_counter()
+        pipelined_checked = False
         done = total_steps > 0 and st.step >= total_steps
         while not done and st.epoch < tc.epochs:
             epoch_batches = data.epoch_batches(st.epoch, st.data_state)
@@ -244,6 +245,13 @@ class Trainer:
                 except StopIteration:
                     break
                 st.train_time_s += time.perf_counter() - t0
+                if not pipelined_checked:
+                    # TorchRec only logs when its fx trace misses the sharded EBC; then the input
+                    # distribution is no longer overlapped with compute, so say it plainly once.
+                    pipelined_checked = True
+                    if not pipeline._pipelined_modules:
+                        logger.message("[train] warning: TrainPipelineSparseDist did not pipeline the sharded "
+                                       "embedding module (its fx trace failed); training runs unpipelined")
                 st.step += 1
                 st.batches_in_epoch += 1
                 st.data_state = tracked.pop_trained_state()

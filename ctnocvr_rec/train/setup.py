@@ -75,7 +75,6 @@ def build_sharded_model(cfg: RunConfig, ctx: DistContext, plan_file: str | None 
 
     schema, num_embeddings = model_inputs(cfg)
     model = build_model(cfg.model, schema, num_embeddings, device=torch.device("meta"))
-    make_pipeline_traceable(model)
     sharders = sharding.make_sharders(cfg.train.optim, ctx.device_type)
     meta = _plan_meta(ctx, model, cfg)
     tables = list(meta["tables"])
@@ -106,20 +105,6 @@ def build_sharded_model(cfg: RunConfig, ctx: DistContext, plan_file: str | None 
         sharders=sharders,
     )
     return ShardedModel(dmp, plan, plan_json, sharders, schema, num_embeddings)
-
-
-def make_pipeline_traceable(model: torch.nn.Module) -> None:
-    """Let ``TrainPipelineSparseDist`` trace the ranker's forward.
-
-    The pipeline fx-traces the top-level forward treating every child without a sharded module as
-    an opaque leaf. The ranker adds the labels to the dict its loss head returns; from an opaque
-    leaf that dict is a single ``Proxy`` and item assignment fails ("'Proxy' object does not support
-    item assignment"). Marking the head traceable makes the tracer step into it, so its dict is a
-    real dict. (A no-op once the head class sets ``_is_pytorch_fx_traceable`` itself.)
-    """
-    head = getattr(model, "head", None)
-    if isinstance(head, torch.nn.Module) and not getattr(head, "_is_pytorch_fx_traceable", False):
-        head._is_pytorch_fx_traceable = True  # type: ignore[attr-defined]
 
 
 def describe_plan(plan: ShardingPlan) -> str:
