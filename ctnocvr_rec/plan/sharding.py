@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +197,20 @@ def _as_list(value: Any, where: str) -> list[Any]:
     raise ValueError(f"{where}: expected a list (or comma-separated string), got {value!r}")
 
 
+def _checked_names(
+    value: Any, where: str, valid: list[str], cpu_valid: Sequence[str], device_type: str, cuda_only_why: str
+) -> list[str]:
+    """Lower-cased names from a constraint entry, each known and, on CPU, available there."""
+    names = [str(v).lower() for v in _as_list(value, where)]
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise ValueError(f"{where}: unknown {bad}; valid: {valid}")
+    cuda_only = [n for n in names if n not in cpu_valid]
+    if device_type == "cpu" and cuda_only:
+        raise ValueError(f"{where}: {cuda_only} exist only on CUDA ({cuda_only_why}); on CPU use {list(cpu_valid)}")
+    return names
+
+
 def make_constraints(
     plan_cfg: PlanConfig,
     device_type: str,
@@ -232,29 +246,15 @@ def make_constraints(
             raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {list(CONSTRAINT_KEYS)}")
         kwargs: dict[str, Any] = {}
         if "sharding_types" in spec:
-            types = [str(t).lower() for t in _as_list(spec["sharding_types"], f"{where}.sharding_types")]
-            bad = [t for t in types if t not in all_types]
-            if bad:
-                raise ValueError(f"{where}.sharding_types: unknown {bad}; valid: {all_types}")
-            cuda_only = [t for t in types if t not in CPU_SHARDING_TYPES]
-            if device_type == "cpu" and cuda_only:
-                raise ValueError(
-                    f"{where}.sharding_types: {cuda_only} exist only on CUDA (TorchRec's CPU "
-                    f"embedding kernels cannot shard a table by rows); on CPU use {list(CPU_SHARDING_TYPES)}"
-                )
-            kwargs["sharding_types"] = types
+            kwargs["sharding_types"] = _checked_names(
+                spec["sharding_types"], f"{where}.sharding_types", all_types, CPU_SHARDING_TYPES, device_type,
+                "TorchRec's CPU embedding kernels cannot shard a table by rows",
+            )
         if "compute_kernels" in spec:
-            kernels = [str(k).lower() for k in _as_list(spec["compute_kernels"], f"{where}.compute_kernels")]
-            bad = [k for k in kernels if k not in all_kernels]
-            if bad:
-                raise ValueError(f"{where}.compute_kernels: unknown {bad}; valid: {all_kernels}")
-            cuda_only = [k for k in kernels if k not in CPU_COMPUTE_KERNELS]
-            if device_type == "cpu" and cuda_only:
-                raise ValueError(
-                    f"{where}.compute_kernels: {cuda_only} exist only on CUDA (UVM and caching kernels keep "
-                    f"rows in host memory for a GPU); on CPU use {list(CPU_COMPUTE_KERNELS)}"
-                )
-            kwargs["compute_kernels"] = kernels
+            kwargs["compute_kernels"] = _checked_names(
+                spec["compute_kernels"], f"{where}.compute_kernels", all_kernels, CPU_COMPUTE_KERNELS,
+                device_type, "UVM and caching kernels keep rows in host memory for a GPU",
+            )
         if "min_partition" in spec:
             kwargs["min_partition"] = int(spec["min_partition"])
         for key in ("pooling_factors", "num_poolings"):
