@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -55,39 +54,24 @@ def build_unsharded_model(cfg: RunConfig, device: torch.device) -> torch.nn.Modu
     return build_model(cfg.model, schema, num_embeddings, device=device)
 
 
-def _plan_meta(ctx: DistContext, model: torch.nn.Module, cfg: RunConfig) -> dict[str, Any]:
-    from ctnocvr_rec.plan.sharding import table_shapes
-
-    return {
-        "world_size": ctx.world_size,
-        "local_world_size": ctx.local_world_size,
-        "device": ctx.device_type,
-        "batch_size": cfg.data.batch_size,
-        "tables": table_shapes(model),
-        "source": "ctnocvr train",
-    }
-
-
 def build_sharded_model(cfg: RunConfig, ctx: DistContext, plan_file: str | None = None) -> ShardedModel:
     """Model on meta, planned for the live topology (or ``plan_file`` enforced), wrapped in DMP."""
     from ctnocvr_rec.models import build_model
     from ctnocvr_rec.plan import sharding
+    from ctnocvr_rec.plan.api import load_enforced_plan
 
     schema, num_embeddings = model_inputs(cfg)
     model = build_model(cfg.model, schema, num_embeddings, device=torch.device("meta"))
     sharders = sharding.make_sharders(cfg.train.optim, ctx.device_type)
-    meta = _plan_meta(ctx, model, cfg)
-    tables = list(meta["tables"])
+    topology = sharding.make_topology(
+        ctx.world_size, ctx.local_world_size, ctx.device_type, cfg.plan.hbm_gb, cfg.plan.ddr_gb
+    )
+    meta = sharding.plan_meta(model, topology, cfg.data.batch_size, cfg.plan, cfg.train.optim)
+    meta["source"] = "ctnocvr train"
     if plan_file:
-        plan, saved_meta = sharding.plan_from_json(plan_file)
-        saved_meta.setdefault("source", str(plan_file))
-        sharding.check_plan_compatible(saved_meta, ctx.world_size, tables, plan, ctx.device_type)
-        sharding.check_plan_shapes(saved_meta, model)
+        plan = load_enforced_plan(plan_file, model, ctx.world_size, ctx.device_type)
     else:
-        topology = sharding.make_topology(
-            ctx.world_size, ctx.local_world_size, ctx.device_type, cfg.plan.hbm_gb, cfg.plan.ddr_gb
-        )
-        constraints = sharding.make_constraints(cfg.plan, ctx.device_type, tables)
+        constraints = sharding.make_constraints(cfg.plan, ctx.device_type, list(meta["tables"]))
         planner = sharding.build_planner(topology, cfg.data.batch_size, cfg.plan, constraints, module=model)
         if ctx.world_size > 1:
             plan = planner.collective_plan(model, sharders, torch.distributed.group.WORLD)
