@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ctnocvr_rec.config import OptimConfig, PlanConfig, RunConfig
-from ctnocvr_rec.plan import api, render, sharding, tables
+from ctnocvr_rec.plan import api, render, saved, sharding, tables
 from ctnocvr_rec.plan.report import PlanInfeasibleError, PlanReport
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,8 +152,8 @@ def test_plan_json_round_trips(tmp_path: Path) -> None:
     report = api.what_if_plan(run_config(), cluster, preset="aliccp-full")
     assert report.plan is not None
     path = tmp_path / "plan.json"
-    text = sharding.plan_to_json(report.plan, report.meta, path=path)
-    loaded, meta = sharding.plan_from_json(path)
+    text = saved.plan_to_json(report.plan, report.meta, path=path)
+    loaded, meta = saved.plan_from_json(path)
     assert meta == json.loads(text)["meta"]
     assert set(loaded.plan) == set(report.plan.plan)
     for module_path, module_plan in report.plan.plan.items():
@@ -171,7 +171,7 @@ def test_plan_json_round_trips(tmp_path: Path) -> None:
                     (s.shard_offsets, s.shard_sizes, str(s.placement)) for s in back.sharding_spec.shards
                 ] == [(s.shard_offsets, s.shard_sizes, str(s.placement)) for s in ps.sharding_spec.shards]
     # and serialising the loaded plan again gives the same text
-    assert sharding.plan_to_json(loaded, meta) == text
+    assert saved.plan_to_json(loaded, meta) == text
 
 
 def test_cli_json_output_is_a_loadable_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -181,7 +181,7 @@ def test_cli_json_output_is_a_loadable_plan(tmp_path: Path, capsys: pytest.Captu
 
     parser = argparse.ArgumentParser()
     commands.register(parser.add_subparsers(dest="command"))
-    saved = tmp_path / "saved.json"
+    saved_path = tmp_path / "saved_path.json"
     args = parser.parse_args(
         [
             "plan",
@@ -194,14 +194,14 @@ def test_cli_json_output_is_a_loadable_plan(tmp_path: Path, capsys: pytest.Captu
             "--format",
             "json",
             "--save",
-            str(saved),
+            str(saved_path),
         ]
     )
     assert args.func(args) == 0
     out = capsys.readouterr().out
     tree = json.loads(out)
-    plan_from_stdout, _ = sharding.plan_from_dict(tree)
-    plan_from_file, _ = sharding.plan_from_json(saved)
+    plan_from_stdout, _ = saved.plan_from_dict(tree)
+    plan_from_file, _ = saved.plan_from_json(saved_path)
     assert str(plan_from_stdout) == str(plan_from_file)
     assert len(tree["report"]["ranks"]) == 2
 
@@ -275,8 +275,8 @@ def test_diff_shows_moved_table(tmp_path: Path, capsys: pytest.CaptureFixture[st
         extra_constraints={"t_101": {"sharding_types": [moved_type]}},
     )
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    sharding.plan_to_json(base.plan, base.meta, path=a)
-    sharding.plan_to_json(moved.plan, moved.meta, path=b)
+    saved.plan_to_json(base.plan, base.meta, path=a)
+    saved.plan_to_json(moved.plan, moved.meta, path=b)
     lines = render.diff_plans(json.loads(a.read_text()), json.loads(b.read_text()))
     t101 = [line for line in lines if line.startswith("t_101:")]
     assert t101 and render.ABBREV[moved_type] + "/" in t101[0].split("->")[1]
@@ -292,16 +292,16 @@ def test_saved_plan_refused_for_other_world_size_or_tables(tmp_path: Path) -> No
     cluster = api.Cluster(world_size=2, device="cpu")
     report = api.what_if_plan(run_config(), cluster, prepared_dir=small_manifest(tmp_path))
     path = tmp_path / "plan.json"
-    sharding.plan_to_json(report.plan, report.meta, path=path)
-    plan, meta = sharding.plan_from_json(path)
+    saved.plan_to_json(report.plan, report.meta, path=path)
+    plan, meta = saved.plan_from_json(path)
     tables_now = list(meta["tables"])
-    sharding.check_plan_compatible(meta, 2, tables_now, plan, "cpu")  # accepted as is
-    with pytest.raises(sharding.PlanCompatibilityError, match="world size 2, but this run has 4 ranks"):
-        sharding.check_plan_compatible(meta, 4, tables_now, plan, "cpu")
-    with pytest.raises(sharding.PlanCompatibilityError, match=r"not in the plan \['t_new'\]"):
-        sharding.check_plan_compatible(meta, 2, tables_now + ["t_new"], plan, "cpu")
-    with pytest.raises(sharding.PlanCompatibilityError, match="device 'cpu'"):
-        sharding.check_plan_compatible(meta, 2, tables_now, plan, "cuda")
+    saved.check_plan_compatible(meta, 2, tables_now, plan, "cpu")  # accepted as is
+    with pytest.raises(saved.PlanCompatibilityError, match="world size 2, but this run has 4 ranks"):
+        saved.check_plan_compatible(meta, 4, tables_now, plan, "cpu")
+    with pytest.raises(saved.PlanCompatibilityError, match=r"not in the plan \['t_new'\]"):
+        saved.check_plan_compatible(meta, 2, tables_now + ["t_new"], plan, "cpu")
+    with pytest.raises(saved.PlanCompatibilityError, match="device 'cpu'"):
+        saved.check_plan_compatible(meta, 2, tables_now, plan, "cuda")
     # other table sizes: the same schema with a different vocabulary
     other_dir = tmp_path / "other"
     other_dir.mkdir()
@@ -309,7 +309,7 @@ def test_saved_plan_refused_for_other_world_size_or_tables(tmp_path: Path) -> No
 
     schema = load_schema(SCHEMA)
     model, _ = tables.build_plannable_model(run_config().model, schema, {s.name: 7 for s in schema})
-    with pytest.raises(sharding.PlanCompatibilityError, match="other table sizes"):
+    with pytest.raises(saved.PlanCompatibilityError, match="other table sizes"):
         api.load_enforced_plan(path, model, 2, "cpu")
 
 
@@ -317,9 +317,9 @@ def test_bad_plan_file_errors_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.json: not valid JSON \(line 1"):
-        sharding.plan_from_json(bad)
+        saved.plan_from_json(bad)
     with pytest.raises(FileNotFoundError, match="missing.json"):
-        sharding.plan_from_json(tmp_path / "missing.json")
+        saved.plan_from_json(tmp_path / "missing.json")
 
 
 def test_topology_and_reservations_do_not_warn(caplog: pytest.LogCaptureFixture) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ctnocvr_rec.config import RunConfig, load_config
-from ctnocvr_rec.plan import api, sharding
+from ctnocvr_rec.plan import api, saved
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,12 +54,12 @@ def test_saved_two_rank_cpu_plan_is_enforced_by_training(tmp_path: Path) -> None
     forced = {"t_101": {"sharding_types": ["table_wise"]}, "t_205": {"sharding_types": ["table_wise"]}}
     cluster = api.Cluster(world_size=2, device="cpu", batch_size=cfg.data.batch_size)
     report = api.what_if_plan(cfg, cluster, extra_constraints=forced)
-    saved = tmp_path / "plan.json"
-    sharding.plan_to_json(report.plan, report.meta, path=saved)
-    wanted = placement(json.loads(saved.read_text()))
+    saved_path = tmp_path / "plan.json"
+    saved.plan_to_json(report.plan, report.meta, path=saved_path)
+    wanted = placement(json.loads(saved_path.read_text()))
     assert wanted["t_101"][0] == "table_wise" and wanted["t_205"][0] == "table_wise"
 
-    metrics = train_and_evaluate(cfg, nproc=2, plan_file=str(saved))
+    metrics = train_and_evaluate(cfg, nproc=2, plan_file=str(saved_path))
     assert metrics["steps"] == 3
     used = placement(json.loads((tmp_path / "run" / "plan.json").read_text()))
     assert used == wanted
@@ -71,7 +71,7 @@ def test_plan_for_another_world_size_is_refused(tmp_path: Path) -> None:
 
     cfg = tiny_config(tmp_path, "refused")
     report = api.what_if_plan(cfg, api.Cluster(world_size=2, device="cpu", batch_size=64))
-    saved = tmp_path / "plan2.json"
-    sharding.plan_to_json(report.plan, report.meta, path=saved)
-    with pytest.raises(sharding.PlanCompatibilityError, match="world size 2, but this run has 1 ranks"):
-        train_and_evaluate(cfg, nproc=1, plan_file=str(saved))
+    saved_path = tmp_path / "plan2.json"
+    saved.plan_to_json(report.plan, report.meta, path=saved_path)
+    with pytest.raises(saved.PlanCompatibilityError, match="world size 2, but this run has 1 ranks"):
+        train_and_evaluate(cfg, nproc=1, plan_file=str(saved_path))

@@ -18,7 +18,7 @@ from torchrec.distributed.types import ShardingPlan
 
 from ctnocvr_rec.config import RunConfig
 from ctnocvr_rec.data.schema import load_schema
-from ctnocvr_rec.plan import sharding, tables
+from ctnocvr_rec.plan import saved, sharding, tables
 from ctnocvr_rec.plan.report import PlanReport, run_plan
 
 
@@ -93,7 +93,7 @@ def what_if_plan(
     planner = sharding.build_planner(
         topology, cluster.batch_size, plan_cfg, constraints=constraints, module=model
     )
-    meta = sharding.plan_meta(model, topology, cluster.batch_size, plan_cfg, cfg.train.optim)
+    meta = saved.plan_meta(model, topology, cluster.batch_size, plan_cfg, cfg.train.optim)
     meta.update({"sizes_source": sizes.source, "module_kind": kind})
     return run_plan(planner, topology, model, sharders, meta)
 
@@ -114,15 +114,15 @@ def load_enforced_plan(path: str | Path, model: nn.Module, world_size: int, devi
     Raises ``PlanCompatibilityError`` (a ValueError) naming what differs: world size, device, table set
     or table shapes. ``model`` may be on ``meta``.
     """
-    plan, meta = sharding.plan_from_json(path)
+    plan, meta = saved.plan_from_json(path)
     meta.setdefault("source", str(path))
     shapes = sharding.table_shapes(model)
-    sharding.check_plan_compatible(meta, world_size, shapes, plan=plan, device_type=device_type)
-    sharding.check_plan_shapes(meta, model)
+    saved.check_plan_compatible(meta, world_size, shapes, plan=plan, device_type=device_type)
+    saved.check_plan_shapes(meta, model)
     known_paths = {name for name, _ in model.named_modules()}
     unknown = sorted(set(plan.plan) - known_paths)
     if unknown:
-        raise sharding.PlanCompatibilityError(
+        raise saved.PlanCompatibilityError(
             f"{path}: plan shards module(s) {unknown} that this model does not have "
             "(was it made for another model structure?)"
         )

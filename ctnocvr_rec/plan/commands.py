@@ -87,7 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _diff(paths: list[str]) -> int:
     from ctnocvr_rec.plan.render import diff_plans
-    from ctnocvr_rec.plan.sharding import plan_from_json
+    from ctnocvr_rec.plan.saved import plan_from_json
 
     trees = []
     for path in paths:
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from ctnocvr_rec.config import load_config
     from ctnocvr_rec.plan.api import Cluster, parse_constraint, what_if_plan
     from ctnocvr_rec.plan.render import render_report
-    from ctnocvr_rec.plan.sharding import plan_to_dict, plan_to_json
+    from ctnocvr_rec.plan.saved import plan_to_dict, plan_to_json
 
     cfg = load_config(args.config, args.override)
     if args.storage_reservation is not None:

@@ -57,7 +57,7 @@ def build_unsharded_model(cfg: RunConfig, device: torch.device) -> torch.nn.Modu
 def build_sharded_model(cfg: RunConfig, ctx: DistContext, plan_file: str | None = None) -> ShardedModel:
     """Model on meta, planned for the live topology (or ``plan_file`` enforced), wrapped in DMP."""
     from ctnocvr_rec.models import build_model
-    from ctnocvr_rec.plan import sharding
+    from ctnocvr_rec.plan import saved, sharding
     from ctnocvr_rec.plan.api import load_enforced_plan
 
     schema, num_embeddings = model_inputs(cfg)
@@ -66,7 +66,7 @@ def build_sharded_model(cfg: RunConfig, ctx: DistContext, plan_file: str | None 
     topology = sharding.make_topology(
         ctx.world_size, ctx.local_world_size, ctx.device_type, cfg.plan.hbm_gb, cfg.plan.ddr_gb
     )
-    meta = sharding.plan_meta(model, topology, cfg.data.batch_size, cfg.plan, cfg.train.optim)
+    meta = saved.plan_meta(model, topology, cfg.data.batch_size, cfg.plan, cfg.train.optim)
     meta["source"] = "ctnocvr train"
     if plan_file:
         plan = load_enforced_plan(plan_file, model, ctx.world_size, ctx.device_type)
@@ -78,9 +78,9 @@ def build_sharded_model(cfg: RunConfig, ctx: DistContext, plan_file: str | None 
         else:
             plan = planner.plan(model, sharders)
     # every rank must shard with the identical plan: rank 0's text is the reference
-    plan_json = sharding.plan_to_json(plan, meta)
+    plan_json = saved.plan_to_json(plan, meta)
     plan_json = broadcast_from_main(ctx, plan_json)
-    plan, _ = sharding.plan_from_json(plan_json)
+    plan, _ = saved.plan_from_json(plan_json)
     dmp = DistributedModelParallel(
         module=model,
         env=ShardingEnv.from_process_group(torch.distributed.group.WORLD),
