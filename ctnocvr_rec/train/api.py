@@ -46,12 +46,15 @@ def worker_env(nproc: int) -> dict[str, str]:
 
 def run_in_process(cfg: RunConfig, resume: bool = False, plan_file: str | None = None) -> dict[str, Any] | None:
     """Train on this process's rank (every rank of a torchrun job calls this)."""
+    from ctnocvr_rec.train.allocator import tune_host_allocator
     from ctnocvr_rec.train.distributed import init_distributed, shutdown
     from ctnocvr_rec.train.loop import Trainer
 
     if hasattr(signal, "SIGUSR1"):
         # `kill -USR1 <pid>` prints every thread's Python stack: where a stuck rank waits
         faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if cfg.train.tune_host_allocator:
+        tune_host_allocator()
     ctx = init_distributed(cfg.train.device)
     try:
         return Trainer(cfg, ctx, plan_file=plan_file, resume=resume).run()
