@@ -31,6 +31,30 @@ def _sample_ids(batches) -> list[int]:
     return [int(x) for b in batches for x in b.sample_id.tolist()]
 
 
+def _per_key(batch, schema) -> dict:
+    """Every field's JaggedTensor from the batch's two KJTs, after checking the split contract:
+    fields of weighted tables in ``weighted_features`` (with weights), the rest in the unweighted
+    ``sparse_features`` (no weights array), schema order within each."""
+    plain = batch.sparse_features
+    assert plain.keys() == schema.unweighted_feature_names
+    assert plain.weights_or_none() is None
+    per_key = dict(plain.to_dict())
+    if schema.weighted_feature_names:
+        weighted = batch.weighted_features
+        assert weighted.keys() == schema.weighted_feature_names and weighted.stride() == batch.batch_size
+        assert weighted.weights().dtype == torch.float32
+        per_key.update(weighted.to_dict())
+    else:
+        assert batch.weighted_features is None
+    return per_key
+
+
+def _weights(jt, spec) -> list[float]:
+    """The weights the model sees for a field: the stored ones, 1.0 for plain fields."""
+    w = jt.weights_or_none()
+    return w.tolist() if w is not None else [1.0] * len(jt.values())
+
+
 def test_derive_ctnocvr_label_truth_table():
     click = torch.tensor([0.0, 1.0, 1.0, 0.0])
     conversion = torch.tensor([0.0, 0.0, 1.0, 0.0])
@@ -48,9 +72,8 @@ def test_kjt_equals_parquet_contents(prepared):
     for batch in batches:
         n = batch.batch_size
         part = expected.slice(row, n)
-        kjt = batch.sparse_features
-        assert kjt.keys() == schema.feature_names and kjt.stride() == n
-        per_key = kjt.to_dict()
+        assert batch.sparse_features.stride() == n
+        per_key = _per_key(batch, schema)
         for spec in schema:
             jt = per_key[spec.feature_name]
             ids = part.column(spec.name).to_pylist()
@@ -60,7 +83,7 @@ def test_kjt_equals_parquet_contents(prepared):
                 want = np.array([w for x in part.column(spec.weight_column).to_pylist() for w in x], np.float32)
             else:
                 want = np.ones(len(jt.values()), np.float32)
-            np.testing.assert_array_equal(jt.weights().numpy(), want, err_msg=spec.name)
+            np.testing.assert_array_equal(np.array(_weights(jt, spec), np.float32), want, err_msg=spec.name)
         click = np.array(part.column("click").to_pylist(), np.float32)
         conversion = np.array(part.column("conversion").to_pylist(), np.float32)
         np.testing.assert_array_equal(batch.click.numpy(), click)
@@ -79,7 +102,7 @@ def test_shuffled_batches_carry_their_rows_contents(prepared):
     ds = ParquetBatchDataset(root, "train", batch_size=24, shuffle=True, seed=9, shuffle_window_batches=3)
     seen = []
     for batch in ds:
-        per_key = batch.sparse_features.to_dict()
+        per_key = _per_key(batch, schema)
         for spec in schema:
             jt = per_key[spec.feature_name]
             rows = [by_sid[s] for s in batch.sample_id.tolist()]
@@ -87,7 +110,7 @@ def test_shuffled_batches_carry_their_rows_contents(prepared):
             assert jt.values().tolist() == [v for r in rows for v in r[spec.name]], spec.name
             want_w = [np.float32(w) for r in rows for w in r[spec.weight_column]] if spec.weighted else \
                 [1.0] * len(jt.values())
-            assert jt.weights().tolist() == want_w, spec.name
+            assert _weights(jt, spec) == want_w, spec.name
         rows = [by_sid[s] for s in batch.sample_id.tolist()]
         assert batch.click.tolist() == [r["click"] for r in rows]
         assert batch.conversion.tolist() == [r["conversion"] for r in rows]
@@ -285,7 +308,7 @@ def test_table_to_batch_handles_sliced_chunked_columns(prepared):
     batch = table_to_batch(chunked, schema)
     spec = schema["210"]
     want = table.slice(3, 10).column("210").to_pylist() + table.slice(20, 7).column("210").to_pylist()
-    jt = batch.sparse_features[spec.feature_name]
+    jt = _per_key(batch, schema)[spec.feature_name]
     assert jt.lengths().tolist() == [len(x) for x in want]
     assert jt.values().tolist() == [v for x in want for v in x]
 
@@ -329,10 +352,9 @@ def test_round_trip_synth_prepare_load_keeps_every_row_and_value(tmp_path):
     for split in ("train", "valid", "test"):
         for batch in ParquetBatchDataset(out, split, batch_size=128, schema=schema, rank=0, world_size=1,
                                          shuffle=split == "train", shuffle_window_batches=2):
-            kjt = batch.sparse_features
-            assert (kjt.values().dtype, kjt.lengths().dtype, kjt.weights().dtype) == (
-                torch.int64, torch.int32, torch.float32)
-            per_key = batch.sparse_features.to_dict()
+            for kjt in (batch.sparse_features, batch.weighted_features):
+                assert (kjt.values().dtype, kjt.lengths().dtype) == (torch.int64, torch.int32)
+            per_key = _per_key(batch, schema)
             lengths = {k: jt.lengths().tolist() for k, jt in per_key.items()}
             offsets = {k: np.concatenate([[0], np.cumsum(v)]) for k, v in lengths.items()}
             for r, sid in enumerate(batch.sample_id.tolist()):
@@ -349,7 +371,7 @@ def test_round_trip_synth_prepare_load_keeps_every_row_and_value(tmp_path):
                     raw_items = want["fields"].get(spec.name, [])
                     assert jt.values()[lo:hi].tolist() == [vocab[spec.name].get(i, 0) for i, _ in raw_items], (sid, spec.name)
                     want_w = [np.float32(v) if spec.weighted else np.float32(1.0) for _, v in raw_items]
-                    assert jt.weights()[lo:hi].tolist() == want_w, (sid, spec.name)
+                    assert _weights(jt, spec)[lo:hi] == want_w, (sid, spec.name)
     assert seen == set(expected)  # every raw row once, none invented
     assert len(set(request_of_key.values())) == len(request_of_key)  # one request id per common key
 
@@ -366,3 +388,55 @@ def test_gather_index_matches_repeat_arange():
         want = np.concatenate([np.arange(s, s + k) for s, k in zip(starts, lengths)] + [np.zeros(0, int)])
         got = dataset_mod._gather_index(starts, lengths, out_offsets)
         assert got.tolist() == want.tolist()
+
+
+def test_loader_splits_weighted_tables_including_a_shared_table_with_one_weighted_field(tmp_path):
+    """``s_w`` is weighted and shares table ``t_s`` with plain ``s_p``: both go to the weighted KJT
+    (``s_p`` with weight 1.0); ``c`` and ``m`` stay in the unweighted KJT, which has no weights."""
+    from ctnocvr_rec.data.dataset import benchmark_loader
+    from ctnocvr_rec.data.schema import FieldSchema
+
+    schema = FieldSchema.from_dict({"fields": [
+        {"name": "c", "group": "context"},
+        {"name": "s_w", "group": "user", "weighted": True, "multi_valued": True, "table": "t_s"},
+        {"name": "m", "group": "item", "multi_valued": True},
+        {"name": "s_p", "group": "item", "table": "t_s"},
+    ]})
+    assert schema.weighted_feature_names == ["f_s_w", "f_s_p"]
+    assert schema.unweighted_feature_names == ["f_c", "f_m"]
+    table = write_prepared(tmp_path, schema, {"train": 90}, rows_per_file=40, row_group_size=16)["train"]
+    by_sid = {row["sample_id"]: row for row in table.to_pylist()}
+    for shuffle in (False, True):
+        rows_seen = 0
+        for batch in ParquetBatchDataset(tmp_path, "train", batch_size=32, shuffle=shuffle, seed=3):
+            assert batch.sparse_features.keys() == ["f_c", "f_m"]
+            assert batch.sparse_features.weights_or_none() is None
+            assert batch.weighted_features.keys() == ["f_s_w", "f_s_p"]
+            rows = [by_sid[s] for s in batch.sample_id.tolist()]
+            plain = batch.sparse_features.to_dict()
+            weighted = batch.weighted_features.to_dict()
+            for name in ("c", "m"):
+                assert plain[f"f_{name}"].values().tolist() == [v for r in rows for v in r[name]], name
+            assert weighted["f_s_w"].values().tolist() == [v for r in rows for v in r["s_w"]]
+            assert weighted["f_s_w"].weights().tolist() == [np.float32(w) for r in rows for w in r["s_w__w"]]
+            assert weighted["f_s_p"].values().tolist() == [v for r in rows for v in r["s_p"]]
+            assert weighted["f_s_p"].weights().tolist() == [1.0] * sum(len(r["s_p"]) for r in rows)
+            rows_seen += batch.batch_size
+        assert rows_seen == 90
+    # the loader benchmark counts the ids of both KJTs
+    total_ids = sum(len(r[f]) for r in by_sid.values() for f in ("c", "s_w", "m", "s_p"))
+    stats = benchmark_loader(tmp_path, "train", batch_size=32, shuffle=False)
+    assert stats["ids_per_row"] == pytest.approx(total_ids / 90)
+
+
+def test_loader_gives_no_weighted_kjt_for_an_unweighted_schema(tmp_path):
+    from ctnocvr_rec.data.schema import FieldSchema
+
+    schema = FieldSchema.from_dict({"fields": [
+        {"name": "a", "group": "user"}, {"name": "b", "group": "item", "multi_valued": True}]})
+    write_prepared(tmp_path, schema, {"train": 20}, rows_per_file=20)
+    batches = list(ParquetBatchDataset(tmp_path, "train", batch_size=8))
+    assert [b.batch_size for b in batches] == [8, 8, 4]
+    for batch in batches:
+        assert batch.weighted_features is None
+        assert batch.sparse_features.keys() == ["f_a", "f_b"] and batch.sparse_features.weights_or_none() is None

@@ -519,9 +519,16 @@ def test_synth_prepare_load_round_trip(tmp_path: Path, synth_raw: Path) -> None:
         rows = read_split(out, split)
         seen: set[int] = set()
         for batch in dataset_mod.ParquetBatchDataset(out, split, batch_size=256):
+            # unweighted tables' fields come without weights (the model sees 1.0), weighted ones with
+            assert batch.sparse_features.weights_or_none() is None
+            per_key = {**batch.sparse_features.to_dict(), **batch.weighted_features.to_dict()}
             features = {
-                spec.name: [jt.offsets().tolist(), jt.values().tolist(), jt.weights().tolist()]
-                for spec, jt in zip(schema, (batch.sparse_features[k] for k in schema.feature_names))
+                spec.name: [
+                    jt.offsets().tolist(),
+                    jt.values().tolist(),
+                    jt.weights().tolist() if jt.weights_or_none() is not None else [1.0] * len(jt.values()),
+                ]
+                for spec, jt in ((s, per_key[s.feature_name]) for s in schema)
             }
             ctnocvr = batch.ctnocvr.tolist()
             for i, sid in enumerate(batch.sample_id.tolist()):

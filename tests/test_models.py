@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ctnocvr_rec.config import ModelConfig
+from ctnocvr_rec.data.schema import FieldSchema
 from ctnocvr_rec.models import ARCHS, RankerForInference, build_model, export_for_inference
 from ctnocvr_rec.models.testing import TINY_SIZES, SyntheticStream, tiny_model_config, tiny_schema
 
@@ -51,7 +52,8 @@ def test_outputs_follow_the_model_contract(arch, use_ctnocvr):
     for key in PASSTHROUGH:
         torch.testing.assert_close(out[key], getattr(batch, key))
     assert out["loss"].item() == pytest.approx(loss.item())
-    assert model.sparse_arch.embedding_bag_collection is model.sparse_arch.embedding_bag_collection
+    assert model.sparse_arch.embedding_bag_collection is not None
+    assert model.sparse_arch.weighted_embedding_bag_collection is not None  # tiny_schema has weighted fields
 
 
 def test_use_ctnocvr_adds_a_gated_task_with_its_own_tower():
@@ -103,15 +105,37 @@ def test_inference_wrapper_exports_with_torch_export():
     model = build_model(small_cfg("ple", True), tiny_schema(), SIZES, device=CPU).eval()
     batch = SyntheticStream(tiny_schema(), SIZES, batch_size=16, seed=3).next_batch()
     wrapper = RankerForInference(model)
-    eager = wrapper(batch.sparse_features)
+    eager = wrapper(batch.sparse_features, batch.weighted_features)
     assert eager.shape == (16, 4)
     _, out = model(batch)
     torch.testing.assert_close(eager, torch.stack([out[c] for c in RankerForInference.columns], dim=1))
 
-    exported = export_for_inference(model, batch.sparse_features)
+    exported = export_for_inference(model, batch.sparse_features, batch.weighted_features)
     other = SyntheticStream(tiny_schema(), SIZES, batch_size=16, seed=4).next_batch()
-    assert other.sparse_features.values().numel() != batch.sparse_features.values().numel()
-    torch.testing.assert_close(exported.module()(other.sparse_features), wrapper(other.sparse_features))
+    # both KJTs carry another number of ids: the dynamic dims of both are exercised
+    assert other.weighted_features.values().numel() != batch.weighted_features.values().numel()
+    torch.testing.assert_close(
+        exported.module()(other.sparse_features, other.weighted_features),
+        wrapper(other.sparse_features, other.weighted_features),
+    )
+    with pytest.raises(ValueError, match="must be the unweighted KJT"):
+        export_for_inference(model, batch.weighted_features, batch.weighted_features)
+
+
+def test_unweighted_schema_exports_without_weighted_features():
+    schema = FieldSchema.from_dict({"fields": [
+        {"name": "u", "group": "user"}, {"name": "i", "group": "item"},
+        {"name": "h", "group": "user", "multi_valued": True}]})
+    sizes = {"u": 9, "i": 11, "h": 13}
+    model = build_model(small_cfg("mmoe", True), schema, sizes, device=CPU).eval()
+    assert model.sparse_arch.weighted_embedding_bag_collection is None
+    batch = SyntheticStream(schema, sizes, batch_size=8, seed=3).next_batch()
+    assert batch.weighted_features is None
+    exported = export_for_inference(model, batch.sparse_features)
+    other = SyntheticStream(schema, sizes, batch_size=8, seed=9).next_batch()
+    torch.testing.assert_close(
+        exported.module()(other.sparse_features, None), RankerForInference(model)(other.sparse_features)
+    )
 
 
 def test_training_forward_is_fx_traceable_for_the_pipeline():
@@ -129,7 +153,7 @@ def test_no_click_batch_gives_finite_loss_and_gradients(arch):
     model = build_model(small_cfg(arch, True), tiny_schema(), SIZES, device=CPU)
     batch = SyntheticStream(tiny_schema(), SIZES, batch_size=16, seed=2).next_batch()
     zeros = torch.zeros(16)
-    no_click = type(batch).from_labels(batch.sparse_features, zeros, zeros)
+    no_click = type(batch).from_labels(batch.sparse_features, zeros, zeros, weighted_features=batch.weighted_features)
     loss, out = model(no_click)
     loss.backward()
     assert torch.isfinite(loss)

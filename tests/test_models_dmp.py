@@ -88,8 +88,13 @@ def _check_arch(rank: int, arch: str) -> None:
         if isinstance(value, torch.Tensor) and type(value) is torch.Tensor:
             assert torch.isfinite(value).all() and 0 < value.abs().max() <= 1, name
     copy_global_state(dmp.state_dict(), global_state)
-    assert type(dmp.module.sparse_arch.embedding_bag_collection).__name__ == "ShardedEmbeddingBagCollection"
-    planned = {name: ps.sharding_type for name, ps in plan.plan["sparse_arch.embedding_bag_collection"].items()}
+    sparse_arch = dmp.module.sparse_arch
+    plain_ebc, weighted_ebc = sparse_arch.embedding_bag_collection, sparse_arch.weighted_embedding_bag_collection
+    assert type(plain_ebc).__name__ == type(weighted_ebc).__name__ == "ShardedEmbeddingBagCollection"
+    # one plan entry per EBC; the shared t_tag is weighted (u_tag is), so it is in the weighted EBC
+    assert set(plan.plan) == {"sparse_arch.embedding_bag_collection", "sparse_arch.weighted_embedding_bag_collection"}
+    assert set(plan.plan["sparse_arch.weighted_embedding_bag_collection"]) == {"t_u_hist", "t_tag"}
+    planned = {name: ps.sharding_type for module_plan in plan.plan.values() for name, ps in module_plan.items()}
     for table, constraint in constraints.items():
         assert planned[table] in constraint.sharding_types, (table, planned[table])
 
@@ -104,7 +109,9 @@ def _check_arch(rank: int, arch: str) -> None:
     batches = [stream.next_batch() for _ in range(5)]
     it = iter(batches)
     first = pipeline.progress(it)
-    assert pipeline._pipelined_modules, "the sharded EBC was not pipelined"
+    # both sharded EBCs get their input distribution pipelined (fed by getattr on the batch)
+    pipelined = {id(m) for m in pipeline._pipelined_modules}
+    assert pipelined == {id(plain_ebc), id(weighted_ebc)}, "a sharded EBC was not pipelined"
 
     with torch.no_grad():
         ref_loss, ref_out = reference(batches[0])

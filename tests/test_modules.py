@@ -7,7 +7,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ctnocvr_rec.data.schema import FieldSchema
-from ctnocvr_rec.models.testing import random_kjt, tiny_schema
+from ctnocvr_rec.models.testing import random_features, random_kjt, split_features, tiny_schema
 from ctnocvr_rec.modules import GROUP_ORDER, ExpertExtraction, FieldEmbedding, TaskTower, physical_dim
 
 CPU = torch.device("cpu")
@@ -15,6 +15,15 @@ CPU = torch.device("cpu")
 
 def _sizes(schema: FieldSchema) -> dict[str, int]:
     return {name: 7 + i for i, name in enumerate(schema.names)}
+
+
+def _bags(emb: FieldEmbedding) -> dict[str, torch.nn.EmbeddingBag]:
+    """Every table of both EBCs, by table name."""
+    out: dict[str, torch.nn.EmbeddingBag] = {}
+    for ebc in (emb.embedding_bag_collection, emb.weighted_embedding_bag_collection):
+        if ebc is not None:
+            out.update(ebc.embedding_bags)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -28,17 +37,27 @@ def test_physical_dim_rounds_up_to_multiple_of_four():
         physical_dim(0)
 
 
-def test_field_embedding_equals_per_field_weighted_sum_in_group_order():
+def test_field_embedding_equals_single_weighted_ebc_formulation():
+    """Split EBCs == the pre-split formulation (one weighted KJT of every field, weight 1.0 for plain
+    fields), computed by hand from the table weights: per field in group order, the weighted sum of
+    the first `dim` columns of its table."""
     schema = tiny_schema()
     sizes = _sizes(schema)
     emb = FieldEmbedding(schema, sizes, embedding_dim=6, field_embedding_dims={"combo": 8}, device=CPU)
+    # t_tag is weighted because u_tag is, so plain i_tag is served by the weighted EBC as well
+    assert set(emb.weighted_embedding_bag_collection.embedding_bags) == {"t_u_hist", "t_tag"}
+    assert set(emb.embedding_bag_collection.embedding_bags) == {"t_ctx", "t_user", "t_item", "t_combo"}
+    assert not emb.embedding_bag_collection.is_weighted() and emb.weighted_embedding_bag_collection.is_weighted()
     gen = torch.Generator().manual_seed(1)
-    kjt = random_kjt(schema, sizes, batch_size=5, generator=gen)
-    x = emb(kjt)
+    combined = random_kjt(schema, sizes, batch_size=5, generator=gen)  # one weighted KJT, all fields
+    plain, weighted = split_features(combined, schema)
+    assert plain.weights_or_none() is None and weighted is not None
+    assert plain.keys() == ["f_ctx", "f_user", "f_item", "f_combo"]
+    assert weighted.keys() == ["f_u_hist", "f_u_tag", "f_i_tag"]
+    x = emb(plain, weighted)
 
-    # Reference: per field in group order, the weighted sum of the first `dim` columns of its table.
-    bags = emb.embedding_bag_collection.embedding_bags
-    per_key = kjt.to_dict()
+    bags = _bags(emb)
+    per_key = combined.to_dict()
     expected_cols = []
     for group in GROUP_ORDER:
         for spec in schema.by_group(group):
@@ -66,7 +85,7 @@ def test_shared_table_is_one_table_with_the_larger_size():
     schema = tiny_schema()
     sizes = _sizes(schema)
     emb = FieldEmbedding(schema, sizes, embedding_dim=4, device=CPU)
-    bags = emb.embedding_bag_collection.embedding_bags
+    bags = _bags(emb)
     assert "t_tag" in bags and "t_u_tag" not in bags and "t_i_tag" not in bags
     assert bags["t_tag"].weight.shape == (max(sizes["u_tag"], sizes["i_tag"]), 4)
     assert emb.output_dim == 4 * len(schema)
@@ -76,9 +95,9 @@ def test_padding_columns_receive_no_gradient():
     schema = tiny_schema()
     sizes = _sizes(schema)
     emb = FieldEmbedding(schema, sizes, embedding_dim=18, device=CPU)
-    kjt = random_kjt(schema, sizes, batch_size=8, generator=torch.Generator().manual_seed(0))
-    emb(kjt).pow(2).sum().backward()
-    for name, bag in emb.embedding_bag_collection.embedding_bags.items():
+    plain, weighted = random_features(schema, sizes, batch_size=8, generator=torch.Generator().manual_seed(0))
+    emb(plain, weighted).pow(2).sum().backward()
+    for name, bag in _bags(emb).items():
         grad = bag.weight.grad
         assert grad is not None, name
         assert grad[:, 18:].abs().max() == 0, name
@@ -102,11 +121,51 @@ def test_field_embedding_accepts_keys_in_any_order():
     schema = tiny_schema()
     sizes = _sizes(schema)
     emb = FieldEmbedding(schema, sizes, embedding_dim=6, device=CPU)
-    kjt = random_kjt(schema, sizes, batch_size=4, generator=torch.Generator().manual_seed(3))
-    d = kjt.to_dict()
-    keys = list(reversed(kjt.keys()))
-    shuffled = KeyedJaggedTensor.from_jt_dict({k: d[k] for k in keys})
-    torch.testing.assert_close(emb(shuffled), emb(kjt))
+    plain, weighted = random_features(schema, sizes, batch_size=4, generator=torch.Generator().manual_seed(3))
+
+    def reversed_keys(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        d = kjt.to_dict()
+        return KeyedJaggedTensor.from_jt_dict({k: d[k] for k in reversed(kjt.keys())})
+
+    torch.testing.assert_close(emb(reversed_keys(plain), reversed_keys(weighted)), emb(plain, weighted))
+
+
+def test_unweighted_only_schema_has_no_weighted_ebc():
+    schema = FieldSchema.from_dict(
+        {"fields": [{"name": "a", "group": "user"}, {"name": "b", "group": "item", "multi_valued": True}]}
+    )
+    sizes = _sizes(schema)
+    emb = FieldEmbedding(schema, sizes, embedding_dim=4, device=CPU)
+    assert emb.weighted_embedding_bag_collection is None
+    assert not any("weighted_embedding_bag_collection" in name for name, _ in emb.named_parameters())
+    plain, weighted = random_features(schema, sizes, batch_size=6, generator=torch.Generator().manual_seed(4))
+    assert weighted is None and plain.weights_or_none() is None
+    x = emb(plain)
+    bags = emb.embedding_bag_collection.embedding_bags
+    per_key = plain.to_dict()
+    a = bags["t_a"].weight[per_key["f_a"].values()]  # one id per row
+    b_jt = per_key["f_b"]
+    b = torch.stack([bags["t_b"].weight[ids].sum(0) for ids in b_jt.to_dense()])
+    torch.testing.assert_close(x, torch.cat([a, b], dim=1))
+
+
+def test_weighted_only_schema_has_no_unweighted_ebc_and_missing_weighted_kjt_is_named():
+    schema = FieldSchema.from_dict(
+        {"fields": [{"name": "a", "group": "user", "weighted": True}, {"name": "b", "group": "item", "weighted": True}]}
+    )
+    sizes = _sizes(schema)
+    emb = FieldEmbedding(schema, sizes, embedding_dim=4, device=CPU)
+    assert emb.embedding_bag_collection is None
+    plain, weighted = random_features(schema, sizes, batch_size=3, generator=torch.Generator().manual_seed(5))
+    assert plain.keys() == [] and plain.stride() == 3 and weighted.keys() == ["f_a", "f_b"]
+    x = emb(plain, weighted)
+    per_key = weighted.to_dict()
+    expected = torch.cat(
+        [_bags(emb)[f"t_{n}"].weight[per_key[f"f_{n}"].values()] * per_key[f"f_{n}"].weights()[:, None]
+         for n in ("a", "b")], dim=1)
+    torch.testing.assert_close(x, expected)
+    with pytest.raises(ValueError, match=r"fields \['f_a', 'f_b'\] belong to weighted tables.*weighted_features is None"):
+        emb(plain)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,8 +282,8 @@ def test_field_embedding_selects_pooled_columns_by_key_not_position():
     schema = tiny_schema()
     sizes = _sizes(schema)
     emb = FieldEmbedding(schema, sizes, embedding_dim=6, device=CPU)
-    kjt = random_kjt(schema, sizes, batch_size=4, generator=torch.Generator().manual_seed(2))
-    expected = emb(kjt)
+    plain, weighted = random_features(schema, sizes, batch_size=4, generator=torch.Generator().manual_seed(2))
+    expected = emb(plain, weighted)
 
     class ReversedKeys(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module) -> None:
@@ -237,4 +296,5 @@ def test_field_embedding_selects_pooled_columns_by_key_not_position():
             return KeyedTensor.from_tensor_list(keys, [pooled[k] for k in keys])
 
     emb.embedding_bag_collection = ReversedKeys(emb.embedding_bag_collection)
-    torch.testing.assert_close(emb(kjt), expected)
+    emb.weighted_embedding_bag_collection = ReversedKeys(emb.weighted_embedding_bag_collection)
+    torch.testing.assert_close(emb(plain, weighted), expected)

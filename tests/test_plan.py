@@ -340,3 +340,38 @@ def test_topology_and_reservations_do_not_warn(caplog: pytest.LogCaptureFixture)
 def test_rank_ranges() -> None:
     assert render.rank_ranges([7, 0, 1, 2, 5, 8]) == "0-2,5,7-8"
     assert render.rank_ranges([]) == "-"
+
+
+def test_plan_has_both_ebcs_and_a_pre_split_plan_is_refused(tmp_path: Path) -> None:
+    """The ranker has an unweighted and a weighted EBC: a plan covers all 23 Ali-CCP tables under two
+    module FQNs, the weighted tables (those with a weighted field) under the weighted one. A plan made
+    before the split (every table under ``sparse_arch.embedding_bag_collection``) is refused clearly."""
+    from ctnocvr_rec.data.schema import load_schema
+
+    schema = load_schema(SCHEMA)
+    report = api.what_if_plan(run_config(), api.Cluster(world_size=2, device="cpu"), preset="aliccp-full")
+    weighted_tables = sorted(schema.weighted_table_names)
+    assert weighted_tables  # the real schema has weighted fields (the 14-day histories, 853)
+    by_module = {fqn: sorted(module_plan) for fqn, module_plan in report.plan.plan.items()}
+    assert by_module == {
+        "sparse_arch.embedding_bag_collection": sorted(
+            {s.table_name for s in schema} - set(weighted_tables)),
+        "sparse_arch.weighted_embedding_bag_collection": weighted_tables,
+    }
+    assert len({t.name for t in report.tables}) == len(schema) == 23
+    path = tmp_path / "plan.json"
+    saved.plan_to_json(report.plan, report.meta, path=path)
+    model, _ = tables.build_plannable_model(
+        run_config().model, schema, tables.load_preset("aliccp-full").num_embeddings)
+    assert set(api.load_enforced_plan(path, model, 2, "cpu").plan) == set(by_module)  # accepted as is
+
+    tree = json.loads(path.read_text())
+    modules = tree["modules"]
+    merged = {**modules["sparse_arch.embedding_bag_collection"],
+              **modules.pop("sparse_arch.weighted_embedding_bag_collection")}
+    modules["sparse_arch.embedding_bag_collection"] = merged
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(tree))
+    with pytest.raises(saved.PlanCompatibilityError,
+                       match=r"old.json assigns tables to other embedding modules.*weighted_embedding_bag_collection"):
+        api.load_enforced_plan(old, model, 2, "cpu")

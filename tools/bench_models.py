@@ -60,8 +60,8 @@ def bench_rankers(args: argparse.Namespace) -> list[dict[str, object]]:
             torch.manual_seed(0)
             model = build_model(ModelConfig(arch=arch, use_ctnocvr=use_ctnocvr), schema, num_embeddings,
                                 device=torch.device("cpu"))
-            ebc = model.sparse_arch.embedding_bag_collection
-            sparse_params = sum(p.numel() for p in ebc.parameters())
+            ebcs = [model.sparse_arch.embedding_bag_collection, model.sparse_arch.weighted_embedding_bag_collection]
+            sparse_params = sum(p.numel() for ebc in ebcs if ebc is not None for p in ebc.parameters())
             dense_params = sum(p.numel() for p in model.parameters()) - sparse_params
 
             def step(model: torch.nn.Module = model) -> None:

@@ -1,8 +1,14 @@
 """The batch contract between the data loader, the rankers and the training pipeline.
 
-A :class:`CtnocvrBatch` holds one weighted ``KeyedJaggedTensor`` of every schema field (keys
-``f_<field>`` in schema order; weights are 1.0 for unweighted fields, the logged value for weighted
-ones) and the per-row labels. It is a ``torchrec.streamable.Pipelineable`` so that
+A :class:`CtnocvrBatch` holds the schema's fields as two ``KeyedJaggedTensor`` s and the per-row
+labels: ``sparse_features``, an *unweighted* KJT of the fields whose table is unweighted, and
+``weighted_features``, a weighted KJT of the fields whose table is weighted (a table is weighted when
+any field mapped to it is ``weighted: true``, see ``FieldSchema.weighted_table_names``; its plain
+fields carry weight 1.0), or ``None`` when the schema has no weighted field. Keys are ``f_<field>``,
+schema order within each KJT. Two KJTs because fbgemm's weighted kernels cost extra work (weighted
+csr2csc, per-sample-weight gradients) that unweighted fields need not pay.
+
+The batch is a ``torchrec.streamable.Pipelineable`` so that
 ``TrainPipelineSparseDist`` can move it and overlap its input distribution.
 
 The CTnoCVR label (paper Sec. 2.2: c = 1 iff click = 1 and conversion = 0) is derived here and only
@@ -32,7 +38,10 @@ class CtnocvrBatch(Pipelineable):
     """One training/evaluation batch.
 
     Attributes:
-        sparse_features: weighted KJT, keys ``f_<field>`` (schema order), ``stride() == B``.
+        sparse_features: unweighted KJT (no weights) of the fields of unweighted tables, keys
+            ``f_<field>`` (schema order), ``stride() == B``.
+        weighted_features: weighted KJT of the fields of weighted tables (keys ``f_<field>``, schema
+            order, ``stride() == B``), or ``None`` when the schema has no weighted field.
         click: float32 ``[B]`` in {0, 1}.
         conversion: float32 ``[B]`` in {0, 1} (never 1 where click is 0: such rows are rejected).
         ctnocvr: float32 ``[B]``, :func:`derive_ctnocvr_label` of the two above.
@@ -50,6 +59,7 @@ class CtnocvrBatch(Pipelineable):
     sample_id: torch.Tensor
     request_id: torch.Tensor
     user_id: torch.Tensor
+    weighted_features: KeyedJaggedTensor | None = None
 
     @classmethod
     def from_labels(
@@ -60,6 +70,7 @@ class CtnocvrBatch(Pipelineable):
         sample_id: torch.Tensor | None = None,
         request_id: torch.Tensor | None = None,
         user_id: torch.Tensor | None = None,
+        weighted_features: KeyedJaggedTensor | None = None,
     ) -> CtnocvrBatch:
         """Build a batch, deriving ``ctnocvr`` and defaulting the id columns."""
         n = click.shape[0]
@@ -74,6 +85,7 @@ class CtnocvrBatch(Pipelineable):
             sample_id=ids if sample_id is None else sample_id,
             request_id=ids if request_id is None else request_id,
             user_id=torch.full((n,), -1, dtype=torch.int64) if user_id is None else user_id,
+            weighted_features=weighted_features,
         )
 
     @property
@@ -93,10 +105,14 @@ class CtnocvrBatch(Pipelineable):
             sample_id=self.sample_id.to(device=device, non_blocking=non_blocking),
             request_id=self.request_id.to(device=device, non_blocking=non_blocking),
             user_id=self.user_id.to(device=device, non_blocking=non_blocking),
+            weighted_features=None if self.weighted_features is None
+            else self.weighted_features.to(device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.sparse_features.record_stream(stream)
+        if self.weighted_features is not None:
+            self.weighted_features.record_stream(stream)
         for t in (self.click, self.conversion, self.ctnocvr, self.sample_id, self.request_id, self.user_id):
             t.record_stream(stream)
 
@@ -109,4 +125,5 @@ class CtnocvrBatch(Pipelineable):
             sample_id=self.sample_id.pin_memory(),
             request_id=self.request_id.pin_memory(),
             user_id=self.user_id.pin_memory(),
+            weighted_features=None if self.weighted_features is None else self.weighted_features.pin_memory(),
         )

@@ -184,38 +184,59 @@ class _Rows:
         # and Arrow's decoding already use the second one)
         #: per field, in schema order: (offsets [n + 1], ids [nnz], weights [nnz] or None)
         self.fields: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = [one_field(s) for s in schema]
+        # the weighted/unweighted split of the batch contract (data/batch.py), by schema position
+        weighted_tables = schema.weighted_table_names
+        self._weighted_index = [i for i, s in enumerate(schema) if s.table_name in weighted_tables]
+        self._unweighted_index = [i for i, s in enumerate(schema) if s.table_name not in weighted_tables]
+        self._weighted_keys = schema.weighted_feature_names
+        self._unweighted_keys = schema.unweighted_feature_names
         self.columns = {}
         for name in (*ID_COLUMNS, *LABEL_COLUMNS):
             col = table.column(name).to_numpy()
             self.columns[name] = col if order is None else col[order]
 
+    def _kjt(self, field_index: list[int], keys: list[str], lo: int, hi: int,
+             weighted: bool) -> KeyedJaggedTensor:
+        """Rows ``[lo, hi)`` of the fields ``field_index`` (schema positions) as one KJT.
+
+        ``lengths`` int32, key-major (``[F * B]``: all rows of the first field, then the next ...);
+        ``values`` int64 ids; with ``weighted``, ``weights`` float32: the stored weight for weighted
+        fields and 1.0 for plain fields of a weighted table. Without, no weights array at all.
+        """
+        b = hi - lo
+        fields = [self.fields[i] for i in field_index]
+        bounds = [(int(off[lo]), int(off[hi])) for off, _, _ in fields]
+        total = sum(e - s for s, e in bounds)
+        values = np.empty(total, dtype=np.int64)
+        weights = np.empty(total, dtype=np.float32) if weighted else None
+        lengths = np.empty(len(fields) * b, dtype=np.int32)
+        pos = 0
+        for f, ((off, ids, wts), (s, e)) in enumerate(zip(fields, bounds)):
+            np.subtract(off[lo + 1:hi + 1], off[lo:hi], out=lengths[f * b:(f + 1) * b], casting="unsafe")
+            values[pos:pos + e - s] = ids[s:e]  # the int32 -> int64 cast rides on the copy
+            if weights is not None:
+                weights[pos:pos + e - s] = 1.0 if wts is None else wts[s:e]
+            pos += e - s
+        return KeyedJaggedTensor(
+            keys=keys,
+            values=torch.from_numpy(values),
+            weights=None if weights is None else torch.from_numpy(weights),
+            lengths=torch.from_numpy(lengths),
+            stride=b,  # explicit: a KJT with no keys (every table weighted) cannot infer it
+        )
+
     def batch(self, lo: int, hi: int) -> CtnocvrBatch:
         """Rows ``[lo, hi)`` (in this object's row order) as a batch.
 
-        KJT layout: keys ``f_<field>`` in schema order; ``lengths`` int32, key-major (``[F * B]``:
-        all rows of the first field, then the next field ...); ``values`` int64 ids; ``weights``
-        float32, the stored weight for weighted fields and 1.0 for the others.
+        ``sparse_features``: unweighted KJT of the fields of unweighted tables; ``weighted_features``:
+        weighted KJT of the fields of weighted tables, or ``None`` when there are none (the split is
+        ``FieldSchema.weighted_table_names``). Keys ``f_<field>`` in schema order; layout in
+        :meth:`_kjt`.
         """
-        b = hi - lo
-        bounds = [(int(off[lo]), int(off[hi])) for off, _, _ in self.fields]
-        total = sum(e - s for s, e in bounds)
-        values = np.empty(total, dtype=np.int64)
-        weights = np.empty(total, dtype=np.float32)
-        lengths = np.empty(len(self.fields) * b, dtype=np.int32)
-        pos = 0
-        for f, ((off, ids, wts), (s, e)) in enumerate(zip(self.fields, bounds)):
-            np.subtract(off[lo + 1:hi + 1], off[lo:hi], out=lengths[f * b:(f + 1) * b], casting="unsafe")
-            values[pos:pos + e - s] = ids[s:e]  # the int32 -> int64 cast rides on the copy
-            if wts is None:
-                weights[pos:pos + e - s] = 1.0
-            else:
-                weights[pos:pos + e - s] = wts[s:e]
-            pos += e - s
-        kjt = KeyedJaggedTensor(
-            keys=self.schema.feature_names,
-            values=torch.from_numpy(values),
-            weights=torch.from_numpy(weights),
-            lengths=torch.from_numpy(lengths),
+        kjt = self._kjt(self._unweighted_index, self._unweighted_keys, lo, hi, weighted=False)
+        weighted_kjt = (
+            self._kjt(self._weighted_index, self._weighted_keys, lo, hi, weighted=True)
+            if self._weighted_index else None
         )
 
         def column(name: str, dtype: type) -> torch.Tensor:
@@ -229,6 +250,7 @@ class _Rows:
             sample_id=column("sample_id", np.int64),
             request_id=column("request_id", np.int64),
             user_id=column("user_id", np.int64),
+            weighted_features=weighted_kjt,
         )
 
 
@@ -668,6 +690,8 @@ def benchmark_loader(
         for batch in loader:
             samples += batch.batch_size
             ids += batch.sparse_features.values().numel()
+            if batch.weighted_features is not None:
+                ids += batch.weighted_features.values().numel()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     return {
         "samples": samples,

@@ -9,6 +9,11 @@ Naming conventions used across the package:
 * ``spec.weight_column`` – ``"<name>__w"``, the Parquet column of weights of a weighted field;
 * ``spec.feature_name`` – ``"f_<name>"``, the key in the ``KeyedJaggedTensor``;
 * ``spec.table_name`` – ``"t_<name>"`` unless the YAML sets ``table:`` to share a table.
+
+Weighted vs unweighted features (the batch carries two KJTs, the model two EBCs): a *table* is
+weighted when any field mapped to it is ``weighted: true``; every field of a weighted table goes to
+the weighted KJT (plain ones with weight 1.0), the rest to the unweighted KJT. The rule lives only in
+:attr:`FieldSchema.weighted_table_names` and the properties built on it.
 """
 
 from __future__ import annotations
@@ -83,6 +88,37 @@ class FieldSchema:
     @property
     def feature_names(self) -> list[str]:
         return [f.feature_name for f in self.fields]
+
+    @property
+    def weighted_table_names(self) -> frozenset[str]:
+        """Tables with at least one ``weighted: true`` field (they are served by the weighted EBC)."""
+        return frozenset(f.table_name for f in self.fields if f.weighted)
+
+    def in_weighted_table(self, spec: FieldSpec) -> bool:
+        """Whether ``spec`` goes to the weighted KJT / EBC (its table has a weighted field)."""
+        return spec.table_name in self.weighted_table_names
+
+    @property
+    def weighted_fields(self) -> list[FieldSpec]:
+        """Fields of weighted tables, schema order (the batch's ``weighted_features``)."""
+        weighted_tables = self.weighted_table_names
+        return [f for f in self.fields if f.table_name in weighted_tables]
+
+    @property
+    def unweighted_fields(self) -> list[FieldSpec]:
+        """Fields of unweighted tables, schema order (the batch's ``sparse_features``)."""
+        weighted_tables = self.weighted_table_names
+        return [f for f in self.fields if f.table_name not in weighted_tables]
+
+    @property
+    def weighted_feature_names(self) -> list[str]:
+        """KJT keys of :attr:`weighted_fields` (empty: the batch has ``weighted_features=None``)."""
+        return [f.feature_name for f in self.weighted_fields]
+
+    @property
+    def unweighted_feature_names(self) -> list[str]:
+        """KJT keys of :attr:`unweighted_fields`."""
+        return [f.feature_name for f in self.unweighted_fields]
 
     def by_group(self, group: str) -> list[FieldSpec]:
         return [f for f in self.fields if f.group == group]

@@ -1,6 +1,7 @@
 """The rankers of the paper's Table 3: ESMM, MMoE, CGC, PLE, each Base or +CTnoCVR by one flag.
 
-Every ranker is ``sparse_arch`` (:class:`FieldEmbedding`, the EBC) -> dense task logits ->
+Every ranker is ``sparse_arch`` (:class:`FieldEmbedding`, the unweighted and weighted EBCs) -> dense
+task logits ->
 :class:`CtnocvrHead`. ``forward(batch)`` returns ``(loss, outputs)`` as ``TrainPipelineSparseDist``
 expects (see ``docs/design.md``, "Model contract"); ``outputs`` are detached.
 
@@ -57,7 +58,9 @@ class MultiTaskRanker(nn.Module):
         raise NotImplementedError
 
     def forward(self, batch: CtnocvrBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x = self.sparse_arch(batch.sparse_features)
+        # both KJTs straight from the batch: the pipeline's fx trace must see each sharded EBC fed by a
+        # getattr on the batch to pipeline its input distribution
+        x = self.sparse_arch(batch.sparse_features, batch.weighted_features)
         ctr_logit, cvr_logit, ctnocvr_logit = self.task_logits(x)
         loss, head_out = self.head(ctr_logit, cvr_logit, ctnocvr_logit, batch.click, batch.conversion, batch.ctnocvr)
         # A new dict from known keys (no item assignment): under the pipeline's fx trace the head is
@@ -71,9 +74,12 @@ class MultiTaskRanker(nn.Module):
         outputs["user_id"] = batch.user_id
         return loss, outputs
 
-    def predict(self, features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        """Inference: ``features`` (weighted KJT) -> ``p_ctr, p_cvr, p_ctcvr, p_ctnocvr`` ``[B]``."""
-        return self.head.predict(*self.task_logits(self.sparse_arch(features)))
+    def predict(
+        self, features: KeyedJaggedTensor, weighted_features: KeyedJaggedTensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Inference: ``features`` (unweighted KJT), ``weighted_features`` (weighted KJT, or None when the
+        schema has no weighted field) -> ``p_ctr, p_cvr, p_ctcvr, p_ctnocvr`` ``[B]``."""
+        return self.head.predict(*self.task_logits(self.sparse_arch(features, weighted_features)))
 
 
 class ESMM(MultiTaskRanker):
@@ -186,7 +192,8 @@ class PLE(GatedRanker):
 
 
 class RankerForInference(nn.Module):
-    """Export wrapper: ``features`` (weighted KJT) -> ``[B, 4]`` = (pCTR, pCVR, pCTCVR, pCTnoCVR).
+    """Export wrapper: ``features`` (unweighted KJT), ``weighted_features`` (weighted KJT or None) ->
+    ``[B, 4]`` = (pCTR, pCVR, pCTCVR, pCTnoCVR).
 
     A single tensor output keeps ``torch.export`` / TorchScript signatures simple.
     """
@@ -197,22 +204,38 @@ class RankerForInference(nn.Module):
         super().__init__()
         self.ranker = ranker
 
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        p = self.ranker.predict(features)
+    def forward(
+        self, features: KeyedJaggedTensor, weighted_features: KeyedJaggedTensor | None = None
+    ) -> torch.Tensor:
+        p = self.ranker.predict(features, weighted_features)
         return torch.stack([p["p_ctr"], p["p_cvr"], p["p_ctcvr"], p["p_ctnocvr"]], dim=1)
 
 
-def export_for_inference(ranker: MultiTaskRanker, example: KeyedJaggedTensor) -> torch.export.ExportedProgram:
+def export_for_inference(
+    ranker: MultiTaskRanker,
+    example: KeyedJaggedTensor,
+    weighted_example: KeyedJaggedTensor | None = None,
+) -> torch.export.ExportedProgram:
     """``torch.export`` (non-strict) of :class:`RankerForInference` with a dynamic number of ids.
 
-    The KJT flattens to ``(values, weights, lengths, offsets, ...)``; ``values``/``weights`` share the
-    dynamic dim ``num_ids``, the batch size stays that of ``example``. Call the result with
-    ``program.module()(kjt)``.
+    ``example`` / ``weighted_example`` are a batch's ``sparse_features`` / ``weighted_features``
+    (``None`` when the schema has no weighted field; the program then takes ``None`` there too).
+    A KJT flattens to ``(values, weights, lengths, offsets, ...)``: the unweighted one's ``values``
+    get the dynamic dim ``num_ids`` (its ``weights`` are None), the weighted one's ``values`` and
+    ``weights`` share ``num_weighted_ids``; the batch size stays that of ``example``. Call the result
+    with ``program.module()(kjt, weighted_kjt)``.
     """
+    if example.weights_or_none() is not None:
+        raise ValueError("export_for_inference: `example` must be the unweighted KJT (batch.sparse_features)")
     num_ids = torch.export.Dim("num_ids")
+    plain_shapes = [{0: num_ids}, None, None, None, None, None]
+    weighted_shapes = None
+    if weighted_example is not None:
+        num_weighted_ids = torch.export.Dim("num_weighted_ids")
+        weighted_shapes = [{0: num_weighted_ids}, {0: num_weighted_ids}, None, None, None, None]
     wrapper = RankerForInference(ranker).eval()
     return torch.export.export(
-        wrapper, (example,), dynamic_shapes=([{0: num_ids}, {0: num_ids}, None, None, None, None],), strict=False
+        wrapper, (example, weighted_example), dynamic_shapes=(plain_shapes, weighted_shapes), strict=False
     )
 
 
@@ -224,7 +247,7 @@ def build_model(
 ) -> MultiTaskRanker:
     """Build the ranker ``model_cfg.arch`` (esmm | mmoe | cgc | ple) over ``schema``.
 
-    ``device`` defaults to ``meta``: the planner places the EBC and ``DistributedModelParallel``
+    ``device`` defaults to ``meta``: the planner places the EBCs and ``DistributedModelParallel``
     materialises everything (dense parameters are re-initialised by their ``reset_parameters``).
     Pass ``torch.device("cpu")`` for an unsharded model.
     """

@@ -1,6 +1,7 @@
 """Small synthetic schemas and batch streams for tests and benchmarks of the rankers.
 
-Builds :class:`CtnocvrBatch` es directly (random weighted KJT + labels that depend on a few ids), so the
+Builds :class:`CtnocvrBatch` es directly (random unweighted + weighted KJTs, split by
+:func:`split_features`, + labels that depend on a few ids), so the
 model tests do not need the data pipeline. The labels follow a hidden logistic model over two fields,
 so a ranker that learns drives its loss down within a few dozen steps.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from ctnocvr_rec.config import ModelConfig
 from ctnocvr_rec.data.batch import CtnocvrBatch
@@ -28,8 +29,9 @@ TINY_SIZES: dict[str, int] = {"ctx": 5, "user": 30, "u_hist": 40, "item": 30, "u
 
 
 def tiny_schema() -> FieldSchema:
-    """Six fields over all four groups, listed out of group order on purpose; ``u_tag`` and
-    ``i_tag`` share table ``t_tag``; ``u_hist`` is multi-valued and weighted."""
+    """Seven fields over all four groups, listed out of group order on purpose; ``u_tag`` and
+    ``i_tag`` share table ``t_tag``; ``u_hist`` is multi-valued and weighted; ``u_tag`` is weighted,
+    so the shared ``t_tag`` is a weighted table and plain ``i_tag`` rides in the weighted KJT too."""
     return FieldSchema.from_dict(
         {
             "fields": [
@@ -37,7 +39,7 @@ def tiny_schema() -> FieldSchema:
                 {"name": "user", "group": "user"},
                 {"name": "u_hist", "group": "user", "multi_valued": True, "weighted": True},
                 {"name": "item", "group": "item"},
-                {"name": "u_tag", "group": "user", "table": "t_tag"},
+                {"name": "u_tag", "group": "user", "table": "t_tag", "weighted": True},
                 {"name": "i_tag", "group": "item", "table": "t_tag"},
                 {"name": "combo", "group": "combination"},
             ]
@@ -73,8 +75,9 @@ def random_kjt(
     generator: torch.Generator,
     max_multi: int = 4,
 ) -> KeyedJaggedTensor:
-    """Weighted KJT, keys ``f_<field>`` in schema order: one id per single-valued field, 0..max_multi
-    per multi-valued field; weights U(0.5, 1.5) for weighted fields, 1.0 otherwise."""
+    """ONE weighted KJT of every field (the pre-split formulation; :func:`split_features` turns it into
+    the batch contract's two KJTs), keys ``f_<field>`` in schema order: one id per single-valued
+    field, 0..max_multi per multi-valued field; weights U(0.5, 1.5) for weighted fields, 1.0 otherwise."""
     lengths: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
     weights: list[torch.Tensor] = []
@@ -96,6 +99,43 @@ def random_kjt(
         lengths=torch.cat(lengths).to(torch.int32),
         weights=torch.cat(weights),
     )
+
+
+def _join(kjt_per_key: Mapping[str, JaggedTensor], keys: list[str], stride: int,
+          weighted: bool) -> KeyedJaggedTensor:
+    parts = [kjt_per_key[k] for k in keys]
+    return KeyedJaggedTensor(
+        keys=list(keys),
+        values=torch.cat([jt.values() for jt in parts]) if parts else torch.empty(0, dtype=torch.int64),
+        lengths=torch.cat([jt.lengths() for jt in parts]).to(torch.int32) if parts
+        else torch.empty(0, dtype=torch.int32),
+        weights=(torch.cat([jt.weights() for jt in parts]) if parts else torch.empty(0)) if weighted else None,
+        stride=stride,
+    )
+
+
+def split_features(
+    kjt: KeyedJaggedTensor, schema: FieldSchema
+) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor | None]:
+    """A weighted KJT of every field -> the batch contract's ``(sparse_features, weighted_features)``:
+    an unweighted KJT of the unweighted tables' fields and a weighted KJT of the weighted tables'
+    fields (``None`` if there are none), both in schema order (``FieldSchema.weighted_feature_names``)."""
+    per_key = kjt.to_dict()
+    plain = _join(per_key, schema.unweighted_feature_names, kjt.stride(), weighted=False)
+    weighted_names = schema.weighted_feature_names
+    weighted = _join(per_key, weighted_names, kjt.stride(), weighted=True) if weighted_names else None
+    return plain, weighted
+
+
+def random_features(
+    schema: FieldSchema,
+    num_embeddings: Mapping[str, int],
+    batch_size: int,
+    generator: torch.Generator,
+    max_multi: int = 4,
+) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor | None]:
+    """:func:`random_kjt` split into ``(sparse_features, weighted_features)``."""
+    return split_features(random_kjt(schema, num_embeddings, batch_size, generator, max_multi), schema)
 
 
 class SyntheticStream:
@@ -140,7 +180,8 @@ class SyntheticStream:
         p_conv = torch.sigmoid(self.conversion_effect[id_b] + self.conversion_bias)
         click = (torch.rand(self.batch_size, generator=self.generator) < p_click).float()
         conversion = click * (torch.rand(self.batch_size, generator=self.generator) < p_conv).float()
-        return CtnocvrBatch.from_labels(kjt, click, conversion)
+        plain, weighted = split_features(kjt, self.schema)
+        return CtnocvrBatch.from_labels(plain, click, conversion, weighted_features=weighted)
 
     def __iter__(self) -> SyntheticStream:
         return self

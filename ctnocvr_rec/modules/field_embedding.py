@@ -1,10 +1,19 @@
 """Field embeddings: the sparse arch of every ranker (paper Sec. 2.3, "feature transformation block").
 
-:class:`FieldEmbedding` wraps one weighted :class:`~torchrec.EmbeddingBagCollection` built from a
-:class:`~ctnocvr_rec.data.schema.FieldSchema`: one table per field (fields whose schema entry names the
-same ``table:`` share it), SUM pooling. The batch KJT is always weighted (weight 1.0 for unweighted
-fields), so a weighted sum over a field's ids is the paper's "summing up the embedding vectors" for
-plain fields and the weighted sum for weighted ones.
+:class:`FieldEmbedding` builds its tables from a :class:`~ctnocvr_rec.data.schema.FieldSchema`: one
+table per field (fields whose schema entry names the same ``table:`` share it), SUM pooling, split
+over two :class:`~torchrec.EmbeddingBagCollection` s that follow the batch contract
+(``docs/design.md``):
+
+* ``embedding_bag_collection`` (``is_weighted=False``): the unweighted tables, fed the batch's
+  unweighted ``sparse_features``; a plain sum of the embedding vectors (paper 2.3);
+* ``weighted_embedding_bag_collection`` (``is_weighted=True``): the tables with at least one
+  ``weighted: true`` field (``FieldSchema.weighted_table_names``), fed ``weighted_features``; the
+  weighted sum (plain fields of such a table carry weight 1.0).
+
+Either is ``None`` when it would have no table (an EBC without tables is invalid). The split exists
+for speed: fbgemm's weighted CPU kernels run a weighted csr2csc and always compute per-sample-weight
+gradients, which plain fields do not need.
 
 Output layout (fixed, documented, paper 2.3: user and item fields embedded separately, then all field
 vectors concatenated into ``x``)::
@@ -28,14 +37,14 @@ its accumulator ``d / ceil4(d)`` of a true dim-``d`` table's (18/20 for the pape
 effective step is ``sqrt(ceil4(d) / d)`` times larger (about 5 % for dim 18).
 
 Table sizes come from ``num_embeddings`` (``manifest.json["num_embeddings"]``, field name -> rows).
-The EBC is built on the ``meta`` device by default so that the sharding planner places it and
-``DistributedModelParallel`` materialises it.
+The EBCs are built on the ``meta`` device by default so that the sharding planner places them and
+``DistributedModelParallel`` materialises them.
 
 Example::
 
     schema = load_schema("configs/fields/aliccp.yaml")
     emb = FieldEmbedding(schema, num_embeddings, embedding_dim=18, device=torch.device("cpu"))
-    x = emb(batch.sparse_features)            # [B, 23 * 18]
+    x = emb(batch.sparse_features, batch.weighted_features)   # [B, 23 * 18]
     parts = emb.split_groups(x)               # {"user": [B, 13*18], "item": [B, 5*18], ...}
 """
 
@@ -84,7 +93,7 @@ class FieldSlot:
 
 
 class FieldEmbedding(nn.Module):
-    """Weighted EBC over the schema's fields, pooled per field and concatenated in group order.
+    """Unweighted + weighted EBCs over the schema's fields, pooled per field, concatenated in group order.
 
     Args:
         schema: the field schema (the KJT keys are ``spec.feature_name``).
@@ -95,7 +104,9 @@ class FieldEmbedding(nn.Module):
             sharing a table must end up with the same dim.
         device: where the tables are created; ``meta`` (default) leaves placement to the planner/DMP.
 
-    Call: ``features`` (weighted KJT with keys ``f_<field>``, stride ``B``) -> ``x`` ``[B, output_dim]``.
+    Call: ``features`` (unweighted KJT of the unweighted tables' fields, keys ``f_<field>``, stride
+    ``B``), ``weighted_features`` (weighted KJT of the weighted tables' fields, or ``None`` when there
+    are none) -> ``x`` ``[B, output_dim]``.
     """
 
     def __init__(
@@ -150,22 +161,34 @@ class FieldEmbedding(nn.Module):
                 table_features[table] = [spec.feature_name]
                 table_first_field[table] = spec.name
 
-        tables = [
-            EmbeddingBagConfig(
-                name=table,
-                embedding_dim=physical_dim(table_dim[table]),
-                num_embeddings=table_rows[table],
-                feature_names=list(table_features[table]),
-                pooling=PoolingType.SUM,
-            )
-            for table in table_dim
-        ]
-        self.embedding_bag_collection = EmbeddingBagCollection(
-            tables=tables, is_weighted=True, device=device if device is not None else torch.device("meta")
+        def configs(names: list[str]) -> list[EmbeddingBagConfig]:
+            return [
+                EmbeddingBagConfig(
+                    name=table,
+                    embedding_dim=physical_dim(table_dim[table]),
+                    num_embeddings=table_rows[table],
+                    feature_names=list(table_features[table]),
+                    pooling=PoolingType.SUM,
+                )
+                for table in names
+            ]
+
+        weighted_tables = schema.weighted_table_names
+        unweighted = configs([t for t in table_dim if t not in weighted_tables])
+        weighted = configs([t for t in table_dim if t in weighted_tables])
+        device = device if device is not None else torch.device("meta")
+        self.embedding_bag_collection: EmbeddingBagCollection | None = (
+            EmbeddingBagCollection(tables=unweighted, is_weighted=False, device=device) if unweighted else None
         )
+        self.weighted_embedding_bag_collection: EmbeddingBagCollection | None = (
+            EmbeddingBagCollection(tables=weighted, is_weighted=True, device=device) if weighted else None
+        )
+        #: KJT keys each EBC reads (schema order)
+        self.unweighted_feature_names: list[str] = schema.unweighted_feature_names
+        self.weighted_feature_names: list[str] = schema.weighted_feature_names
 
         self._physical: dict[str, int] = {
-            feature: cfg.embedding_dim for cfg in tables for feature in cfg.feature_names
+            feature: cfg.embedding_dim for cfg in (*unweighted, *weighted) for feature in cfg.feature_names
         }
         slots: list[FieldSlot] = []
         offset = 0
@@ -179,22 +202,39 @@ class FieldEmbedding(nn.Module):
             g: sum(s.dim for s in slots if s.group == g) for g in GROUP_ORDER
         }
         self.output_dim: int = offset
+        self._weighted_set: frozenset[str] = frozenset(self.weighted_feature_names)
 
     @property
     def feature_names(self) -> list[str]:
         """KJT keys in output order."""
         return [s.feature_name for s in self.slots]
 
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        """``features``: weighted KJT (keys ``f_<field>``, stride B) -> ``[B, output_dim]``."""
+    def forward(
+        self, features: KeyedJaggedTensor, weighted_features: KeyedJaggedTensor | None = None
+    ) -> torch.Tensor:
+        """``features`` (unweighted KJT), ``weighted_features`` (weighted KJT or None) -> ``[B, output_dim]``."""
         # Select by key, never by position: a *sharded* EBC orders its output keys by sharding
         # group, not by table config, so column offsets computed from the config would be wrong.
-        pooled = self.embedding_bag_collection(features).to_dict()  # {f_<field>: [B, ceil4(dim)]}
-        parts = [
-            pooled[slot.feature_name] if slot.dim == self._physical[slot.feature_name]
-            else pooled[slot.feature_name][:, : slot.dim]
-            for slot in self.slots
-        ]
+        # (Two separate dicts rather than one merged: under the pipeline's fx trace the pooled
+        # outputs are Proxies, which support indexing but not iteration.)
+        pooled_plain = (  # {f_<field>: [B, ceil4(dim)]}
+            self.embedding_bag_collection(features).to_dict() if self.embedding_bag_collection is not None else None
+        )
+        pooled_weighted = None
+        if self.weighted_embedding_bag_collection is not None:
+            if weighted_features is None:
+                raise ValueError(
+                    f"FieldEmbedding: fields {self.weighted_feature_names} belong to weighted tables, but "
+                    "weighted_features is None (build the batch with the schema's weighted/unweighted split, "
+                    "CtnocvrBatch.weighted_features)"
+                )
+            pooled_weighted = self.weighted_embedding_bag_collection(weighted_features).to_dict()
+        parts = []
+        for slot in self.slots:
+            pooled = pooled_weighted if slot.feature_name in self._weighted_set else pooled_plain
+            assert pooled is not None  # every slot's table lives in one of the two EBCs
+            column = pooled[slot.feature_name]
+            parts.append(column if slot.dim == self._physical[slot.feature_name] else column[:, : slot.dim])
         # One copy: drops the padding columns and puts the fields in group order.
         return torch.cat(parts, dim=1)
 

@@ -3,7 +3,8 @@
 * :func:`what_if_plan` – plan the model's tables for any topology without a process group or GPU;
 * :func:`parse_constraint` – ``t_101=table_wise,column_wise[:fused]`` -> a ``PlanConfig.constraints`` entry;
 * :func:`load_enforced_plan` – ``ctnocvr train --plan plan.json``: load a saved plan and refuse it,
-  with a clear message, when it was made for another world size, device, table set or table sizes.
+  with a clear message, when it was made for another world size, device, table set, table sizes or
+  assignment of tables to embedding modules (the unweighted and the weighted EBC).
 """
 
 from __future__ import annotations
@@ -126,4 +127,25 @@ def load_enforced_plan(path: str | Path, model: nn.Module, world_size: int, devi
             f"{path}: plan shards module(s) {unknown} that this model does not have "
             "(was it made for another model structure?)"
         )
+    check_plan_modules(plan, model, str(path))
     return plan
+
+
+def check_plan_modules(plan: ShardingPlan, model: nn.Module, source: str) -> None:
+    """Refuse a plan that files a table under another EBC than the model's (e.g. a plan saved before
+    the unweighted/weighted EBC split, with every table under ``sparse_arch.embedding_bag_collection``):
+    DMP would otherwise leave tables unplanned or look for tables a module does not have."""
+    wanted = {fqn: sorted(cfg.name for cfg in ebc.embedding_bag_configs())
+              for fqn, ebc in tables.find_ebcs(model).items()}
+    planned = {fqn: sorted(module_plan) for fqn, module_plan in plan.plan.items()}  # type: ignore[arg-type]
+    if planned != wanted:
+        diffs = [
+            f"{fqn}: plan {planned.get(fqn, [])} vs model {wanted.get(fqn, [])}"
+            for fqn in sorted(set(planned) | set(wanted))
+            if planned.get(fqn, []) != wanted.get(fqn, [])
+        ]
+        raise saved.PlanCompatibilityError(
+            f"{source} assigns tables to other embedding modules than this model has ({'; '.join(diffs)}); "
+            "plans saved before the split into an unweighted and a weighted EBC do not apply: make a new "
+            "plan with `ctnocvr plan ... --save`"
+        )

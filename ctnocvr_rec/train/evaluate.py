@@ -60,16 +60,38 @@ def synced_batches(ctx: DistContext, batches: Iterable[T], until: str) -> Iterat
         yield item
 
 
-def empty_batch(feature_names: list[str]) -> CtnocvrBatch:
-    """A one-row batch with no ids in any field (a stand-in forward for an exhausted rank)."""
-    n_keys = len(feature_names)
-    kjt = KeyedJaggedTensor(
-        keys=list(feature_names),
-        values=torch.empty(0, dtype=torch.int64),
-        lengths=torch.zeros(n_keys, dtype=torch.int32),
-        weights=torch.empty(0, dtype=torch.float32),
-    )
-    return CtnocvrBatch.from_labels(kjt, torch.zeros(1), torch.zeros(1))
+def empty_batch(feature_names: list[str], weighted_feature_names: Iterable[str] = ()) -> CtnocvrBatch:
+    """A one-row batch with no ids in any field (a stand-in forward for an exhausted rank).
+
+    ``feature_names``: every KJT key (schema order); those in ``weighted_feature_names`` go to the
+    weighted KJT (``weighted_features``, ``None`` if there are none), the rest to the unweighted one,
+    as in the batch contract (``docs/design.md``).
+    """
+    weighted_set = set(weighted_feature_names)
+
+    def kjt(keys: list[str], weighted: bool) -> KeyedJaggedTensor:
+        return KeyedJaggedTensor(
+            keys=keys,
+            values=torch.empty(0, dtype=torch.int64),
+            lengths=torch.zeros(len(keys), dtype=torch.int32),
+            weights=torch.empty(0, dtype=torch.float32) if weighted else None,
+            stride=1,
+        )
+
+    plain = kjt([k for k in feature_names if k not in weighted_set], weighted=False)
+    weighted_keys = [k for k in feature_names if k in weighted_set]
+    weighted_kjt = kjt(weighted_keys, weighted=True) if weighted_keys else None
+    return CtnocvrBatch.from_labels(plain, torch.zeros(1), torch.zeros(1), weighted_features=weighted_kjt)
+
+
+def model_weighted_feature_names(model: torch.nn.Module) -> list[str]:
+    """KJT keys the model's (possibly DMP-wrapped) :class:`FieldEmbedding` reads from ``weighted_features``."""
+    from ctnocvr_rec.modules.field_embedding import FieldEmbedding
+
+    for sub in model.modules():
+        if isinstance(sub, FieldEmbedding):
+            return list(sub.weighted_feature_names)
+    return []
 
 
 def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
@@ -100,7 +122,7 @@ def predict(
         for batch in synced_batches(ctx, source, until="all_done"):
             real = batch is not None
             if batch is None:
-                filler = filler or empty_batch(feature_names)
+                filler = filler or empty_batch(feature_names, model_weighted_feature_names(model))
                 batch = filler
             with _autocast(device, bf16):
                 _, outputs = model(batch.to(device))
