@@ -161,3 +161,40 @@ def test_no_click_batch_gives_finite_loss_and_gradients(arch):
         assert out["loss_cvr"].item() == 0.0
     for name, p in model.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
+def test_checkpoint_from_before_the_ebc_split_fails_loudly(tmp_path):
+    """A checkpoint with every table under ``embedding_bag_collection`` (the single weighted EBC of
+    before the split) does not load silently into the split model: the weighted EBC's keys are named."""
+    import torch.distributed.checkpoint as dcp
+
+    from ctnocvr_rec.train.checkpoint import load_model_weights
+
+    model = build_model(small_cfg("mmoe", True), tiny_schema(), SIZES, device=CPU)
+    old_layout = {
+        k.replace("weighted_embedding_bag_collection", "embedding_bag_collection"): v
+        for k, v in model.state_dict().items()
+    }
+    dcp.save({"model": old_layout}, checkpoint_id=str(tmp_path))
+    # DCP raises a CheckpointException (a BaseException) whose text carries the missing key
+    with pytest.raises(BaseException, match=r"Missing key.*sparse_arch\.weighted_embedding_bag_collection"):
+        load_model_weights(tmp_path, model)
+
+
+def test_evaluation_filler_batch_follows_the_split():
+    """The empty stand-in batch of an exhausted rank (train/evaluate.py) puts the weighted tables'
+    keys in weighted_features, found from the model itself, and runs through the model."""
+    from ctnocvr_rec.train.evaluate import empty_batch, model_weighted_feature_names
+
+    schema = tiny_schema()
+    model = build_model(small_cfg("cgc", True), schema, SIZES, device=CPU).eval()
+    weighted = model_weighted_feature_names(model)
+    assert weighted == schema.weighted_feature_names == ["f_u_hist", "f_u_tag", "f_i_tag"]
+    batch = empty_batch(schema.feature_names, weighted)
+    assert batch.sparse_features.keys() == schema.unweighted_feature_names
+    assert batch.sparse_features.weights_or_none() is None
+    assert batch.weighted_features.keys() == weighted
+    with torch.no_grad():
+        _, out = model(batch)
+    assert out["p_ctr"].shape == (1,) and torch.isfinite(out["loss"])
+    assert empty_batch(["f_a"], []).weighted_features is None
