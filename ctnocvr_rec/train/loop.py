@@ -39,6 +39,15 @@ from ctnocvr_rec.train.metrics import format_metrics_table
 from ctnocvr_rec.train.optim import LRSchedule, build_optimizer
 from ctnocvr_rec.train.setup import build_sharded_model, describe_plan
 
+
+def unpipelined_sharded_modules(model: torch.nn.Module, pipeline: TrainPipelineSparseDist) -> list[str]:
+    """Names of the sharded modules (both EBCs of the field embedding) that ``pipeline`` does not
+    pipeline. TorchRec logs only when it pipelines none; one of two missing would go unnoticed."""
+    from torchrec.distributed.types import ShardedModule
+
+    pipelined = {id(m) for m in pipeline._pipelined_modules}
+    return [name for name, m in model.named_modules() if isinstance(m, ShardedModule) and id(m) not in pipelined]
+
 #: loss terms tracked in the logs (those the model reports)
 LOSS_TERMS = ("loss", "loss_ctr", "loss_cvr", "loss_ctnocvr", "loss_ctcvr", "loss_score")
 
@@ -249,9 +258,11 @@ class Trainer:
                     # TorchRec only logs when its fx trace misses the sharded EBC; then the input
                     # distribution is no longer overlapped with compute, so say it plainly once.
                     pipelined_checked = True
-                    if not pipeline._pipelined_modules:
-                        logger.message("[train] warning: TrainPipelineSparseDist did not pipeline the sharded "
-                                       "embedding module (its fx trace failed); training runs unpipelined")
+                    missed = unpipelined_sharded_modules(model, pipeline)
+                    if missed:
+                        logger.message(f"[train] warning: TrainPipelineSparseDist did not pipeline the sharded "
+                                       f"module(s) {missed} (its fx trace missed them); their input "
+                                       f"distribution runs inline, unoverlapped")
                 st.step += 1
                 st.batches_in_epoch += 1
                 st.data_state = tracked.pop_trained_state()
