@@ -238,6 +238,32 @@ def test_extraction_matches_loop_reference_and_gates_sum_to_one(mk, ms, levels, 
     torch.testing.assert_close(out, x_tasks)
 
 
+@pytest.mark.parametrize("mk,ms,levels", [(0, 4, 1), (2, 2, 2)], ids=["mmoe", "ple2"])
+def test_padded_first_layer_compute_gives_the_same_values_and_gradients(mk, ms, levels):
+    """The first level runs its GEMMs with the inner dim padded (414 -> 416 in the paper's model);
+    outputs and every gradient must equal the unpadded computation."""
+    torch.manual_seed(0)
+    ext = ExpertExtraction(13, 3, mk, ms, [6, 5], num_levels=levels)
+    assert ext.levels[0].compute_align == 16  # 13 -> 16: the padded path is the one under test
+    x = torch.randn(9, 13, requires_grad=True)
+    results = []
+    for align in (16, 1):
+        for level in ext.levels:
+            level.compute_align = align
+        ext.zero_grad()
+        x.grad = None
+        out = ext(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in ext.named_parameters()}
+        results.append((out.detach(), x.grad.clone(), grads))
+    (out_pad, gx_pad, g_pad), (out_ref, gx_ref, g_ref) = results
+    torch.testing.assert_close(out_pad, out_ref)
+    torch.testing.assert_close(gx_pad, gx_ref)
+    assert g_pad.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g_pad[name], g_ref[name], msg=name)
+
+
 def test_cgc_task_output_ignores_other_tasks_experts():
     torch.manual_seed(0)
     cgc = ExpertExtraction(8, num_tasks=3, num_task_experts=2, num_shared_experts=2, expert_hidden=[4])
