@@ -50,13 +50,12 @@ def _uniform_(tensor: torch.Tensor, fan_in: int) -> None:
         tensor.uniform_(-bound, bound)
 
 
-def _pad_inner_dim(x: torch.Tensor, weight: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad the inner (K) dim of ``x @ weight`` (``x`` ``[B, K]``, ``weight`` ``[K, N]``) up to a
-    multiple of ``multiple``. The product is unchanged (the extra terms are 0 * 0), and so are the
+def _pad_inner_dim(x: torch.Tensor, weight: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad the inner (K) dim of ``x @ weight`` (``x`` ``[B, K]``, ``weight`` ``[K, N]``) by ``pad``
+    (a plain int fixed by the module's config, so fx tracing sees no shape-dependent branch). The product is unchanged (the extra terms are 0 * 0), and so are the
     gradients of the real entries; only the GEMM shapes change. Why: the backward GEMM
     ``grad [B, N] @ weight.T`` writes a ``[B, K]`` result, and with K = 414 (23 fields x 18) it ran at
     ~100 GFLOP/s on this project's CPU against ~130 for K = 416."""
-    pad = -x.shape[1] % multiple if multiple > 1 else 0
     if pad == 0:
         return x, weight
     return nn.functional.pad(x, (0, pad)), nn.functional.pad(weight, (0, 0, 0, pad))
@@ -150,6 +149,11 @@ class ExtractionLevel(nn.Module):
             _uniform_(w, fan_in)
             _uniform_(b, fan_in)
 
+    @property
+    def _inner_pad(self) -> int:
+        """Zero columns added to ``x`` (and rows to the weights) in the first-level GEMMs."""
+        return -self.in_features % self.compute_align
+
     def _first_layer(self, x_tasks: torch.Tensor, x_shared: torch.Tensor) -> torch.Tensor:
         """Pre-activation of every expert's first layer, ``[B, E, h1]`` (task experts first)."""
         t, mk, ms, h1 = self.num_tasks, self.num_task_experts, self.num_shared_experts, self.expert_hidden[0]
@@ -165,7 +169,7 @@ class ExtractionLevel(nn.Module):
                 biases.append(self.shared_bias)
             weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=1)
             bias = biases[0] if len(biases) == 1 else torch.cat(biases, dim=0)
-            x, weight = _pad_inner_dim(x_tasks, weight, self.compute_align)
+            x, weight = _pad_inner_dim(x_tasks, weight, self._inner_pad)
             return torch.addmm(bias, x, weight).unflatten(1, (self.num_experts, h1))
         parts: list[torch.Tensor] = []
         if self.task_weight is not None and self.task_bias is not None:
@@ -181,7 +185,7 @@ class ExtractionLevel(nn.Module):
         t, g = self.num_tasks, self.num_task_experts + self.num_shared_experts
         if self.shared_input:
             weight = self.gate_weight.permute(1, 0, 2).reshape(self.in_features, t * g)
-            x, weight = _pad_inner_dim(x_tasks, weight, self.compute_align)
+            x, weight = _pad_inner_dim(x_tasks, weight, self._inner_pad)
             logits = torch.addmm(self.gate_bias.reshape(t * g), x, weight).unflatten(1, (t, g))
         else:
             logits = torch.baddbmm(self.gate_bias.unsqueeze(1), x_tasks.transpose(0, 1), self.gate_weight)
