@@ -50,17 +50,6 @@ def _uniform_(tensor: torch.Tensor, fan_in: int) -> None:
         tensor.uniform_(-bound, bound)
 
 
-def _pad_inner_dim(x: torch.Tensor, weight: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad the inner (K) dim of ``x @ weight`` (``x`` ``[B, K]``, ``weight`` ``[K, N]``) by ``pad``
-    (a plain int fixed by the module's config, so fx tracing sees no shape-dependent branch). The product is unchanged (the extra terms are 0 * 0), and so are the
-    gradients of the real entries; only the GEMM shapes change. Why: the backward GEMM
-    ``grad [B, N] @ weight.T`` writes a ``[B, K]`` result, and with K = 414 (23 fields x 18) it ran at
-    ~100 GFLOP/s on this project's CPU against ~130 for K = 416."""
-    if pad == 0:
-        return x, weight
-    return nn.functional.pad(x, (0, pad)), nn.functional.pad(weight, (0, 0, 0, pad))
-
-
 class ExtractionLevel(nn.Module):
     """One CGC level: task-specific + shared experts, a softmax gate per task, optional shared gate.
 
@@ -151,59 +140,75 @@ class ExtractionLevel(nn.Module):
 
     @property
     def _inner_pad(self) -> int:
-        """Zero columns added to ``x`` (and rows to the weights) in the first-level GEMMs."""
+        """Zero columns added to ``x`` (and rows to the weights) in the first-level GEMMs.
+
+        The products, and the gradients of every real entry, are unchanged (the extra terms are
+        0 * 0); only the GEMM shapes change. Why: the backward GEMM ``grad [B, N] @ weight.T`` writes
+        a ``[B, K]`` result, and with K = 414 (23 fields x 18) it ran at ~100 GFLOP/s on this
+        project's CPU against ~130 for K = 416."""
         return -self.in_features % self.compute_align
 
-    def _first_layer(self, x_tasks: torch.Tensor, x_shared: torch.Tensor) -> torch.Tensor:
-        """Pre-activation of every expert's first layer, ``[B, E, h1]`` (task experts first)."""
-        t, mk, ms, h1 = self.num_tasks, self.num_task_experts, self.num_shared_experts, self.expert_hidden[0]
-        if self.shared_input:
-            # One GEMM for all experts: [B, d] @ [d, E*h1].
-            weights: list[torch.Tensor] = []
-            biases: list[torch.Tensor] = []
-            if self.task_weight is not None and self.task_bias is not None:
-                weights.append(self.task_weight.permute(1, 0, 2).reshape(self.in_features, t * mk * h1))
-                biases.append(self.task_bias.reshape(t * mk * h1))
-            if self.shared_weight is not None and self.shared_bias is not None:
-                weights.append(self.shared_weight)
-                biases.append(self.shared_bias)
-            weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=1)
-            bias = biases[0] if len(biases) == 1 else torch.cat(biases, dim=0)
-            x, weight = _pad_inner_dim(x_tasks, weight, self._inner_pad)
-            return torch.addmm(bias, x, weight).unflatten(1, (self.num_experts, h1))
-        parts: list[torch.Tensor] = []
+    def _shared_input_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """First level: every expert's first layer and every task's gate read the same ``x``: one GEMM
+        ``[B, d] @ [d, E*h1]`` for the experts and one ``[B, d] @ [d, T*g]`` for the gates, on ``x``
+        zero-padded once (see :attr:`_inner_pad`). (One GEMM for both was slower at wide sizes:
+        splitting its ``[B, E*h1 + T*g]`` output leaves strided views for the ReLU and a concatenation
+        in the backward.) Returns (expert pre-activations ``[B, E, h1]``, task experts first; gate
+        logits ``[B, T, g]``)."""
+        t, mk, h1 = self.num_tasks, self.num_task_experts, self.expert_hidden[0]
+        g = mk + self.num_shared_experts
+        weights: list[torch.Tensor] = []
+        biases: list[torch.Tensor] = []
         if self.task_weight is not None and self.task_bias is not None:
-            # Each task's experts read that task's input: one bmm over tasks, [T, B, m_k*h1].
-            task_pre = torch.baddbmm(self.task_bias.unsqueeze(1), x_tasks.transpose(0, 1), self.task_weight)
+            weights.append(self.task_weight.permute(1, 0, 2).reshape(self.in_features, t * mk * h1))
+            biases.append(self.task_bias.reshape(t * mk * h1))
+        if self.shared_weight is not None and self.shared_bias is not None:
+            weights.append(self.shared_weight)
+            biases.append(self.shared_bias)
+        expert_weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=1)
+        expert_bias = biases[0] if len(biases) == 1 else torch.cat(biases, dim=0)
+        gate_weight = self.gate_weight.permute(1, 0, 2).reshape(self.in_features, t * g)
+        pad = self._inner_pad
+        if pad:  # a config-fixed int: no shape-dependent branch under fx tracing
+            x = nn.functional.pad(x, (0, pad))
+            expert_weight = nn.functional.pad(expert_weight, (0, 0, 0, pad))
+            gate_weight = nn.functional.pad(gate_weight, (0, 0, 0, pad))
+        expert_pre = torch.addmm(expert_bias, x, expert_weight).unflatten(1, (self.num_experts, h1))
+        gate_logits = torch.addmm(self.gate_bias.reshape(t * g), x, gate_weight).unflatten(1, (t, g))
+        return expert_pre, gate_logits
+
+    def _task_input_layers(self, x_tasks: torch.Tensor, x_shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Later PLE levels: task ``k``'s experts and gate read ``x_tasks[:, k]``, the shared experts
+        ``x_shared``. Returns (expert pre-activations ``[B, E, h1]``, gate logits ``[B, T, g]``)."""
+        t, mk, ms, h1 = self.num_tasks, self.num_task_experts, self.num_shared_experts, self.expert_hidden[0]
+        parts: list[torch.Tensor] = []
+        per_task = x_tasks.transpose(0, 1)  # [T, B, d]
+        if self.task_weight is not None and self.task_bias is not None:
+            # One bmm over tasks, [T, B, m_k*h1].
+            task_pre = torch.baddbmm(self.task_bias.unsqueeze(1), per_task, self.task_weight)
             parts.append(task_pre.transpose(0, 1).reshape(-1, t * mk, h1))
         if self.shared_weight is not None and self.shared_bias is not None:
             parts.append(torch.addmm(self.shared_bias, x_shared, self.shared_weight).unflatten(1, (ms, h1)))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-    def _gates(self, x_tasks: torch.Tensor) -> torch.Tensor:
-        """Softmax gate of every task, ``[B, T, m_k + m_s]``."""
-        t, g = self.num_tasks, self.num_task_experts + self.num_shared_experts
-        if self.shared_input:
-            weight = self.gate_weight.permute(1, 0, 2).reshape(self.in_features, t * g)
-            x, weight = _pad_inner_dim(x_tasks, weight, self._inner_pad)
-            logits = torch.addmm(self.gate_bias.reshape(t * g), x, weight).unflatten(1, (t, g))
-        else:
-            logits = torch.baddbmm(self.gate_bias.unsqueeze(1), x_tasks.transpose(0, 1), self.gate_weight)
-            logits = logits.transpose(0, 1)
-        return torch.softmax(logits, dim=-1)
+        expert_pre = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        gate_logits = torch.baddbmm(self.gate_bias.unsqueeze(1), per_task, self.gate_weight).transpose(0, 1)
+        return expert_pre, gate_logits
 
     def forward(
         self, x_tasks: torch.Tensor, x_shared: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         t, mk = self.num_tasks, self.num_task_experts
-        experts = torch.relu(self._first_layer(x_tasks, x_shared))  # [B, E, h1]
+        if self.shared_input:
+            expert_pre, gate_logits = self._shared_input_layers(x_tasks)
+        else:
+            expert_pre, gate_logits = self._task_input_layers(x_tasks, x_shared)
+        experts = torch.relu(expert_pre)  # [B, E, h1]
         if len(self.deep_weights) > 0:
             hidden = experts.transpose(0, 1)  # [E, B, h]
             for w, b in zip(self.deep_weights, self.deep_biases):
                 hidden = torch.relu(torch.baddbmm(b, hidden, w))
             experts = hidden.transpose(0, 1)  # [B, E, h_last]
 
-        gates = self._gates(x_tasks)  # [B, T, m_k + m_s]
+        gates = torch.softmax(gate_logits, dim=-1)  # [B, T, m_k + m_s]
         if mk:
             # Spread each task's gate over all E experts (zeros on the other tasks' experts) so the
             # mixing is one bmm [B, T, E] @ [B, E, h]: the selection S_k of eq. 4 as a block mask.
