@@ -94,10 +94,6 @@ class FieldSchema:
         """Tables with at least one ``weighted: true`` field (they are served by the weighted EBC)."""
         return frozenset(f.table_name for f in self.fields if f.weighted)
 
-    def in_weighted_table(self, spec: FieldSpec) -> bool:
-        """Whether ``spec`` goes to the weighted KJT / EBC (its table has a weighted field)."""
-        return spec.table_name in self.weighted_table_names
-
     @property
     def weighted_fields(self) -> list[FieldSpec]:
         """Fields of weighted tables, schema order (the batch's ``weighted_features``)."""
