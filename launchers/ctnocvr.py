@@ -9,6 +9,8 @@ TorchX scheduler::
     torchx run -s slurm launchers/ctnocvr.py:train --j 2x8 --gpu 8 --config configs/aliccp_paper_mmoe.yaml
 
 Everything after ``--`` is passed to ``ctnocvr train`` (``-o key=value`` overrides, ``--run-dir``).
+``torchx run`` refuses an option given twice after ``--`` ("Repeated Command Line Arguments"), so
+give all overrides after ONE ``-o``: ``-- -o train.steps=200 model.num_experts=4 --run-dir runs/x``.
 TorchX does not expose torchrun's ``--max-restarts``; ``max_restarts`` here adds it, so a rank that
 dies makes torchrun restart the whole job, which then resumes from the newest checkpoint.
 """
@@ -58,7 +60,8 @@ def train(
     """Distributed ``ctnocvr train``.
 
     Args:
-        train_args: extra arguments of ``ctnocvr train`` (e.g. ``-o train.steps=200 --run-dir runs/x``)
+        train_args: extra arguments of ``ctnocvr train`` (e.g. ``-o train.steps=200 train.seed=3 --run-dir runs/x``;
+            several overrides follow one ``-o``: torchx rejects a repeated ``-o``)
         config: run config YAML (path inside the job's working directory / image)
         j: ``{nnodes}x{nproc_per_node}`` (e.g. 1x2 on a CPU box, 4x8 on GPU nodes)
         resume: continue from the newest checkpoint of the run folder

@@ -19,8 +19,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train (and evaluate) a ranker", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--config", required=True, help="run config YAML (configs/*.yaml)")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, repeatable: -o model.num_experts=8 -o train.steps=200")
+    # nargs="+": several overrides after one -o, because `torchx run` rejects a repeated option
+    p.add_argument("-o", "--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="dotted overrides, one or more per -o, -o repeatable: "
+                        "-o model.num_experts=8 train.steps=200 (same as -o model.num_experts=8 -o train.steps=200)")
     p.add_argument("--run-dir", help="run folder (same as -o train.run_dir=...)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run folder")
     p.add_argument("--plan", help="enforce a saved sharding plan (JSON from `ctnocvr plan --save`)")
@@ -38,8 +40,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="checkpoint folder (default: the newest of the run)")
     p.add_argument("--split", default="test", help="split of the prepared set (default: test)")
     p.add_argument("--predictions", action="store_true", help="also write predictions/<split>.parquet")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the run's config, e.g. -o data.prepared_dir=...")
+    p.add_argument("-o", "--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override the run's config, e.g. -o data.prepared_dir=... (one or more per -o)")
     p.add_argument("--json", action="store_true", help="print the result JSON instead of the table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run_eval)
