@@ -33,7 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_known_benign_warnings() -> None:
-    """Silence two messages torch prints on every run that say nothing about the user's job."""
+    """Silence messages torch prints on every run that say nothing about the user's job (each exactly).
+
+    Every rank of a ``--nproc`` or TorchX job runs ``python -m ctnocvr_rec.cli train``, so this covers
+    them too; ``train.api.run_in_process`` installs the fbgemm filter again for API callers."""
+    from ctnocvr_rec.train.known_warnings import quiet_benign_fbgemm_warning
+
+    quiet_benign_fbgemm_warning()
     # DCP loading a checkpoint into one process (eval/export) is intended, not a fallback.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
     # TrainPipelineSparseDist's fx trace triggers torch's note about is_fx_tracing semantics.

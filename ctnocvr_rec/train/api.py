@@ -48,8 +48,10 @@ def run_in_process(cfg: RunConfig, resume: bool = False, plan_file: str | None =
     """Train on this process's rank (every rank of a torchrun job calls this)."""
     from ctnocvr_rec.train.allocator import tune_host_allocator
     from ctnocvr_rec.train.distributed import init_distributed, shutdown
+    from ctnocvr_rec.train.known_warnings import quiet_benign_fbgemm_warning
     from ctnocvr_rec.train.loop import Trainer
 
+    quiet_benign_fbgemm_warning()
     if hasattr(signal, "SIGUSR1"):
         # `kill -USR1 <pid>` prints every thread's Python stack: where a stuck rank waits
         faulthandler.register(signal.SIGUSR1, all_threads=True)
