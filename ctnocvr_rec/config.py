@@ -2,7 +2,10 @@
 
 ``load_config("configs/mmoe.yaml", ["model.num_experts=8", "train.steps=200"])`` returns a
 :class:`RunConfig`. Unknown keys (in YAML or in an override) raise :class:`ConfigError` listing the
-valid keys at that level, so a typo never silently falls back to a default.
+valid keys at that level, so a typo never silently falls back to a default. Every numeric field
+declares its valid range next to it (``ranged(default, AT_LEAST_1)``); a value outside it is a
+:class:`ConfigError` naming the key and the range. YAML is read strictly (``yaml_strict``: no tags,
+no duplicate keys, errors with file:line), and an error in ``-o key=value`` names that ``-o``.
 
 Each section belongs to one part of the package (``data``, ``model``, ``train``, ``eval``,
 ``plan``); the owners add fields to their own section only.
@@ -11,6 +14,7 @@ Each section belongs to one part of the package (``data``, ``model``, ``train``,
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,11 +23,70 @@ from typing import Any, TypeVar
 
 import yaml
 
+from ctnocvr_rec.yaml_strict import YamlError, load_yaml_file, parse_yaml_value
+
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A configuration key or value that does not fit the schema."""
+
+
+# --------------------------------------------------------------------------------------------
+# Valid ranges of numeric fields
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    """Valid values of a numeric field: finite and within the bounds (``*_open``: bound excluded).
+    For a list field it applies to every element, for a mapping field to every value."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def allows(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return "any finite number"
+
+
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, low_open=True)
+FRACTION = Range(0, 1)  # probabilities, ratios
+FRACTION_BELOW_1 = Range(0, 1, high_open=True)  # dropout, reserved share of memory
+
+
+def ranged(default: Any, valid: Range) -> Any:
+    """A dataclass field with its valid range in the metadata; ``default`` may be a factory."""
+    if callable(default):
+        return field(default_factory=default, metadata={"range": valid})
+    return field(default=default, metadata={"range": valid})
+
+
+def _check_range(f: dataclasses.Field, value: Any, where: str) -> None:
+    valid: Range | None = f.metadata.get("range")
+    if valid is None or value is None:
+        return
+    values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not valid.allows(v):
+            each = "each value " if isinstance(value, (list, dict)) else ""
+            raise ConfigError(f"{where}: {v!r} is out of range; valid values: {each}{valid}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,12 +105,13 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = "valid"
     test_split: str = "test"
-    batch_size: int = 4096
-    eval_batch_size: int = 8192
-    num_workers: int = 0
+    batch_size: int = ranged(4096, AT_LEAST_1)
+    eval_batch_size: int = ranged(8192, AT_LEAST_1)
+    num_workers: int = ranged(0, NON_NEGATIVE)
     #: seed of the per-epoch shuffle of shard order and of rows inside a read buffer
-    shuffle_seed: int = 0
-    shuffle_buffer_batches: int = 4
+    shuffle_seed: int = ranged(0, NON_NEGATIVE)
+    #: window of the row shuffle, in batches (0 = shuffle only the row-group order)
+    shuffle_buffer_batches: int = ranged(4, NON_NEGATIVE)
 
 
 @dataclass
@@ -66,29 +130,31 @@ class ModelConfig:
     #: default embedding dim of every field (paper sweeps {12, 18, 24}). Dims not divisible by 4 are
     #: served by a table of dim ceil4(d) cut back to d (fbgemm kernel constraint; see
     #: modules/field_embedding.py)
-    embedding_dim: int = 18
+    embedding_dim: int = ranged(18, AT_LEAST_1)
     #: per-field overrides of the embedding dim, e.g. {"101": 24}
-    field_embedding_dims: dict[str, int] = field(default_factory=dict)
+    field_embedding_dims: dict[str, int] = ranged(dict, AT_LEAST_1)
     #: expert counts (paper sweeps "number of experts and units in {16, 8, 4}")
-    num_experts: int = 8  # MMoE shared experts
-    num_shared_experts: int = 4  # CGC/PLE shared experts (m_s)
-    num_task_experts: int = 4  # CGC/PLE experts per task (m_k)
-    num_levels: int = 2  # PLE extraction levels (CGC is one level; not in the paper)
+    num_experts: int = ranged(8, AT_LEAST_1)  # MMoE shared experts
+    #: CGC/PLE shared experts (m_s) and experts per task (m_k); 0 is allowed for one of them
+    #: (modules/experts.py checks that each task gets at least one expert)
+    num_shared_experts: int = ranged(4, NON_NEGATIVE)
+    num_task_experts: int = ranged(4, NON_NEGATIVE)
+    num_levels: int = ranged(2, AT_LEAST_1)  # PLE extraction levels (CGC is one level; not in the paper)
     #: layer widths of each expert MLP (paper: units in {16, 8, 4})
-    expert_hidden: list[int] = field(default_factory=lambda: [16])
+    expert_hidden: list[int] = ranged(lambda: [16], AT_LEAST_1)
     #: task tower hidden widths (paper: MLP dims {300, 200, 80})
-    tower_hidden: list[int] = field(default_factory=lambda: [300, 200, 80])
+    tower_hidden: list[int] = ranged(lambda: [300, 200, 80], AT_LEAST_1)
     #: dropout on each tower's input (not in the paper)
-    dropout: float = 0.0
+    dropout: float = ranged(0.0, FRACTION_BELOW_1)
     #: loss weights of eq. 6 (paper sweeps λ_cvr and λ_ctnocvr over {0.2, 0.5, 0.8, 1, 2, 4, 5};
     #: best λ_cvr = 0.5). The CVR term is averaged over clicked rows only.
-    loss_weight_ctr: float = 1.0
-    loss_weight_cvr: float = 0.5
-    loss_weight_ctnocvr: float = 1.0
-    loss_weight_ctcvr: float = 1.0  # ESMM only
+    loss_weight_ctr: float = ranged(1.0, NON_NEGATIVE)
+    loss_weight_cvr: float = ranged(0.5, NON_NEGATIVE)
+    loss_weight_ctnocvr: float = ranged(1.0, NON_NEGATIVE)
+    loss_weight_ctcvr: float = ranged(1.0, NON_NEGATIVE)  # ESMM only
     #: the paper's "score weight" ω (swept over 0.0001…0.03, best 0.01, Fig. 3b). Our reading: weight of
     #: BCE(c, pCTR·(1 − pCVR)) in MMoE/CGC/PLE +CTnoCVR (0 disables the term)
-    score_weight: float = 0.01
+    score_weight: float = ranged(0.01, NON_NEGATIVE)
 
 
 @dataclass
@@ -96,28 +162,31 @@ class OptimConfig:
     #: fused sparse optimiser of the tables: exact_rowwise_adagrad | exact_adagrad | exact_sgd
     #: (CPU kernels support only these three; GPU also: adam, partial_rowwise_adam, lamb, lars_sgd)
     sparse: str = "exact_rowwise_adagrad"
-    sparse_lr: float = 0.05
-    sparse_eps: float = 1e-8
+    sparse_lr: float = ranged(0.05, POSITIVE)
+    sparse_eps: float = ranged(1e-8, POSITIVE)
     #: dense optimiser: adam | adagrad | sgd
     dense: str = "adam"
-    dense_lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    dense_lr: float = ranged(1e-3, POSITIVE)
+    weight_decay: float = ranged(0.0, NON_NEGATIVE)
+    warmup_steps: int = ranged(0, NON_NEGATIVE)
     #: none | linear | cosine (decay over train.steps after warm-up)
     decay: str = "none"
-    min_lr_ratio: float = 0.1
+    #: lr factor at the end of the decay
+    min_lr_ratio: float = ranged(0.1, FRACTION)
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    epochs: int = 1
+    seed: int = ranged(0, NON_NEGATIVE)
+    epochs: int = ranged(1, AT_LEAST_1)
     #: stop after this many steps (0 = run the epochs)
-    steps: int = 0
-    eval_every_steps: int = 0
-    checkpoint_every_steps: int = 0
-    keep_checkpoints: int = 2
-    log_every_steps: int = 20
+    steps: int = ranged(0, NON_NEGATIVE)
+    #: every N steps (0 = never; the final checkpoint and evaluation always happen)
+    eval_every_steps: int = ranged(0, NON_NEGATIVE)
+    checkpoint_every_steps: int = ranged(0, NON_NEGATIVE)
+    #: newest checkpoints kept (0 = keep all)
+    keep_checkpoints: int = ranged(2, NON_NEGATIVE)
+    log_every_steps: int = ranged(20, NON_NEGATIVE)
     run_dir: str = "runs/default"
     #: cpu | cuda | auto
     device: str = "auto"
@@ -138,7 +207,7 @@ class EvalConfig:
     #: split evaluated at the end of training into metrics.json ("" = data.test_split)
     final_split: str = ""
     #: cap on the batches per rank of the periodic (every N steps) evaluation; 0 = the whole split
-    periodic_max_batches: int = 0
+    periodic_max_batches: int = ranged(0, NON_NEGATIVE)
 
 
 @dataclass
@@ -149,15 +218,15 @@ class PlanConfig:
     plan_file: str = ""
     #: none | fixed | heuristic  storage reservation used by the planner
     storage_reservation: str = "fixed"
-    storage_reservation_percentage: float = 0.15
+    storage_reservation_percentage: float = ranged(0.15, FRACTION_BELOW_1)
     #: per-table constraints: {"t_101": {"sharding_types": ["table_wise"], "compute_kernels": ["fused"]}}
     constraints: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: hbm/ddr capacity per rank in GiB (0 = TorchRec's defaults for the device)
-    hbm_gb: float = 0.0
-    ddr_gb: float = 0.0
+    hbm_gb: float = ranged(0.0, NON_NEGATIVE)
+    ddr_gb: float = ranged(0.0, NON_NEGATIVE)
     #: greedy proposers stop after this many feasible proposals in a row that are no better
     #: (0 = walk every option, TorchRec's default; 10 reaches the same plans ~4x faster here)
-    greedy_threshold: int = 10
+    greedy_threshold: int = ranged(10, NON_NEGATIVE)
     #: on CUDA, search HBM-only kernels first and add UVM/caching kernels only if nothing fits
     #: (same plans when they fit in HBM, ~3x less planning time)
     hbm_first: bool = True
@@ -227,14 +296,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def from_dict(cls: type[T], values: dict[str, Any], where: str = "") -> T:
-    """Build dataclass ``cls`` from ``values``; unknown keys are errors naming the valid ones."""
+    """Build dataclass ``cls`` from ``values``; unknown keys and out-of-range values are errors naming
+    the key and the valid keys / values."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = list(fields)
     unknown = sorted(set(values) - set(names))
     if unknown:
         at = where or "top level"
         raise ConfigError(f"unknown key(s) {unknown} at {at}; valid keys: {names}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    kwargs = {}
+    for k, v in values.items():
+        key_where = f"{where}.{k}" if where else k
+        kwargs[k] = _coerce(v, hints[k], key_where)
+        _check_range(fields[k], kwargs[k], key_where)
     return cls(**kwargs)
 
 
@@ -242,55 +317,80 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _set_dotted(tree: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
-    """Apply ``a.b.c=raw`` to the nested dict ``tree`` (validated against ``cls``)."""
+def parse_override(item: str, cls: type | None = None, flag: str = "-o") -> tuple[list[str], Any]:
+    """Check one ``a.b.c=value`` override against ``cls`` (default :class:`RunConfig`).
+
+    Returns the key path and the YAML-parsed value (lists, mappings, numbers and booleans can be
+    given on the command line). The value is type- and range-checked here, so an error names the
+    override as the user typed it (``-o train.epochs=abc: expected an integer, got 'abc'``), not the
+    config file it would have gone into. ``model.field_embedding_dims.101=24`` (dotted keys into a
+    free-form mapping) gives the path ``["model", "field_embedding_dims", "101"]``.
+    """
+    cls = cls or RunConfig
+    where = f"{flag} {item}"
+    if "=" not in item:
+        raise ConfigError(f"{where}: an override must look like key.sub=value")
+    dotted, raw = (part.strip() for part in item.split("=", 1))
     keys = dotted.split(".")
-    node, node_cls = tree, cls
+    node_cls = cls
     for i, key in enumerate(keys):
-        names = [f.name for f in dataclasses.fields(node_cls)]
-        if key not in names:
+        fields = {f.name: f for f in dataclasses.fields(node_cls)}
+        if key not in fields:
             at = ".".join(keys[:i]) or "top level"
-            raise ConfigError(f"unknown key {key!r} in override {dotted!r} at {at}; valid keys: {names}")
+            raise ConfigError(f"{where}: unknown key {key!r} at {at}; valid keys: {list(fields)}")
         tp = typing.get_type_hints(node_cls)[key]
         if i == len(keys) - 1:
-            # YAML parses the value so that lists/dicts/numbers/bools can be given on the CLI
-            node[key] = yaml.safe_load(raw) if raw != "" else ""
-            return
+            value = parse_yaml_value(raw, where) if raw != "" else ""
+            _check_range(fields[key], _coerce(value, tp, where), where)
+            return keys, value
         if typing.get_origin(tp) is dict:
-            # dotted keys into a free-form mapping: model.field_embedding_dims.101=24
-            sub = node.setdefault(key, {})
-            rest = ".".join(keys[i + 1 :])
-            sub[rest] = yaml.safe_load(raw)
-            return
+            rest = ".".join(keys[i + 1:])
+            value = parse_yaml_value(raw, where)
+            _check_range(fields[key], {rest: _coerce(value, typing.get_args(tp)[1], where)}, where)
+            return [*keys[: i + 1], rest], value
         if not dataclasses.is_dataclass(tp):
-            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is not a section")
-        node = node.setdefault(key, {})
+            raise ConfigError(f"{where}: {'.'.join(keys[: i + 1])} is not a section")
         node_cls = tp
+    raise AssertionError("unreachable")
+
+
+def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
 
 
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """``yaml.safe_load`` of ``path``; the top level must be a mapping (empty file -> ``{}``)."""
-    with open(path, encoding="utf-8") as f:
-        loaded = yaml.safe_load(f) or {}
+    """Strict YAML of ``path`` (see ``yaml_strict``); the top level must be a mapping (empty file -> ``{}``).
+    Errors are :class:`ConfigError` naming the file and line."""
+    try:
+        loaded = load_yaml_file(path) or {}
+    except YamlError as e:
+        raise ConfigError(str(e)) from None
     if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
     return loaded
 
 
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, cls: type[T] = RunConfig
 ) -> T:
-    """Load ``cls`` from a YAML file (optional) and ``key.sub=value`` overrides."""
+    """Load ``cls`` from a YAML file (optional) and ``key.sub=value`` overrides (checked one by one)."""
     tree = load_yaml_mapping(path) if path else {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        dotted, raw = item.split("=", 1)
-        _set_dotted(tree, cls, dotted.strip(), raw.strip())
     try:
-        return from_dict(cls, tree)
+        file_config = from_dict(cls, tree)
     except ConfigError as e:
-        raise ConfigError(f"{path or '<overrides>'}: {e}") from None
+        raise ConfigError(f"{path or '<defaults>'}: {e}") from None
+    if not overrides:
+        return file_config
+    for item in overrides:
+        try:
+            keys, value = parse_override(item, cls)
+        except YamlError as e:
+            raise ConfigError(str(e)) from None
+        _set_path(tree, keys, value)
+    return from_dict(cls, tree)  # each override was checked above; combined they are valid too
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ctnocvr_rec.yaml_strict import load_yaml_file
 
 GROUPS = ("user", "item", "combination", "context")
 MAPPINGS = ("vocab", "hash")
@@ -177,6 +177,7 @@ class FieldSchema:
 
 
 def load_schema(path: str | Path) -> FieldSchema:
-    with open(path, encoding="utf-8") as f:
-        tree = yaml.safe_load(f) or {}
+    tree = load_yaml_file(path) or {}  # YamlError (file:line) on bad YAML / duplicate keys
+    if not isinstance(tree, dict):
+        raise SchemaError(f"{path}: top level must be a mapping with 'fields'")
     return FieldSchema.from_dict(tree, source=str(path))

@@ -58,14 +58,14 @@ def _table3(args: argparse.Namespace) -> int:
 
 def _parse_grid(items: list[str]) -> dict[str, list[object]]:
     """``--grid key=v1,v2`` -> {key: [v1, v2]}; values are parsed as YAML scalars (ints stay ints)."""
-    import yaml
+    from ctnocvr_rec.yaml_strict import parse_yaml_value
 
     grids: dict[str, list[object]] = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"--grid {item!r} must look like model.score_weight=0.001,0.01")
         key, values = item.split("=", 1)
-        parsed = [yaml.safe_load(v) for v in values.split(",") if v.strip()]
+        parsed = [parse_yaml_value(v, f"--grid {item}") for v in values.split(",") if v.strip()]
         if not parsed:
             raise ValueError(f"--grid {item!r}: no values")
         grids[key.strip()] = parsed

@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow.dataset as pads
-import yaml
 
 from ctnocvr_rec.experiments import oracle as oracle_mod
 from ctnocvr_rec.experiments.runs import eval_split, read_metrics, read_predictions
 from ctnocvr_rec.experiments.table3 import write_csv
+from ctnocvr_rec.yaml_strict import load_yaml_file
 
 SCORES = ("pctcvr", "pctr", "pcvr", "pctr_pcvr_alpha")
 ITEM_FIELD = "205"
@@ -89,8 +89,7 @@ def _sorted_predictions(run_dir: Path, split: str) -> dict[str, np.ndarray]:
 def _prepared_dir_of(run_dir: Path) -> Path:
     cfg_path = run_dir / "config.yaml"
     if cfg_path.is_file():
-        with open(cfg_path, encoding="utf-8") as f:
-            tree = yaml.safe_load(f) or {}
+        tree = load_yaml_file(cfg_path) or {}
     else:
         tree = read_metrics(run_dir).get("config") or {}
     prepared = (tree.get("data") or {}).get("prepared_dir")

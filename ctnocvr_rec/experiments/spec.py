@@ -25,9 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ctnocvr_rec.config import ConfigError, RunConfig, from_dict, load_yaml_mapping
+from ctnocvr_rec.config import (
+    AT_LEAST_1,
+    NON_NEGATIVE,
+    ConfigError,
+    RunConfig,
+    from_dict,
+    load_yaml_mapping,
+    parse_override,
+    ranged,
+)
+from ctnocvr_rec.yaml_strict import YamlError
 
 #: the paper's Sec. 3.2 grids
 PAPER_LOSS_WEIGHT_CVR_GRID = [0.2, 0.5, 0.8, 1.0, 2.0, 4.0, 5.0]
@@ -38,13 +46,13 @@ ARCHS = ("esmm", "mmoe", "cgc", "ple")
 @dataclass
 class Table3Spec:
     archs: list[str] = field(default_factory=lambda: list(ARCHS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    seeds: list[int] = ranged(lambda: [0, 1, 2, 3, 4], NON_NEGATIVE)
 
 
 @dataclass
 class SweepSpec:
     archs: list[str] = field(default_factory=lambda: ["mmoe", "cgc"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = ranged(lambda: [0, 1, 2], NON_NEGATIVE)
     #: dotted RunConfig key -> values; each key is swept on its own around the base config
     grids: dict[str, list[Any]] = field(
         default_factory=lambda: {
@@ -60,12 +68,12 @@ class SweepSpec:
 class RankingSpec:
     #: which table3 runs `report ranking --config` compares when no run folders are given
     arch: str = "mmoe"
-    seed: int = 0
+    seed: int = ranged(0, NON_NEGATIVE)
     #: ranking score: pctcvr | pctr | pcvr | pctr_pcvr_alpha (pCTR * pCVR^alpha)
     score: str = "pctcvr"
-    alpha: float = 1.0
+    alpha: float = ranged(1.0, NON_NEGATIVE)
     #: candidates exposed per request
-    top_k: int = 3
+    top_k: int = ranged(3, AT_LEAST_1)
 
 
 @dataclass
@@ -99,14 +107,14 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
     exp.source = str(path or "<defaults>")
     run_tree: dict[str, Any] = {}
     if exp.base_config:
-        with open(exp.base_config, encoding="utf-8") as f:
-            run_tree = yaml.safe_load(f) or {}
+        run_tree = load_yaml_mapping(exp.base_config)
     run_tree = deep_merge(run_tree, exp.run)
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        dotted, raw = item.split("=", 1)
-        set_dotted(run_tree, dotted.strip(), yaml.safe_load(raw.strip()) if raw.strip() else "")
+        try:  # typed and range-checked on its own, so an error names the --set, not the preset
+            keys, value = parse_override(item, RunConfig, flag="--set")
+        except YamlError as e:
+            raise ConfigError(str(e)) from None
+        set_dotted(run_tree, ".".join(keys), value)
     exp.run = run_tree
     build_run_config(exp, {})  # validate now, not 20 runs later
     for key, values in exp.sweep.grids.items():

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from ctnocvr_rec.config import ModelConfig
 from ctnocvr_rec.data.prepared import read_manifest
 from ctnocvr_rec.data.schema import FieldSchema
+from ctnocvr_rec.yaml_strict import load_yaml_file
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -45,7 +45,9 @@ def load_preset(name: str) -> TableSizes:
     path = PRESET_DIR / f"{name.replace('-', '_')}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"no preset {name!r} ({path}); presets: {list_presets()}")
-    tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    tree = load_yaml_file(path) or {}
+    if not isinstance(tree, Mapping):
+        raise ValueError(f"{path}: top level must be a mapping with 'fields'")
     fields = tree.get("fields")
     if not isinstance(fields, Mapping) or not fields:
         raise ValueError(f"{path}: 'fields' must be a mapping field -> {{num_embeddings, pooling_factor}}")
