@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,25 @@ def test_sigkill_of_a_rank_restarts_and_resumes_to_the_same_metrics(prepared, to
     for key in ("auc_ctr", "auc_cvr", "auc_ctcvr", "auc_ctnocvr", "gauc_ctr", "logloss_ctr", "logloss_cvr"):
         assert abs(a[key] - b[key]) < 1e-6, (key, a[key], b[key])
     assert not np.isnan(a["auc_ctr"])
+
+
+def test_non_finite_loss_under_nproc_exits_3_and_a_restart_does_not_train_again(prepared, tmp_path):
+    """A diverged model is not an infrastructure failure: exit 3 (not torchrun's 1), and the attempt
+    torchrun restarts (--max-restarts 1) stops at once on ``diverged.json`` instead of training again."""
+    run_dir = tmp_path / "nan"
+    cmd = [sys.executable, "-m", "ctnocvr_rec.cli", "train", "-c", str(write_config(tmp_path / "n.yaml", prepared, run_dir)),
+           "--nproc", "2", "--max-restarts", "1",
+           "-o", "train.optim.dense=sgd", "train.optim.dense_lr=1e18", "train.eval_every_steps=0",
+           "train.checkpoint_every_steps=1", "eval.save_predictions=false"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    found = re.match(r"ctnocvr train: error: non-finite loss at step (\d+) on rank \d: loss(_\w+)?=(nan|inf)", last)
+    assert found, last
+    step = int(found.group(1))
+    assert proc.stderr.count("[train] 2 rank(s)") == 1  # the model was built and trained in attempt 0 only
+    assert proc.stderr.count("this restarted attempt does not train again") == 2  # both ranks of attempt 1
+    assert "resumed from" not in proc.stderr
+    record = json.loads((run_dir / "diverged.json").read_text())
+    assert record["step"] == step and record["attempt"] == 0
+    assert [c.step for c in ckpt.list_checkpoints(run_dir)][-1] == step - 1  # nothing saved after it

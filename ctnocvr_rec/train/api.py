@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ctnocvr_rec.config import RunConfig, save_config
+from ctnocvr_rec.train import divergence
 
 
 def torchrun_command(config_path: str | Path, nproc: int, max_restarts: int = 0, resume: bool = False,
@@ -49,9 +50,17 @@ def run_in_process(cfg: RunConfig, resume: bool = False, plan_file: str | None =
     from ctnocvr_rec.train.allocator import tune_host_allocator
     from ctnocvr_rec.train.distributed import init_distributed, shutdown
     from ctnocvr_rec.train.known_warnings import quiet_benign_fbgemm_warning
-    from ctnocvr_rec.train.loop import Trainer
+    from ctnocvr_rec.train.loop import NonFiniteLossError, Trainer
 
     quiet_benign_fbgemm_warning()
+    run_dir = Path(cfg.train.run_dir)
+    earlier = divergence.of_this_job(run_dir)
+    if earlier is not None:  # a torchelastic restart after a divergence: training again cannot help
+        raise NonFiniteLossError(
+            f"{earlier['message']} [attempt {earlier.get('attempt', 0)} of this job diverged "
+            f"({run_dir / divergence.MARKER}); this restarted attempt does not train again]",
+            int(earlier.get("step", -1)),
+        )
     if hasattr(signal, "SIGUSR1"):
         # `kill -USR1 <pid>` prints every thread's Python stack: where a stuck rank waits
         faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -59,9 +68,29 @@ def run_in_process(cfg: RunConfig, resume: bool = False, plan_file: str | None =
         tune_host_allocator()
     ctx = init_distributed(cfg.train.device)
     try:
-        return Trainer(cfg, ctx, plan_file=plan_file, resume=resume).run()
+        if ctx.is_main and divergence.restart_count() == 0:
+            divergence.clear(run_dir)  # an earlier job's record
+        try:
+            return Trainer(cfg, ctx, plan_file=plan_file, resume=resume).run()
+        except NonFiniteLossError as e:
+            _record_divergence(ctx, run_dir, e)
+            raise
     finally:
         shutdown(ctx)
+
+
+def _record_divergence(ctx: Any, run_dir: Path, error: Any) -> None:
+    """Rank 0 writes ``diverged.json`` with the message of the first rank that saw the non-finite terms,
+    before any rank exits (collective: every rank raises at the same step; once one rank exits,
+    torchelastic stops the others, rank 0 maybe before it wrote the record)."""
+    from ctnocvr_rec.train.distributed import barrier, gather_to_main
+
+    reports = gather_to_main(ctx, (bool(error.terms), str(error)))
+    if ctx.is_main:
+        assert reports is not None
+        message = next((m for has_terms, m in reports if has_terms), str(error))
+        divergence.record(run_dir, message, error.step)
+    barrier(ctx)
 
 
 def train_and_evaluate(cfg: RunConfig, nproc: int = 1, resume: bool = False, plan_file: str | None = None,
@@ -83,6 +112,11 @@ def train_and_evaluate(cfg: RunConfig, nproc: int = 1, resume: bool = False, pla
     cmd = torchrun_command(config_path, nproc, max_restarts=max_restarts, resume=resume, plan_file=plan_file)
     started = time.time()
     proc = subprocess.run(cmd, env=worker_env(nproc), check=False)
+    diverged = divergence.since(run_dir, started) if proc.returncode != 0 else None
+    if diverged is not None:
+        from ctnocvr_rec.train.loop import NonFiniteLossError
+
+        raise NonFiniteLossError(diverged["message"], int(diverged.get("step", -1)))
     if proc.returncode != 0:
         raise RuntimeError(f"training with {nproc} ranks failed (exit {proc.returncode}): {' '.join(cmd)}")
     metrics_path = run_dir / "metrics.json"

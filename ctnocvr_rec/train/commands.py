@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import time
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -54,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from ctnocvr_rec.config import load_config
+    from ctnocvr_rec.train import divergence
     from ctnocvr_rec.train.distributed import launched_by_torchrun
 
     overrides = list(args.override)
@@ -71,7 +73,13 @@ def run_train(args: argparse.Namespace) -> int:
         save_config(cfg, run_dir / "config.yaml")
         cmd = torchrun_command(run_dir / "config.yaml", args.nproc, args.max_restarts, args.resume, args.plan)
         print("[train] launching: " + " ".join(cmd), file=sys.stderr, flush=True)
-        return subprocess.run(cmd, env=worker_env(args.nproc), check=False).returncode
+        started = time.time()
+        returncode = subprocess.run(cmd, env=worker_env(args.nproc), check=False).returncode
+        diverged = divergence.since(run_dir, started) if returncode != 0 else None
+        if diverged is not None:  # torchrun says 1 for any failed worker; a divergence is 3
+            print(f"ctnocvr train: error: {diverged['message']}", file=sys.stderr)
+            return 3
+        return returncode
 
     from ctnocvr_rec.train.api import run_in_process
     from ctnocvr_rec.train.loop import NonFiniteLossError

@@ -53,7 +53,14 @@ LOSS_TERMS = ("loss", "loss_ctr", "loss_cvr", "loss_ctnocvr", "loss_ctcvr", "los
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss; the message names the step and the loss term."""
+    """Training produced a NaN/inf loss; the message names the step and the loss term.
+
+    ``step``: the step; ``terms``: this rank's non-finite terms (empty when another rank saw them)."""
+
+    def __init__(self, message: str, step: int = -1, terms: dict[str, float] | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.terms = dict(terms or {})
 
 
 @dataclass
@@ -135,7 +142,8 @@ def _check_finite(ctx: DistContext, step: int, losses: dict[str, float], last_ck
         where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
         raise NonFiniteLossError(
             f"non-finite loss at step {step} on rank {ctx.rank}: {terms}; stopping ({where}). "
-            "Lower the learning rates or check the input data."
+            "Lower the learning rates or check the input data.",
+            step, {k: losses[k] for k in bad_local},
         )
 
 
