@@ -61,8 +61,12 @@ def _one_line(error: yaml.YAMLError, source: str, with_line: bool) -> str:
 
 def load_yaml_file(path: str | Path) -> Any:
     """The YAML document of ``path`` (``None`` for an empty file); :class:`YamlError` names file:line."""
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a leading BOM is not part of the YAML
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a leading BOM is not part of the YAML
+            text = f.read()
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise YamlError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x})") from None
     try:
         return yaml.load(text, Loader=StrictSafeLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:

@@ -145,6 +145,14 @@ def test_duplicate_field_schema_key_is_not_silently_dropped(tmp_path):
         load_schema(path)
 
 
+def test_non_utf8_and_bom_files(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"train:\n  run_dir: caf\xe9\n")
+    assert _one_error_line(capsys, ["train", "-c", str(path)]).endswith(f"{path}:2: not UTF-8 text (byte 0xe9)")
+    path.write_bytes(b"\xef\xbb\xbftrain:\n  epochs: 3\n")  # a BOM is not part of the YAML
+    assert load_config(path).train.epochs == 3
+
+
 def test_override_type_error_names_the_override_not_the_file(tmp_path, capsys):
     path = tmp_path / "ok.yaml"
     path.write_text("train:\n  epochs: 1\n")
