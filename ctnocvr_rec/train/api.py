@@ -16,10 +16,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ctnocvr_rec.config import RunConfig, save_config
 from ctnocvr_rec.train import divergence
+
+if TYPE_CHECKING:
+    from ctnocvr_rec.train.distributed import DistContext
+    from ctnocvr_rec.train.loop import NonFiniteLossError
 
 
 def torchrun_command(config_path: str | Path, nproc: int, max_restarts: int = 0, resume: bool = False,
@@ -79,7 +83,7 @@ def run_in_process(cfg: RunConfig, resume: bool = False, plan_file: str | None =
         shutdown(ctx)
 
 
-def _record_divergence(ctx: Any, run_dir: Path, error: Any) -> None:
+def _record_divergence(ctx: DistContext, run_dir: Path, error: NonFiniteLossError) -> None:
     """Rank 0 writes ``diverged.json`` with the message of the first rank that saw the non-finite terms,
     before any rank exits (collective: every rank raises at the same step; once one rank exits,
     torchelastic stops the others, rank 0 maybe before it wrote the record)."""
