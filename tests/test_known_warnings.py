@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ctnocvr_rec.train.known_warnings import FBGEMM_DENSE_LOOKUP_NO_AUTOGRAD, quiet_benign_fbgemm_warning
@@ -32,6 +33,7 @@ sys.exit(rc)
 """
 
 
+@pytest.mark.slow
 def test_training_stderr_has_no_fbgemm_autograd_warning_but_other_warnings_show(tmp_path):
     prepared = write_tiny_prepared(tmp_path / "prepared", {"train": 400, "valid": 100, "test": 100})
     config = tmp_path / "cfg.yaml"

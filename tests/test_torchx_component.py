@@ -92,6 +92,7 @@ def test_documented_torchx_commands_dry_run(scheduler):
         assert "-m ctnocvr_rec.cli " in proc.stdout
 
 
+@pytest.mark.slow
 def test_several_overrides_reach_every_rank_of_a_real_torchx_job(tmp_path):
     """Two overrides after one ``-o`` (torchx refuses ``-o a -o b``): both are in the saved config and
     in the trained run (seed and steps)."""
