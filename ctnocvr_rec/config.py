@@ -51,6 +51,51 @@ class DataConfig:
 
 
 @dataclass
+class Escm2IpsConfig:
+    """ESCM²-IPS (``model.method: escm2_ips``; ctnocvr_rec/modules/escm2_ips.py).
+
+    A field ``<term>_weight`` is the weight of loss term ``<term>``; the CTR weight is
+    ``model.loss_weight_ctr``. Defaults of the weights: the ESCM² reference configuration.
+    """
+
+    #: λ_c, the counterfactual (IPS) CVR risk over all exposures
+    cvr_ips_weight: float = 0.5
+    #: λ_g, the global CTCVR risk
+    ctcvr_weight: float = 0.5
+    #: floor of the propensity pCTR (inverse weight at most 1 / clip)
+    propensity_clip: float = 0.05
+    #: stop the gradient through the inverse propensity (as the reference code)
+    detach_propensity: bool = True
+
+
+@dataclass
+class Escm2DrConfig:
+    """ESCM²-DR (``model.method: escm2_dr``; ctnocvr_rec/modules/escm2_dr.py). Fields as
+    :class:`Escm2IpsConfig`, the CVR risk being the doubly-robust one, plus the imputation loss."""
+
+    cvr_dr_weight: float = 0.5
+    #: weight of the imputation tower's error-regression loss (ours: 1)
+    imputation_weight: float = 1.0
+    ctcvr_weight: float = 0.5
+    propensity_clip: float = 0.05
+    detach_propensity: bool = True
+
+
+@dataclass
+class DcmtConfig:
+    """DCMT (``model.method: dcmt``; ctnocvr_rec/modules/dcmt.py). ``<term>_weight`` as above."""
+
+    #: the factual + counterfactual IPS CVR loss
+    cvr_dcmt_weight: float = 1.0
+    #: λ of the counterfactual prior |1 − (pCVR + pCVR*)| (our default; tune per data set)
+    counterfactual_weight: float = 0.1
+    #: optional ESMM global risk (0 = logged, not trained)
+    ctcvr_weight: float = 0.0
+    propensity_clip: float = 0.05
+    detach_propensity: bool = True
+
+
+@dataclass
 class ModelConfig:
     """Ranker architecture (paper Sec. 2.3 / 3.2). See ``ctnocvr_rec/models/rankers.py``.
 
@@ -58,8 +103,11 @@ class ModelConfig:
     value (λ_cvr = 0.5, Fig. 3a; ω = 0.01, Fig. 3b) it is the default; other defaults are ours.
     """
 
-    #: one of esmm | mmoe | cgc | ple
+    #: backbone, one of esmm | mmoe | cgc | ple (ctnocvr_rec/registry.py)
     arch: str = "mmoe"
+    #: CVR objective, one of base | escm2_ips | escm2_dr | dcmt (ctnocvr_rec/registry.py); ``base`` is
+    #: the backbone's own objective. ``use_ctnocvr`` adds the CTnoCVR task to any of them
+    method: str = "base"
     #: False = the paper's "Base" model; True = "+CTnoCVR" (ESMM: derived pCTnoCVR term;
     #: MMoE/CGC/PLE: a third task with its own gate and tower, plus the score term)
     use_ctnocvr: bool = True
@@ -89,6 +137,10 @@ class ModelConfig:
     #: the paper's "score weight" ω (swept over 0.0001…0.03, best 0.01, Fig. 3b). Our reading: weight of
     #: BCE(c, pCTR·(1 − pCVR)) in MMoE/CGC/PLE +CTnoCVR (0 disables the term)
     score_weight: float = 0.01
+    #: settings of the CVR objectives (used when ``method`` names them)
+    escm2_ips: Escm2IpsConfig = field(default_factory=Escm2IpsConfig)
+    escm2_dr: Escm2DrConfig = field(default_factory=Escm2DrConfig)
+    dcmt: DcmtConfig = field(default_factory=DcmtConfig)
 
 
 @dataclass
