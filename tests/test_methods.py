@@ -159,7 +159,7 @@ def test_extreme_logits_give_finite_loss_and_gradients(method, dtype):
     obj = make(method, ctnocvr="derived", detach=False, extra={"ctnocvr": 1.0})
     rng = np.random.default_rng(0)
     n = 64
-    logits = torch.tensor(rng.choice([-80.0, 80.0], size=(n, obj.num_tasks)), dtype=dtype, requires_grad=True)
+    logits = torch.tensor(rng.choice([-200.0, -80.0, 80.0, 200.0], size=(n, obj.num_tasks)), dtype=dtype, requires_grad=True)
     click = torch.tensor(rng.integers(0, 2, n), dtype=dtype)
     conv = click * torch.tensor(rng.integers(0, 2, n), dtype=dtype)
     loss, out = obj(logits, click, conv)
