@@ -73,7 +73,7 @@ def _fake_run_fn(calls: list[str]):
         quality = {"base": 0.5, "escm2_ips": 0.8, "dcmt": 1.1}[m.method] + 0.3 * m.use_ctnocvr
         noise = np.random.default_rng([cfg.train.seed, len(m.method), int(m.use_ctnocvr)]).normal(0, 1, N)
         p_cvr = 1 / (1 + np.exp(-(quality * (conversion * 2.0 - 1.0) + noise)))
-        p_ctr = np.where(click, 0.6, 0.4) * 0 + 0.5 + 0.1 * truth
+        p_ctr = 0.5 + 0.1 * truth
         run_dir = Path(cfg.train.run_dir)
         preds = {"sample_id": np.arange(N), "request_id": np.arange(N) // 10, "click": click.astype(np.int8),
                  "conversion": conversion.astype(np.int8), "p_ctr": p_ctr, "p_cvr": p_cvr,
