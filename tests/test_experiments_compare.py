@@ -161,3 +161,33 @@ def test_compare_end_to_end_with_the_real_trainer(tmp_path, one_thread):
     assert 0.5 < float(rows["dcmt"]["oracle_auc_cvr_mean"]) <= 1.0
     assert "gap_auc_cvr_mean" in rows["dcmt"] and rows["dcmt"]["gap_auc_cvr_mean"] != ""
     assert (exp.output_dir / "compare.png").is_file()
+    # ranking shift of one run, recomputed by brute force from its predictions and the ground truth
+    from ctnocvr_rec.experiments import oracle
+
+    truth = oracle.join_ground_truth(np.array(preds["sample_id"]), oracle.load_ground_truth(
+        oracle.ground_truth_file(raw, metrics["split"])))
+    exposed = []
+    for request in np.unique(preds["request_id"]):
+        rows = [i for i, r in enumerate(preds["request_id"]) if r == request]
+        rows.sort(key=lambda i: (-preds["p_ctcvr"][i], preds["sample_id"][i]))
+        exposed += rows[:exp.compare.top_k]
+    run = next(r for r in _read_csv(exp.output_dir / "compare_runs.csv") if r["run_dir"] == str(run_dir))
+    assert float(run["topk_clickbait_share"]) == pytest.approx(np.mean(truth["segment"][exposed] == "clickbait"))
+    assert float(run["topk_true_ctcvr"]) == pytest.approx(np.mean(truth["p_ctr"][exposed] * truth["p_cvr"][exposed]))
+    assert "clickbait in top-3" in md.read_text()
+
+
+def test_exposure_metrics_hand_case():
+    from ctnocvr_rec.experiments.exposure import exposure_metrics
+
+    # request 0: scores 0.9 (clickbait), 0.5 (gem), 0.1 (normal); request 1: 0.2 (gem), 0.3 (normal)
+    preds = {"sample_id": np.array([1, 2, 3, 4, 5]), "request_id": np.array([0, 0, 0, 1, 1]),
+             "p_ctcvr": np.array([0.9, 0.5, 0.1, 0.2, 0.3])}
+    truth = {"segment": np.array(["clickbait", "gem", "normal", "gem", "normal"]),
+             "p_ctr": np.array([0.5, 0.1, 0.2, 0.1, 0.2]), "p_cvr": np.array([0.1, 0.8, 0.3, 0.9, 0.5])}
+    top1 = exposure_metrics(preds, truth, top_k=1)  # exposes samples 1 and 5
+    assert top1 == pytest.approx({"topk_clickbait_share": 0.5, "topk_gem_share": 0.0,
+                                  "topk_true_ctcvr": (0.05 + 0.1) / 2})
+    top2 = exposure_metrics(preds, truth, top_k=2)  # 1, 2, 5, 4
+    assert top2 == pytest.approx({"topk_clickbait_share": 0.25, "topk_gem_share": 0.5,
+                                  "topk_true_ctcvr": (0.05 + 0.08 + 0.1 + 0.09) / 4})

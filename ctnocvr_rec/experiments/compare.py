@@ -7,7 +7,8 @@ the initialisation and the data order, so runs with the same seed form pairs. Ru
 ``metrics.json`` is never redone).
 
 Per arch and variant the aggregate holds the mean and sample std over seeds of every task AUC (CVR
-on clicked rows), the oracle gap on synthetic data, and three paired comparisons of the CVR AUC:
+on clicked rows), on synthetic data the oracle gap and the ranking shift (:mod:`exposure`: clickbait
+and gem share and true pCTCVR of each request's top-k by the run's score), and three paired comparisons of the CVR AUC:
 against ``base``, against the paper's ``+CTnoCVR`` (``ctnocvr``), and -- for a method run with the
 flag -- against the same method without it ("does CTnoCVR add anything on top of ESCM²/DCMT?").
 Writes ``compare.csv``, ``compare_runs.csv``, ``compare.json``, ``compare.md`` and ``compare.png``
@@ -25,8 +26,19 @@ from typing import Any
 import numpy as np
 
 from ctnocvr_rec import registry
+from ctnocvr_rec.config import ConfigError
+from ctnocvr_rec.experiments import oracle as oracle_mod
 from ctnocvr_rec.experiments.compare_report import plot_compare, render_compare_markdown
-from ctnocvr_rec.experiments.runs import RunFn, RunSpec, execute_runs, seeded_settings
+from ctnocvr_rec.experiments.exposure import EXPOSURE_KEYS, exposure_metrics
+from ctnocvr_rec.experiments.ranking import SCORES
+from ctnocvr_rec.experiments.runs import (
+    RunFn,
+    RunSpec,
+    eval_split,
+    execute_runs,
+    read_predictions,
+    seeded_settings,
+)
 from ctnocvr_rec.experiments.spec import ExperimentConfig, build_run_config, validate_names
 from ctnocvr_rec.experiments.stats import mean_std, paired_comparison
 from ctnocvr_rec.experiments.table3 import TASK_METRICS, find_ground_truth_dir, per_run_records, write_csv
@@ -78,7 +90,7 @@ def aggregate_compare(records: list[dict[str, Any]], exp: ExperimentConfig) -> l
                 "arch": arch, "arch_title": registry.BACKBONES[arch].title, "method": method, "ctnocvr": flag,
                 "variant": name, "title": registry.variant_title(method, flag), "n_seeds": len(recs),
             }
-            for key in sorted({k for r in recs for k in r if k.startswith(("auc_", "oracle_", "gap_"))}):
+            for key in sorted({k for r in recs for k in r if k.startswith(("auc_", "oracle_", "gap_", "topk_"))}):
                 row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r[key] for r in recs])
             for key in REFERENCES:
                 ref = reference_of(name, method, flag, key)
@@ -101,7 +113,21 @@ CSV_COLUMNS = [
     *[f"{m}_{s}" for m in TASK_METRICS for s in ("mean", "std")],
     *[f"vs_{k}_{f}" for k in REFERENCES for f in ("pairs", "diff", "p_t", "p_sign_flip", "wins")],
     "oracle_auc_cvr_mean", "gap_auc_cvr_mean", "gap_auc_cvr_std",
+    *[f"{k}_{s}" for k in EXPOSURE_KEYS for s in ("mean", "std")],
 ]  # fmt: skip
+
+
+def add_exposure_metrics(records: list[dict[str, Any]], gt_dir: Path, top_k: int, score: str) -> None:
+    """Adds the ranking-shift figures (:mod:`exposure`) to every record, in place."""
+    truth_cache: dict[Path, dict[str, np.ndarray]] = {}
+    for rec in records:
+        split = eval_split({"split": rec.get("split")}, rec["run_dir"])
+        gt_file = oracle_mod.ground_truth_file(gt_dir, split)
+        if gt_file not in truth_cache:
+            truth_cache[gt_file] = oracle_mod.load_ground_truth(gt_file)
+        preds = read_predictions(rec["run_dir"], split)
+        truth = oracle_mod.join_ground_truth(preds["sample_id"], truth_cache[gt_file], source=str(gt_file))
+        rec.update(exposure_metrics(preds, truth, top_k, score))
 
 
 def run_compare(
@@ -115,25 +141,32 @@ def run_compare(
 ) -> Path:
     """Train the missing runs (unless ``report_only``), then write the tables and the plot; returns compare.md."""
     validate_names(exp)
+    if exp.compare.score not in SCORES or exp.compare.top_k < 1:
+        raise ConfigError(f"{exp.source}: compare.score must be one of {list(SCORES)} and compare.top_k >= 1, "
+                          f"got {exp.compare.score!r}, {exp.compare.top_k}")
     specs = plan_compare(exp)
     build_run_config(exp, {})
     for spec in specs:  # a bad method/section setting fails here, before any training
         build_run_config(exp, spec.settings)
     if not report_only:
         execute_runs(exp, specs, run_fn=run_fn, nproc=nproc, log=log)
-    records = per_run_records(exp, specs, find_ground_truth_dir(exp, gt_dir))
+    truth_dir = find_ground_truth_dir(exp, gt_dir)
+    records = per_run_records(exp, specs, truth_dir)
     if not records:
         raise FileNotFoundError(f"{exp.output_dir}/compare: no finished runs")
+    if truth_dir is not None:
+        add_exposure_metrics(records, truth_dir, exp.compare.top_k, exp.compare.score)
     rows = aggregate_compare(records, exp)
     out = exp.output_dir
     write_csv(out / "compare.csv", rows, CSV_COLUMNS)
     run_columns = ["arch", "variant", "method", "ctnocvr", "seed", "split", *TASK_METRICS]
-    run_columns += sorted({k for r in records for k in r if k.startswith(("oracle_", "gap_"))}) + ["run_dir"]
+    run_columns += sorted({k for r in records for k in r if k.startswith(("oracle_", "gap_", "topk_"))})
+    run_columns.append("run_dir")
     write_csv(out / "compare_runs.csv", records, run_columns)
     with open(out / "compare.json", "w", encoding="utf-8") as f:
         json.dump({"rows": rows, "runs": records}, f, indent=2, default=_json_default)
     plot_compare(rows, out / "compare.png", exp.name)
-    md = render_compare_markdown(rows, records, exp.name, command)
+    md = render_compare_markdown(rows, records, exp.name, command, exp.compare.top_k, exp.compare.score)
     (out / "compare.md").write_text(md, encoding="utf-8")
     return out / "compare.md"
 

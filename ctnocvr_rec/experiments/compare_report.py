@@ -34,7 +34,7 @@ def _delta(row: dict[str, Any], key: str) -> str:
 
 
 def render_compare_markdown(rows: list[dict[str, Any]], records: list[dict[str, Any]], title: str,
-                            command: str) -> str:
+                            command: str, top_k: int = 3, score: str = "pctcvr") -> str:
     has_oracle = any("oracle_auc_cvr" in r for r in records)
     lines = [f"# CVR methods compared -- {title}", ""]
     if command:
@@ -42,7 +42,8 @@ def render_compare_markdown(rows: list[dict[str, Any]], records: list[dict[str, 
     header = ["Backbone", "Method", "CVR AUC (%)", *COMPARISON_TITLES.values(),
               *[f"{TASK_TITLES[m]} AUC (%)" for m in TASK_METRICS[1:]]]
     if has_oracle:
-        header.append("CVR gap to oracle")
+        header += ["CVR gap to oracle", f"clickbait in top-{top_k} (%)", f"gems in top-{top_k} (%)",
+                   f"true pCTCVR of top-{top_k} (%)"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     previous_arch = None
     for row in rows:
@@ -50,7 +51,8 @@ def render_compare_markdown(rows: list[dict[str, Any]], records: list[dict[str, 
                  _pm(row, "auc_cvr"), *[_delta(row, k) for k in COMPARISON_TITLES],
                  *[_pm(row, m) for m in TASK_METRICS[1:]]]
         if has_oracle:
-            cells.append(_pm(row, "gap_auc_cvr"))
+            cells += [_pm(row, "gap_auc_cvr"), _pm(row, "topk_clickbait_share"), _pm(row, "topk_gem_share"),
+                      _pm(row, "topk_true_ctcvr")]
         previous_arch = row["arch"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -65,7 +67,10 @@ def render_compare_markdown(rows: list[dict[str, Any]], records: list[dict[str, 
     if has_oracle:
         oracle = np.nanmean([r["oracle_auc_cvr"] for r in records])
         lines += ["", f"Oracle CVR AUC (true probabilities of the synthetic data, same rows): {100 * oracle:.2f}%. "
-                      "Gap = model AUC - oracle AUC, in points."]
+                      "Gap = model AUC - oracle AUC, in points. Ranking shift: each request's candidates ranked by "
+                      f"the run's {score}, the first {top_k} exposed; the share of exposures that are planted "
+                      "clickbait / hidden-gem items, and their mean TRUE pCTR·pCVR (expected conversions per "
+                      "exposure, higher is better)."]
     lines += ["", "## Summary", ""] + [f"- {line}" for line in summary_lines(rows)] + [""]
     return "\n".join(lines)
 

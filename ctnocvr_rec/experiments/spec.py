@@ -80,6 +80,9 @@ class CompareSpec:
     #: the +CTnoCVR flag values to run for every method
     ctnocvr: list[bool] = field(default_factory=lambda: [False, True])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    #: ranking shift on synthetic data: candidates exposed per request, and the ranking score
+    top_k: int = 3
+    score: str = "pctcvr"
 
 
 @dataclass
