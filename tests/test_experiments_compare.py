@@ -191,3 +191,23 @@ def test_exposure_metrics_hand_case():
     top2 = exposure_metrics(preds, truth, top_k=2)  # 1, 2, 5, 4
     assert top2 == pytest.approx({"topk_clickbait_share": 0.25, "topk_gem_share": 0.5,
                                   "topk_true_ctcvr": (0.05 + 0.08 + 0.1 + 0.09) / 4})
+
+
+def test_compare_command_applies_its_options(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from ctnocvr_rec.experiments import commands, runs
+
+    calls: list[str] = []
+    monkeypatch.setattr(runs, "default_run_fn", _fake_run_fn(calls))
+    exp = _experiment(tmp_path, {"methods": ["base", "escm2_ips", "escm2_dr", "dcmt"], "archs": ["mmoe", "cgc"]})
+    parser = argparse.ArgumentParser(prog="ctnocvr")
+    commands.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["experiment", "compare", "--config", exp.source, "--methods", "base", "dcmt",
+                              "--archs", "esmm", "--seeds", "0", "1"])
+    assert args.func(args) == 0
+    assert len(calls) == 2 * 2 * 2 and all("/compare/esmm/" in c for c in calls)
+    assert "| ESMM | Base (n=2)" in capsys.readouterr().out
+    args = parser.parse_args(["experiment", "compare", "--config", exp.source, "--methods", "nise"])
+    with pytest.raises(ConfigError, match="unknown method 'nise'"):
+        args.func(args)
