@@ -103,10 +103,10 @@ class ModelConfig:
     value (λ_cvr = 0.5, Fig. 3a; ω = 0.01, Fig. 3b) it is the default; other defaults are ours.
     """
 
-    #: backbone, one of esmm | mmoe | cgc | ple (ctnocvr_rec/registry.py)
+    #: backbone, a name of ``BACKBONES`` in ctnocvr_rec/registry.py (esmm, mmoe, cgc, ple)
     arch: str = "mmoe"
-    #: CVR objective, one of base | escm2_ips | escm2_dr | dcmt (ctnocvr_rec/registry.py); ``base`` is
-    #: the backbone's own objective. ``use_ctnocvr`` adds the CTnoCVR task to any of them
+    #: CVR objective, a name of ``METHODS`` in ctnocvr_rec/registry.py; ``base`` is the backbone's own
+    #: objective. ``use_ctnocvr`` adds the CTnoCVR task to any of them
     method: str = "base"
     #: False = the paper's "Base" model; True = "+CTnoCVR" (ESMM: derived pCTnoCVR term;
     #: MMoE/CGC/PLE: a third task with its own gate and tower, plus the score term)

@@ -11,6 +11,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from ctnocvr_rec import registry  # names only, no torch
+
 DEFAULT_EXPERIMENT = "configs/experiments/synth_preset.yaml"
 
 
@@ -22,7 +24,7 @@ def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=DEFAULT_EXPERIMENT, help="experiment YAML (default %(default)s)")
     parser.add_argument("--out", default="", help="output folder (default: the config's out_dir)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the config's)")
-    parser.add_argument("--archs", nargs="+", help="esmm mmoe cgc ple (default: the config's)")
+    parser.add_argument("--archs", nargs="+", help=f"{' '.join(registry.ARCHS)} (default: the config's)")
     parser.add_argument("--nproc", type=int, default=1, help="processes per training run (default 1)")
     parser.add_argument("--report-only", action="store_true", help="train nothing; tabulate finished runs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -191,11 +193,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "ctnocvr_rec/registry.py.",
     )
     _add_experiment_args(compare)
-    compare.add_argument("--methods", nargs="+", help="base escm2_ips escm2_dr dcmt (default: the config's)")
+    compare.add_argument("--methods", nargs="+", help=f"{' '.join(registry.METHOD_NAMES)} (default: the config's)")
     compare.add_argument(
         "--ground-truth", default="", help="folder of ground_truth_<split>.parquet (oracle AUCs)"
     )
-    compare.set_defaults(func=_compare)
+    compare.set_defaults(func=_compare, config="configs/experiments/synth_compare.yaml")
 
     sweep = exp_sub.add_parser(
         "sweep", help="one-at-a-time sweeps like Fig. 3 -> sweep.csv + sweep_<key>.png"
