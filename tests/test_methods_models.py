@@ -56,3 +56,22 @@ def _prediction_losses(out: dict[str, torch.Tensor]) -> dict[str, float]:
     clicked = out["click"] > 0
     return {"ctr": bce(out["p_ctr"], out["click"]).item(),
             "cvr": bce(out["p_cvr"][clicked], out["conversion"][clicked]).item()}
+
+
+@pytest.mark.parametrize("arch,method", [("esmm", "dcmt"), ("mmoe", "escm2_dr")])
+def test_methods_export_for_inference(arch, method):
+    from ctnocvr_rec.models import RankerForInference, export_for_inference
+
+    torch.manual_seed(0)
+    cfg = tiny_model_config(arch, True)
+    cfg.method = method
+    model = build_model(cfg, tiny_schema(), TINY_SIZES, device=CPU).eval()
+    batch = SyntheticStream(tiny_schema(), TINY_SIZES, batch_size=16, seed=3).next_batch()
+    wrapper = RankerForInference(model)
+    _, out = model(batch)
+    torch.testing.assert_close(wrapper(batch.sparse_features, batch.weighted_features),
+                               torch.stack([out[c] for c in RankerForInference.columns], dim=1))
+    exported = export_for_inference(model, batch.sparse_features, batch.weighted_features)
+    other = SyntheticStream(tiny_schema(), TINY_SIZES, batch_size=16, seed=4).next_batch()
+    torch.testing.assert_close(exported.module()(other.sparse_features, other.weighted_features),
+                               wrapper(other.sparse_features, other.weighted_features))
