@@ -112,6 +112,7 @@ def test_aggregation_paired_tests_and_resume_with_a_fake_trainer(tmp_path):
     assert rows["escm2_ips"]["vs_plain_diff"] == "" and rows["ctnocvr"]["vs_plain_diff"] == ""
     text = md.read_text()
     assert "| MMoE | Base (n=3)" in text and "DCMT +CTnoCVR (n=3)" in text
+    assert "too few paired seeds" not in text
     assert (exp.output_dir / "compare.png").stat().st_size > 1000
     # resumable: a second call trains nothing, a new seed trains only its runs
     run_compare(exp, run_fn=_fake_run_fn(calls), log=lambda _: None)
@@ -211,3 +212,16 @@ def test_compare_command_applies_its_options(tmp_path, monkeypatch, capsys):
     args = parser.parse_args(["experiment", "compare", "--config", exp.source, "--methods", "nise"])
     with pytest.raises(ConfigError, match="unknown method 'nise'"):
         args.func(args)
+
+
+def test_summary_says_when_one_seed_cannot_be_tested():
+    from ctnocvr_rec.experiments.compare_report import summary_lines
+
+    row = {"arch": "esmm", "arch_title": "ESMM", "method": "dcmt", "ctnocvr": True, "title": "DCMT +CTnoCVR",
+           "auc_cvr_mean": 0.7, "vs_plain_diff": -0.1, "vs_plain_p_t": float("nan"), "vs_plain_pairs": 1,
+           "vs_plain_wins": 0}
+    assert "too few paired seeds" in summary_lines([row])[0]
+    row.update(vs_plain_pairs=3, vs_plain_p_t=0.5)
+    assert "no significant effect" in summary_lines([row])[0]
+    row.update(vs_plain_p_t=0.01)
+    assert "CTnoCVR HURT DCMT (-10.00)" in summary_lines([row])[0]

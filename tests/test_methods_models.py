@@ -58,7 +58,7 @@ def _prediction_losses(out: dict[str, torch.Tensor]) -> dict[str, float]:
             "cvr": bce(out["p_cvr"][clicked], out["conversion"][clicked]).item()}
 
 
-@pytest.mark.parametrize("arch,method", [("esmm", "dcmt"), ("mmoe", "escm2_dr")])
+@pytest.mark.parametrize("arch,method", [("esmm", "dcmt")])  # gated export: test_models.py
 def test_methods_export_for_inference(arch, method):
     from ctnocvr_rec.models import RankerForInference, export_for_inference
 

@@ -94,7 +94,13 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
             verb = "helped" if r[f"vs_{key}_diff"] > 0 else "HURT"
             effects.append(f"CTnoCVR {verb} {r['title'].replace(' +CTnoCVR', '') or 'Base'} "
                            f"({100 * r[f'vs_{key}_diff']:+.2f})")
-        line += "; " + ("; ".join(effects) if effects else "no significant effect of adding CTnoCVR") + "."
+        testable = any(r.get(f"vs_{k}_pairs", 0) >= 2 for r in arch_rows for k in COMPARISON_TITLES)
+        if effects:
+            line += "; " + "; ".join(effects) + "."
+        elif testable:
+            line += "; no significant effect of adding CTnoCVR."
+        else:
+            line += "; too few paired seeds (< 2) to test the effect of CTnoCVR."
         lines.append(line)
     return lines
 
