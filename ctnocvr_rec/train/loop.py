@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+from ctnocvr_rec import registry
 from ctnocvr_rec.config import RunConfig, save_config, to_dict
 from ctnocvr_rec.data.batch import CtnocvrBatch
 from ctnocvr_rec.train import checkpoint as ckpt
@@ -48,8 +49,8 @@ def unpipelined_sharded_modules(model: torch.nn.Module, pipeline: TrainPipelineS
     pipelined = {id(m) for m in pipeline._pipelined_modules}
     return [name for name, m in model.named_modules() if isinstance(m, ShardedModule) and id(m) not in pipelined]
 
-#: loss terms tracked in the logs (those the model reports)
-LOSS_TERMS = ("loss", "loss_ctr", "loss_cvr", "loss_ctnocvr", "loss_ctcvr", "loss_score")
+#: loss terms tracked in the logs (those the model reports; every method's, from the registry)
+LOSS_TERMS = ("loss", *(f"loss_{term}" for term in registry.loss_term_names()))
 
 
 class NonFiniteLossError(RuntimeError):
