@@ -11,8 +11,10 @@ unsharded model, any checkpoint of the run (the newest by default).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
+
+#: exit code of a training refused because another live process writes its run folder
+EXIT_RUN_FOLDER_BUSY = 4
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -58,18 +60,16 @@ def run_train(args: argparse.Namespace) -> int:
     if args.run_dir:
         overrides.append(f"train.run_dir={args.run_dir}")
     cfg = load_config(args.config, overrides)
+    from ctnocvr_rec.train.runlock import RunFolderBusyError
+
     if args.nproc > 1 and not launched_by_torchrun():
-        from pathlib import Path
+        from ctnocvr_rec.train.api import launch_local_ranks
 
-        from ctnocvr_rec.config import save_config
-        from ctnocvr_rec.train.api import torchrun_command, worker_env
-
-        run_dir = Path(cfg.train.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        cmd = torchrun_command(run_dir / "config.yaml", args.nproc, args.max_restarts, args.resume, args.plan)
-        print("[train] launching: " + " ".join(cmd), file=sys.stderr, flush=True)
-        return subprocess.run(cmd, env=worker_env(args.nproc), check=False).returncode
+        try:
+            return launch_local_ranks(cfg, args.nproc, args.max_restarts, args.resume, args.plan, announce=True)
+        except RunFolderBusyError as e:
+            print(f"ctnocvr train: error: {e}", file=sys.stderr)
+            return EXIT_RUN_FOLDER_BUSY
 
     from ctnocvr_rec.train.api import run_in_process
     from ctnocvr_rec.train.loop import NonFiniteLossError
@@ -79,6 +79,9 @@ def run_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"ctnocvr train: error: {e}", file=sys.stderr)
         return 3
+    except RunFolderBusyError as e:
+        print(f"ctnocvr train: error: {e}", file=sys.stderr)
+        return EXIT_RUN_FOLDER_BUSY
     if result is not None:
         print(f"[train] results: {cfg.train.run_dir}/metrics.json", file=sys.stderr)
     return 0

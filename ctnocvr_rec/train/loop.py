@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from ctnocvr_rec.train.evaluate import evaluate, synced_batches
 from ctnocvr_rec.train.logs import RunLogger
 from ctnocvr_rec.train.metrics import format_metrics_table
 from ctnocvr_rec.train.optim import LRSchedule, build_optimizer
+from ctnocvr_rec.train.runlock import TOKEN_ENV, RunFolderBusyError, RunLock, acquire_run_lock
 from ctnocvr_rec.train.setup import build_sharded_model, describe_plan
 
 
@@ -154,6 +156,31 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any] | None:
+        """Take the run folder's writer lock (rank 0), train, evaluate, release."""
+        lock = self._take_run_lock()
+        try:
+            return self._run_locked()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _take_run_lock(self) -> RunLock | None:
+        """Rank 0 locks the run folder before anything is written to it (runlock.py says who holds it
+        under each launcher); every rank learns the outcome, so a refused job stops on all ranks."""
+        lock, error = None, None
+        if self.ctx.is_main:
+            try:
+                lock = acquire_run_lock(self.run_dir, inherited_token=os.environ.get(TOKEN_ENV))
+            except RunFolderBusyError as e:
+                error = str(e)
+        error = broadcast_from_main(self.ctx, error)
+        if error:
+            raise RunFolderBusyError(error)
+        for note in lock.notes if lock is not None else []:
+            print(f"[train] {note}", file=sys.stderr, flush=True)
+        return lock
+
+    def _run_locked(self) -> dict[str, Any] | None:
         cfg, ctx = self.cfg, self.ctx
         wall_start = time.time()
         seed_everything(cfg.train.seed)
