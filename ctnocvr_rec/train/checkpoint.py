@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pickle
 import random
@@ -41,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ctnocvr_rec.train import checkpoint_integrity as integrity
 from ctnocvr_rec.train.checkpoint_integrity import META_FILE, CheckpointDamagedError, CheckpointStatus
@@ -257,13 +259,30 @@ def load_model_weights(path: str | Path, model: torch.nn.Module, verify: bool = 
 def _load_errors(path: Path) -> Iterator[None]:
     """Reading errors of DCP / torch.load (damage a manifest cannot see: an unverified checkpoint,
     or a file changed after verification) as one :class:`CheckpointDamagedError` line."""
+    root_logger = logging.getLogger()  # DCP logs its metadata fallbacks there, with tracebacks
+    root_logger.addFilter(_quiet_dcp_metadata_fallback)
     try:
         yield
+    except CheckpointDamagedError:
+        raise
+    except CheckpointException as e:  # a BaseException whose text is every failing rank's traceback
+        failures = list(e.failures.values())
+        cause = failures[0][0] if failures else e
+        raise CheckpointDamagedError(f"{path}: cannot be loaded ({_one_line(cause)})") from e
     except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
-        if isinstance(e, CheckpointDamagedError):
-            raise
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise CheckpointDamagedError(f"{path}: cannot be loaded ({type(e).__name__}: {first})") from e
+        raise CheckpointDamagedError(f"{path}: cannot be loaded ({_one_line(e)})") from e
+    finally:
+        root_logger.removeFilter(_quiet_dcp_metadata_fallback)
+
+
+def _one_line(error: BaseException) -> str:
+    first = (str(error).strip().splitlines() or [""])[0][:400]
+    return f"{type(error).__name__}: {first}"
+
+
+def _quiet_dcp_metadata_fallback(record: logging.LogRecord) -> bool:
+    """Drop DCP's "... metadata is not found" warnings (with tracebacks): the load error says it once."""
+    return not (record.levelno <= logging.WARNING and "metadata is not found" in str(record.msg))
 
 
 def _fsync_dir(path: Path) -> None:
