@@ -16,6 +16,7 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from ctnocvr_rec.train import checkpoint as ckpt
+from ctnocvr_rec.train.runlock import read_lock_record
 from ctnocvr_rec.train.testing import write_tiny_prepared
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +112,8 @@ def test_sigkill_of_a_rank_restarts_and_resumes_to_the_same_metrics(prepared, to
                 "-o", "eval.save_predictions=false"], CTNOCVR_FAULT_AT_STEP="10")
     assert "SIGKILL" in proc.stderr or "Signals.SIGKILL" in proc.stderr or "exitcode: -9" in proc.stderr
     assert f"resumed from {killed / 'checkpoints' / 'step-8'} (step 8)" in proc.stderr
+    # the launcher held the run folder's lock across the restart; the workers borrowed it
+    assert read_lock_record(killed)["role"] == "launcher" and "took over the lock" not in proc.stderr
     a = json.loads((straight / "metrics.json").read_text())["metrics"]
     b = json.loads((killed / "metrics.json").read_text())["metrics"]
     for key in ("auc_ctr", "auc_cvr", "auc_ctcvr", "auc_ctnocvr", "gauc_ctr", "logloss_ctr", "logloss_cvr"):
