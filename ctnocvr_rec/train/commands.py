@@ -2,10 +2,13 @@
 
 ``ctnocvr train -c cfg.yaml -o key=value ... [--resume] [--plan plan.json] [--nproc N]``: under
 torchrun/TorchX every rank runs this command and trains its share; from a shell, ``--nproc N > 1``
-relaunches itself through ``torch.distributed.run --standalone`` with N workers.
+relaunches itself through ``torch.distributed.run --standalone`` with N workers. A run folder has one
+writer (:mod:`ctnocvr_rec.train.runlock`): a training of a folder another live process writes exits
+with :data:`EXIT_RUN_FOLDER_BUSY` before writing anything.
 
 ``ctnocvr eval --run-dir RUN [--checkpoint DIR] [--split test] [--predictions]``: one process,
-unsharded model, any checkpoint of the run (the newest by default).
+unsharded model, any checkpoint of the run (by default the newest one whose checksums verify; each
+newer damaged one is reported).
 """
 
 from __future__ import annotations
