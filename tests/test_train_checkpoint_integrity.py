@@ -86,7 +86,14 @@ DAMAGE = {
     "truncated_metadata": (lambda d: truncate(d / ".metadata"), ".metadata: size"),
     "deleted_meta_json": (lambda d: (d / "meta.json").unlink(), "meta.json is missing"),
     "corrupted_rank_file": (lambda d: corrupt_rank_file(d / "rank-0.pt"), "rank-0.pt"),
+    "edited_meta_json": (lambda d: edit_meta(d, epoch=7), "meta.json: its checksum does not match"),
 }
+
+
+def edit_meta(folder: Path, **values) -> None:
+    meta = json.loads((folder / "meta.json").read_text())
+    meta.update(values)
+    (folder / "meta.json").write_text(json.dumps(meta))
 
 
 def cli(capfd, *argv: str) -> tuple[int, str, str]:
@@ -139,6 +146,8 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint_and_matches_the_strai
     assert code == 0, err
     assert f"skipping damaged checkpoint {step_dir(run, 8)}: __0_0.distcp: sha256" in err
     assert f"resumed from {step_dir(run, 4)} (step 4)" in err
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert any(e["kind"] == "checkpoint" and "skipping damaged checkpoint" in e["message"] for e in logged)
     resumed = json.loads((run / "metrics.json").read_text())
     assert resumed["steps"] == 8 and resumed["metrics"] == straight["metrics"]  # bit-identical
     assert ckpt.newest_intact_checkpoint(run).step == 8  # the damaged step-8 was written anew

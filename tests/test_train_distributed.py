@@ -83,6 +83,9 @@ def test_torchx_two_ranks_train_evaluate_checkpoint_and_load_on_one_rank(torchx_
     assert len(ranks["t_205"]) == 1 and len(ranks["t_101"]) == 1
     assert [c.step for c in ckpt.list_checkpoints(run_dir)] == [16, 20]
     assert sorted(p.name for p in (run_dir / "checkpoints" / "step-20").glob("rank-*.pt")) == ["rank-0.pt", "rank-1.pt"]
+    # both ranks' files are in the checksum manifest (each rank hashed its own) and verify
+    newest = ckpt.newest_intact_checkpoint(run_dir)
+    assert newest.step == 20 and {"rank-1.pt", "__1_0.distcp", "__0_0.distcp", ".metadata"} <= set(newest.meta["files"])
 
     # predictions of every row exactly once, and the AUCs equal sklearn's on them
     table = pq.read_table(run_dir / "predictions" / "test.parquet")

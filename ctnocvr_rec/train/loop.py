@@ -191,7 +191,13 @@ class Trainer:
                 self._set_aside_old_checkpoints()
         barrier(ctx)
 
-        resume_from = ckpt.agree_on_checkpoint(ctx, self.run_dir) if self.resume else None
+        skipped: list[str] = []  # checkpoints passed over on resume (damaged / unverified): printed now, logged below
+
+        def report(message: str) -> None:
+            skipped.append(message)
+            ckpt.report_to_stderr(message)
+
+        resume_from = ckpt.agree_on_checkpoint(ctx, self.run_dir, report) if self.resume else None
         plan_source = self.plan_file
         if resume_from is not None and not plan_source:
             plan_source = resume_from.meta.get("plan")  # the plan the checkpoint was sharded with
@@ -216,6 +222,8 @@ class Trainer:
         logger = RunLogger(self.run_dir, ctx.is_main, total_steps, self.state.step, cfg.train.progress_bar)
         if resume_from is not None:
             logger.message(f"[train] resumed from {resume_from.path} (step {self.state.step})")
+        for message in skipped:
+            logger.record("checkpoint", self.state.step, {"message": message})
         logger.message(f"[train] {ctx.world_size} rank(s), {ctx.backend}, device {ctx.device}; plan:\n"
                        + describe_plan(sharded.plan))
         if cfg.train.bf16 and ctx.device_type != "cuda":
