@@ -186,7 +186,8 @@ def save_checkpoint(
     barrier(ctx)
     # each rank hashes the files it wrote (in parallel, from its page cache); rank 0 the rest
     hash_started = time.perf_counter()
-    own = integrity.hash_files(tmp, integrity.own_files(tmp, ctx.rank))
+    threads = max(1, min(8, (os.cpu_count() or 1) // max(1, ctx.local_world_size)))  # a share of the host's cores
+    own = integrity.hash_files(tmp, integrity.own_files(tmp, ctx.rank), threads)
     gathered = gather_to_main(ctx, own)
     if ctx.is_main:
         assert gathered is not None
