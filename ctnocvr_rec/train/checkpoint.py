@@ -45,7 +45,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ctnocvr_rec.train import checkpoint_integrity as integrity
-from ctnocvr_rec.train.checkpoint_integrity import META_FILE, CheckpointDamagedError, CheckpointStatus
+from ctnocvr_rec.train.checkpoint_integrity import (
+    META_FILE,
+    CheckpointDamagedError,
+    CheckpointLoadError,
+    CheckpointStatus,
+)
 from ctnocvr_rec.train.distributed import DistContext, barrier, broadcast_from_main, gather_to_main
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -246,7 +251,8 @@ def load_model_weights(path: str | Path, model: torch.nn.Module, verify: bool = 
 
     Works whatever the number of ranks and the plan the checkpoint was written with. ``verify``
     checks the folder's checksums first (:class:`CheckpointDamagedError` if damaged); pass False only
-    for a folder just verified.
+    for a folder just verified (or a bare DCP folder without ``meta.json``). A checkpoint that cannot
+    be read into ``model`` raises :class:`CheckpointLoadError` naming the cause.
     """
     if verify:
         verified_checkpoint(path, report)
@@ -258,20 +264,20 @@ def load_model_weights(path: str | Path, model: torch.nn.Module, verify: bool = 
 
 @contextlib.contextmanager
 def _load_errors(path: Path) -> Iterator[None]:
-    """Reading errors of DCP / torch.load (damage a manifest cannot see: an unverified checkpoint,
-    or a file changed after verification) as one :class:`CheckpointDamagedError` line."""
+    """Reading errors of DCP / torch.load (damage a manifest cannot see: an unverified checkpoint, a
+    file changed after verification, or another model layout) as one :class:`CheckpointLoadError` line."""
     root_logger = logging.getLogger()  # DCP logs its metadata fallbacks there, with tracebacks
     root_logger.addFilter(_quiet_dcp_metadata_fallback)
     try:
         yield
-    except CheckpointDamagedError:
+    except CheckpointLoadError:
         raise
     except CheckpointException as e:  # a BaseException whose text is every failing rank's traceback
         failures = list(e.failures.values())
         cause = failures[0][0] if failures else e
-        raise CheckpointDamagedError(f"{path}: cannot be loaded ({_one_line(cause)})") from e
+        raise CheckpointLoadError(f"{path}: cannot be loaded ({_one_line(cause)})") from e
     except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
-        raise CheckpointDamagedError(f"{path}: cannot be loaded ({_one_line(e)})") from e
+        raise CheckpointLoadError(f"{path}: cannot be loaded ({_one_line(e)})") from e
     finally:
         root_logger.removeFilter(_quiet_dcp_metadata_fallback)
 

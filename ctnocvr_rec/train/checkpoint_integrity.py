@@ -37,11 +37,13 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 _CHUNK = 4 << 20
 
 
-class CheckpointDamagedError(ValueError):
-    """A checkpoint (or every checkpoint of a run) failed verification or could not be read.
+class CheckpointLoadError(ValueError):
+    """A checkpoint could not be read into the model (damage a manifest cannot see, or a checkpoint of
+    another model layout). A ``ValueError`` like every other bad-input error: the CLI prints one line."""
 
-    A ``ValueError`` like every other bad-input error, so the CLI prints it as one ``error:`` line.
-    """
+
+class CheckpointDamagedError(CheckpointLoadError):
+    """A checkpoint (or every checkpoint of a run) failed verification against its checksums."""
 
 
 def file_digest(path: str | Path) -> dict[str, Any]:
