@@ -92,6 +92,7 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> CheckpointInfo | None:
+    """The highest published step, *not verified* (to load one, use :func:`newest_intact_checkpoint`)."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
