@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from ctnocvr_rec.cli import main
 from ctnocvr_rec.train import checkpoint as ckpt
 from ctnocvr_rec.train.commands import EXIT_RUN_FOLDER_BUSY
 from ctnocvr_rec.train.runlock import LOCK_FILE, RunFolderBusyError, acquire_run_lock, read_lock_record
@@ -110,12 +112,15 @@ def cli(*args: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_trainings_of_one_run_folder_the_second_is_refused_at_once(prepared, tmp_path):
+def test_two_trainings_of_one_run_folder_the_second_is_refused_at_once(prepared, tmp_path, capfd):
+    """The first training runs in its own process; the second ones (`ctnocvr train`, in one process and
+    with `--nproc 2`) and the final eval run through the CLI's main() in this one."""
+    torch.set_num_threads(1)
     run_dir = tmp_path / "run"
     first = subprocess.Popen(cli("train", "-c", str(write_config(tmp_path / "a.yaml", prepared, run_dir, seed=1))),
                              cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 90
         while read_lock_record(run_dir).get("pid") != first.pid:
             assert first.poll() is None and time.time() < deadline, first.communicate()
             time.sleep(0.1)
@@ -123,18 +128,18 @@ def test_two_trainings_of_one_run_folder_the_second_is_refused_at_once(prepared,
         second_cfg = write_config(tmp_path / "b.yaml", prepared, run_dir, seed=2)
         for extra in ([], ["--nproc", "2"]):
             started = time.time()
-            second = subprocess.run(cli("train", "-c", str(second_cfg), *extra), cwd=REPO, env=env(),
-                                    capture_output=True, text=True, timeout=60)
-            assert second.returncode == EXIT_RUN_FOLDER_BUSY, second.stderr[-3000:]
-            assert time.time() - started < 30  # refused at start, not after training
-            errors = [line for line in second.stderr.splitlines() if "error:" in line]
-            assert len(errors) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+            code = main(["train", "-c", str(second_cfg), *extra])
+            err = capfd.readouterr().err
+            assert code == EXIT_RUN_FOLDER_BUSY, err[-3000:]
+            assert time.time() - started < 10  # refused at start, not after training
+            errors = [line for line in err.splitlines() if "error:" in line]
+            assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
             assert f"{run_dir} is already being written by another training: host {socket.gethostname()}, " \
                    f"pid {first.pid}," in errors[0]
-            assert "launching" not in second.stderr  # --nproc: refused before torchrun starts
+            assert "launching" not in err  # --nproc: refused before torchrun starts
     finally:
         first.send_signal(signal.SIGCONT)
-    out, err = first.communicate(timeout=120)
+    out, err = first.communicate(timeout=180)
     assert first.returncode == 0, err[-3000:]
 
     # the folder is the first run's alone: its config, one run in the log, checkpoints that load
@@ -144,10 +149,8 @@ def test_two_trainings_of_one_run_folder_the_second_is_refused_at_once(prepared,
     assert steps == sorted(set(steps)) and [e["kind"] for e in log].count("final") == 1
     assert not list(run_dir.glob("checkpoints.old-*"))
     assert [c.step for c in ckpt.list_checkpoints(run_dir)] == [8, 10]
-    evaluated = subprocess.run(cli("eval", "--run-dir", str(run_dir), "--json", "-o", "train.device=cpu"),
-                               cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert json.loads(evaluated.stdout)["steps"] == 10
+    assert main(["eval", "--run-dir", str(run_dir), "--json", "-o", "train.device=cpu"]) == 0
+    assert json.loads(capfd.readouterr().out)["steps"] == 10
 
 
 @pytest.mark.slow
