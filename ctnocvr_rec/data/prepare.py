@@ -258,7 +258,10 @@ def _read(path: str, start: int, end: int) -> bytes:
 
 
 def _line_text(raw: bytes) -> str:
-    text = raw.decode("utf-8", "replace").translate({1: "\\x01", 2: "\\x02", 3: "\\x03", 0: "\\x00"})
+    # control bytes shown escaped: a rejects.csv row stays one physical line
+    text = raw.decode("utf-8", "replace").translate(
+        {0: "\\x00", 1: "\\x01", 2: "\\x02", 3: "\\x03", 10: "\\n", 13: "\\r"}
+    )
     return text[:RAW_LINE_LIMIT] + ("..." if len(text) > RAW_LINE_LIMIT else "")
 
 

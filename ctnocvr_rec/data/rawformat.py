@@ -822,10 +822,10 @@ def parse_line(line: bytes, kind: FileKind, slots: FieldSlots) -> ParsedLine | R
             return Reject(0, Reason.MALFORMED_ITEM, f"field feature_list item {position}: {_shown(item)!r}")
         field_name = fname.decode("utf-8", "replace")
         if not _is_uint(fid):
-            return Reject(0, Reason.NON_NUMERIC, f"field {field_name} item {position}: id {_shown(fid)!r}")
+            return Reject(0, Reason.NON_NUMERIC, f"field {_shown(fname)} item {position}: id {_shown(fid)!r}")
         if not _FLOAT_RE.fullmatch(value) or not math.isfinite(float(value)):
             return Reject(
-                0, Reason.NON_NUMERIC, f"field {field_name} item {position}: value {_shown(value)!r}"
+                0, Reason.NON_NUMERIC, f"field {_shown(fname)} item {position}: value {_shown(value)!r}"
             )
         slot = lookup.get(fname)
         if slot is None:
