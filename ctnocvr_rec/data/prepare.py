@@ -386,7 +386,7 @@ def load_common(path: Path, ctx: _Context, pool: Any, progress: bool) -> CommonT
             i = int(np.flatnonzero(~equal)[0])
 
             def key_text(r: int) -> str:
-                return repr(key_padded[PAD + key_off[r] : PAD + key_off[r + 1]].tobytes())[1:]
+                return repr(key_padded[PAD + key_off[r] : PAD + key_off[r + 1]].tobytes())
 
             raise PrepareError(
                 f"{path}:{int(line[dups[i]])}: field common_feature_index: {key_text(dups[i])} has the "
