@@ -270,3 +270,22 @@ def test_kill_9_during_prepare_then_rerun_cleans_up(tmp_path: Path, raw: Path) -
     m = run(raw, out)
     assert m["rejects"]["rows_written"] == 6000
     assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_key_hash_depends_on_its_bytes_only() -> None:
+    """The root cause: a key's hashes once depended on the longest key of its chunk."""
+    rng = np.random.default_rng(0)
+    keys = [bytes(rng.integers(33, 127, n).astype(np.uint8)) for n in rng.integers(1, 40, 300)]
+    keys = [k.replace(b",", b"_") for k in keys]
+    buffer = b"".join(keys)
+    starts = np.cumsum([0] + [len(k) for k in keys[:-1]])
+    _, words = rawformat.padded_words(np.frombuffer(buffer, np.uint8))
+    h1, h2 = rawformat.hash_tokens(words, starts + rawformat.PAD, np.array([len(k) for k in keys]))
+    assert [(int(a), int(b)) for a, b in zip(h1, h2)] == [rawformat.hash_key(k) for k in keys]
+    # the issue's statement: a longer neighbour line in the chunk changes no hash
+    slots = rawformat.FieldSlots(("101",), (False,))
+    data = b"".join(k + b",1,101\x027\x031.0\n" for k in keys[:50])
+    alone = rawformat.parse_chunk(data, rawformat.COMMON, slots)
+    with_long = rawformat.parse_chunk(b"L" * 77 + b",0,\n" + data, rawformat.COMMON, slots)
+    assert alone.key_h1.tolist() == with_long.key_h1[1:].tolist()
+    assert alone.key_h2.tolist() == with_long.key_h2[1:].tolist()

@@ -400,7 +400,11 @@ def tokens_equal(
     """
     equal = a_length == b_length
     max_len = int(a_length.max()) if len(a_length) else 0
+    min_len = int(a_length.min()) if len(a_length) else 0
     for block in range(0, max_len, 8):
+        if block + 8 <= min_len:  # every token covers this whole block
+            equal &= a_words[a_start + block] == b_words[b_start + block]
+            continue
         live = np.flatnonzero(equal & (a_length > block))
         mask = _KEEP_LOW[np.minimum(a_length[live] - block, 8)]
         equal[live] = (a_words[a_start[live] + block] & mask) == (b_words[b_start[live] + block] & mask)
