@@ -166,7 +166,11 @@ def test_colliding_hashes_never_merge_two_keys(tmp_path: Path, monkeypatch: pyte
         run(raw, tmp_path / "out_a", workers=1)
     # a skeleton key that only collides with a common key: stop, never join it to that row
     raw = write_tiny(tmp_path / "b", ["ka,1,101\x0211\x031.0"], ["1,0,0,ka,0,", "2,0,0,kz,0,"])
-    with pytest.raises(prep.PrepareError, match=r"b'kz' has the same 64-bit hashes as the different key"):
+    with pytest.raises(
+        prep.PrepareError,
+        match=r"sample_skeleton_train\.csv:2: field common_feature_index: b'kz' has the same 64-bit hashes "
+        r"as the different key of common_features_train\.csv:1",
+    ):
         run(raw, tmp_path / "out_b", workers=2)
     # a true duplicate (same bytes) is still a duplicate reject, with its raw line
     raw = write_tiny(

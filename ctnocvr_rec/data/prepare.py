@@ -493,8 +493,9 @@ def _pass1_task(task: tuple[int, int, int]) -> _Pass1Result:
     if not same.all():
         i = int(hits[np.flatnonzero(~same)[0]])
         line = int(chunk.line[i])
+        file_line = _read(ctx.skeleton_path, 0, start).count(b"\n") + line + 1  # rare path: count lines
         raise PrepareError(
-            f"{ctx.skeleton_path} (line {line + 1} of the chunk at byte {start}): field common_feature_index: "
+            f"{ctx.skeleton_path}:{file_line}: field common_feature_index: "
             f"{_key_of_line(chunk.raw_line(data, line), SKELETON)!r} has the same 64-bit hashes as the "
             f"different key of {common.file}:{int(common.line[crow[i]])}; stopping rather than merging "
             "two keys (please report this input)"
