@@ -293,3 +293,16 @@ def test_key_hash_depends_on_its_bytes_only() -> None:
     with_long = rawformat.parse_chunk(b"L" * 77 + b",0,\n" + data, rawformat.COMMON, slots)
     assert alone.key_h1.tolist() == with_long.key_h1[1:].tolist()
     assert alone.key_h2.tolist() == with_long.key_h2[1:].tolist()
+
+
+def test_strict_with_bom_and_crlf_names_file_and_line(tmp_path: Path) -> None:
+    raw = write_tiny(tmp_path / "raw", ["ka,1,101\x0211\x031.0"], ["1,0,0,ka,0,", "2,0,0,ka,1,205\x02x\x031.0"])
+    for path in raw.iterdir():
+        path.write_bytes(BOM + path.read_bytes().replace(b"\n", b"\r\n"))
+    with pytest.raises(
+        prep.PrepareError, match=r"sample_skeleton_train\.csv:2: non_numeric \(field 205 item 1: id 'x'\)"
+    ):
+        run(raw, tmp_path / "out", workers=1, strict=True)
+    m = run(raw, tmp_path / "out", workers=1, valid_fraction=0.0)
+    assert (m["rejects"]["rows_written"], m["rejects"]["rows_rejected"]) == (1, 1)
+    assert rows(tmp_path / "out")[1]["user_id"] == 11  # the BOM is not part of the key "ka"
