@@ -24,7 +24,7 @@ import pytest
 
 from ctnocvr_rec.cli import main as cli_main
 from ctnocvr_rec.data import prepare as prep
-from ctnocvr_rec.data import rawformat, synth
+from ctnocvr_rec.data import rawfiles, rawformat, synth
 
 SCHEMA = Path(__file__).resolve().parents[1] / "configs" / "fields" / "aliccp.yaml"
 BOM = b"\xef\xbb\xbf"
@@ -230,7 +230,7 @@ def dead_pid() -> int:
 
 def test_stale_temporary_folders_of_dead_runs_are_removed(tmp_path: Path) -> None:
     raw = write_tiny(tmp_path / "raw", ["ka,1,101\x0211\x031.0"], ["1,0,0,ka,0,"])
-    host = prep._HOST
+    host = rawfiles.HOST
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         stale = [tmp_path / f".out.tmp-{host}-{dead_pid()}", tmp_path / f".out.tmp-{dead_pid()}"]
@@ -249,7 +249,7 @@ def test_stale_temporary_folders_of_dead_runs_are_removed(tmp_path: Path) -> Non
         live.wait()
     # a run killed between moving the old output aside and renaming the new one into place
     (tmp_path / "out").rename(tmp_path / f".out.old-{host}-{dead_pid()}")
-    assert prep.remove_stale_temporaries(tmp_path / "out")
+    assert rawfiles.remove_stale_temporaries(tmp_path / "out")
     assert (tmp_path / "out" / "manifest.json").is_file()
 
 

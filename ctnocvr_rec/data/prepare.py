@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import hashlib
 import json
 import math
 import multiprocessing
 import os
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -52,6 +50,13 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from ctnocvr_rec.data.rawfiles import (
+    bom_length,
+    chunk_ranges,
+    read_range,
+    remove_stale_temporaries,
+    temporary_folder,
+)
 from ctnocvr_rec.data.rawformat import (
     COMMON,
     PAD,
@@ -219,42 +224,8 @@ def _ctx() -> _Context:
 # ----------------------------------------------------------------------------------------------
 
 
-UTF8_BOM = b"\xef\xbb\xbf"
-
-
-def bom_length(path: str | Path) -> int:
-    """3 when the file starts with a UTF-8 byte order mark (ignored, like the rest of line 1's
-    position: byte offsets of rows are counted after it), else 0."""
-    with open(path, "rb") as f:
-        return len(UTF8_BOM) if f.read(len(UTF8_BOM)) == UTF8_BOM else 0
-
-
 def _chunk_bytes(opts: PrepareOptions) -> int:
     return max(1, int(opts.chunk_mb * (1 << 20)))
-
-
-def chunk_ranges(path: str | Path, chunk_bytes: int) -> list[tuple[int, int]]:
-    """Byte ranges of about ``chunk_bytes`` that start at line starts and cover the file (after a
-    leading UTF-8 byte order mark, which is not part of any line)."""
-    size = os.path.getsize(path)
-    ranges = []
-    with open(path, "rb") as f:
-        start = bom_length(path)
-        while start < size:
-            end = min(start + chunk_bytes, size)
-            if end < size:
-                f.seek(end)
-                tail = f.readline()  # move the boundary to just after the next newline
-                end += len(tail)
-            ranges.append((start, end))
-            start = end
-    return ranges
-
-
-def _read(path: str, start: int, end: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(start)
-        return f.read(end - start)
 
 
 def _line_text(raw: bytes) -> str:
@@ -296,7 +267,7 @@ def _gather_tokens(buffer: np.ndarray, start: np.ndarray, length: np.ndarray) ->
 def _common_task(task: tuple[str, int, int]) -> _CommonPart:
     """Parse common-features bytes ``[start, end)`` (rejects carry their key hashes for later lookups)."""
     path, start, end = task
-    data = _read(path, start, end)
+    data = read_range(path, start, end)
     chunk = parse_chunk(data, COMMON, _ctx().user_slots)
     rejects = []
     for r in chunk.rejects:
@@ -482,7 +453,7 @@ def _pass1_task(task: tuple[int, int, int]) -> _Pass1Result:
     opts = ctx.options
     common = ctx.common
     assert common is not None
-    data = _read(ctx.skeleton_path, start, end)
+    data = read_range(ctx.skeleton_path, start, end)
     chunk = parse_chunk(data, SKELETON, ctx.skeleton_slots)
     rejects = [(r.line, r.reason, r.detail, _line_text(chunk.raw_line(data, r.line))) for r in chunk.rejects]
 
@@ -493,7 +464,7 @@ def _pass1_task(task: tuple[int, int, int]) -> _Pass1Result:
     if not same.all():
         i = int(hits[np.flatnonzero(~same)[0]])
         line = int(chunk.line[i])
-        file_line = _read(ctx.skeleton_path, 0, start).count(b"\n") + line + 1  # rare path: count lines
+        file_line = read_range(ctx.skeleton_path, 0, start).count(b"\n") + line + 1  # rare path: count lines
         raise PrepareError(
             f"{ctx.skeleton_path}:{file_line}: field common_feature_index: "
             f"{_key_of_line(chunk.raw_line(data, line), SKELETON)!r} has the same 64-bit hashes as the "
@@ -952,7 +923,7 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
     t0 = time.perf_counter()
     remove_stale_temporaries(out)
     checksums = _Checksums(sources)
-    tmp = out.parent / f".{out.name}.tmp-{_HOST}-{os.getpid()}"
+    tmp = temporary_folder(out, "tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "vocab").mkdir(parents=True)
@@ -986,7 +957,7 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
         manifest = _manifest(opts, schema, ctx, report, rejects, checksums.get(), sources, fingerprint)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         # swap into place: the old folder (ours, it has a manifest) goes only once the new one is complete
-        old = out.parent / f".{out.name}.old-{_HOST}-{os.getpid()}"
+        old = temporary_folder(out, "old")
         if out.exists():
             out.rename(old)
         tmp.rename(out)
@@ -1028,48 +999,6 @@ def _check_no_empty_split(
         problems.append(text)
     if problems:
         raise PrepareError("; ".join(problems) + ". Pass --allow-empty-split to write it anyway.")
-
-
-_HOST = socket.gethostname().replace("-", "_").replace("/", "_") or "host"
-
-
-def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Remove ``.<out>.tmp-<host>-<pid>`` folders (and legacy ``.tmp-<pid>``) of dead runs on this host.
-
-    A killed ``prepare`` cannot clean up after itself. A folder is stale when its host is this host
-    and no process ``pid`` exists; folders of live processes and of other hosts (a shared file
-    system) are left alone. A ``.<out>.old-<host>-<pid>`` folder of a dead run is the previous good
-    output, moved aside just before the swap: it is moved back when ``out`` is missing, else removed.
-    Returns the folders removed or restored.
-    """
-    handled = []
-    if not out.parent.is_dir():
-        return handled
-    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
-        kind, _, tag = path.name[len(out.name) + 2 :].partition("-")
-        host, _, pid_text = tag.rpartition("-")
-        if kind not in ("tmp", "old") or not pid_text.isdigit() or host not in ("", _HOST):
-            continue
-        if _pid_alive(int(pid_text)):
-            continue
-        if kind == "old" and not out.exists():
-            path.rename(out)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-        handled.append(path)
-    return handled
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def _manifest(
