@@ -7,7 +7,9 @@ Pipeline (per official split; train first because its vocabulary maps test):
 1. **Common features** (``common_features_<split>.csv``): parsed in parallel byte-range chunks
    (:func:`~ctnocvr_rec.data.rawformat.parse_chunk`) into the only in-memory table: per user field
    a CSR of raw ids (+ weights), rows in file order, looked up by two 64-bit hashes of the
-   ``common_feature_index``. Duplicate keys keep the first line; later ones are rejected.
+   ``common_feature_index`` and confirmed by the key's bytes (kept with the table): a key's identity is
+   its bytes. Duplicate keys keep the first line; later ones are rejected. A UTF-8 byte order mark
+   at the start of any file is skipped (:mod:`~ctnocvr_rec.data.rawfiles`).
 2. **Pass 1 over the skeleton** (parallel chunks): parse, join each row to its common row (unknown
    keys are rejected), assign the split (valid carved from train by a seeded hash of ``sample_id`` or
    of the user id) and a shuffle bucket (seeded hash of the line's byte offset), and write the rows
@@ -23,7 +25,8 @@ Pipeline (per official split; train first because its vocabulary maps test):
 Memory is bounded by the common table plus two buckets (``--rows-per-shard`` rows each). The
 output depends only on the input and the options (not on ``--workers`` or ``--chunk-mb``); it is
 written to a temporary folder and renamed into place, and a re-run with unchanged inputs and options
-is skipped (``--force`` rebuilds).
+is skipped (``--force`` rebuilds). A split given as input that ends up empty is an error unless
+``--allow-empty-split``; temporary folders left by a killed run are removed by the next one.
 """
 
 from __future__ import annotations
