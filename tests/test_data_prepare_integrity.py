@@ -306,3 +306,14 @@ def test_strict_with_bom_and_crlf_names_file_and_line(tmp_path: Path) -> None:
     m = run(raw, tmp_path / "out", workers=1, valid_fraction=0.0)
     assert (m["rejects"]["rows_written"], m["rejects"]["rows_rejected"]) == (1, 1)
     assert rows(tmp_path / "out")[1]["user_id"] == 11  # the BOM is not part of the key "ka"
+
+
+def test_tokens_equal_compares_every_byte_and_the_length() -> None:
+    _, a = rawformat.padded_words(np.frombuffer(b"abcdefghijklmnopqrstuvwxyz" * 2, np.uint8))
+    _, b = rawformat.padded_words(np.frombuffer(b"abcdefghijklmnopqrstuvwxyZ", np.uint8))
+    p = rawformat.PAD
+    starts, lengths = np.array([p, p, p, p]), np.array([26, 25, 1, 9])
+    assert rawformat.tokens_equal(a, starts, lengths, b, starts, lengths).tolist() == [False, True, True, True]
+    # different lengths are different keys, even when one is a prefix of the other (no read past b)
+    got = rawformat.tokens_equal(a, np.array([p]), np.array([52]), b, np.array([p + 25]), np.array([1]))
+    assert got.tolist() == [False]

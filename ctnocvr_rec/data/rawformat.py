@@ -402,8 +402,10 @@ def tokens_equal(
     max_len = int(a_length.max()) if len(a_length) else 0
     min_len = int(a_length.min()) if len(a_length) else 0
     for block in range(0, max_len, 8):
-        if block + 8 <= min_len:  # every token covers this whole block
-            equal &= a_words[a_start + block] == b_words[b_start + block]
+        if block + 8 <= min_len:  # every a token covers this whole block
+            # a b token may be shorter (its pair is already unequal): keep its read inside the buffer
+            b_at = np.minimum(b_start + block, len(b_words) - 1)
+            equal &= a_words[a_start + block] == b_words[b_at]
             continue
         live = np.flatnonzero(equal & (a_length > block))
         mask = _KEEP_LOW[np.minimum(a_length[live] - block, 8)]
