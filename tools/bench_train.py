@@ -37,12 +37,21 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_workload
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_workload import (  # noqa: E402,I001
+    RawBatch,
+    aliccp_workload,
+    describe,
+    make_batches,
+    make_fit_set,
+    to_table,
+    uniform_workload,
+)
 
-FIELDS = 23
 EMB = 18
-VOCAB = 20_000
 BATCH = 4096
 SIZES: dict[str, dict[str, Any]] = {
     "paper": {"expert_hidden": [16]},
@@ -56,49 +65,35 @@ RECHUB_MODELS = ("esmm", "mmoe", "ple")
 # ------------------------------------------------------------------------------------------ data
 
 
-def schema_tree() -> dict[str, Any]:
-    groups = ["user"] * 9 + ["item"] * 5 + ["combination"] * 4 + ["context"] * 5
-    return {"fields": [{"name": f"x{i}", "group": groups[i]} for i in range(FIELDS)]}
+def load_workload(args: argparse.Namespace) -> dict[str, Any]:
+    return json.loads(Path(args.workload_file).read_text())
 
 
-def random_ids(steps: int, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, VOCAB, (BATCH, FIELDS), generator=g) for _ in range(steps)]
+def workload_batches(workload: dict[str, Any], args: argparse.Namespace, seed: int) -> list[RawBatch]:
+    return make_batches(workload, args.distinct_batches, BATCH, seed)
 
 
-def random_labels(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(int(ids[0, 0]))
-    click = (torch.rand(BATCH, generator=g) < 0.3).float()
-    conversion = click * (torch.rand(BATCH, generator=g) < 0.3).float()
-    return click, conversion
+def our_batch(raw: RawBatch, workload: dict[str, Any]):
+    """The batch the trainer's loader would build from these rows (unweighted + weighted KJT)."""
+    from ctnocvr_rec.data.dataset import table_to_batch
+    from ctnocvr_rec.data.schema import FieldSchema
 
-
-def our_batch(ids: torch.Tensor, feature_names: list[str]):
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    from ctnocvr_rec.data.batch import CtnocvrBatch
-
-    # the bench schema's fields are all unweighted: one unweighted KJT, weighted_features=None
-    kjt = KeyedJaggedTensor(
-        keys=feature_names,
-        values=ids.t().reshape(-1).contiguous(),  # key-major: all rows of field 0, then field 1, ...
-        lengths=torch.ones(FIELDS * BATCH, dtype=torch.int32),
-    )
-    click, conversion = random_labels(ids)
-    return CtnocvrBatch.from_labels(kjt, click, conversion, weighted_features=None)
+    return table_to_batch(to_table(raw, workload), FieldSchema.from_dict(workload["schema"]))
 
 
 # ------------------------------------------------------------------------------------------ ours
 
 
-def our_config(root: Path, arch: str, size: str):
+def our_config(root: Path, arch: str, size: str, workload: dict[str, Any]):
     from ctnocvr_rec.config import RunConfig
+    from ctnocvr_rec.data.schema import FieldSchema
 
     root.mkdir(parents=True, exist_ok=True)
     import yaml
 
-    (root / "schema.yaml").write_text(yaml.safe_dump(schema_tree()))
-    (root / "manifest.json").write_text(json.dumps({"num_embeddings": {f"x{i}": VOCAB for i in range(FIELDS)}}))
+    (root / "schema.yaml").write_text(yaml.safe_dump(workload["schema"]))
+    (root / "manifest.json").write_text(json.dumps({"num_embeddings": workload["num_embeddings"]}))
+    tables = sorted({f.table_name for f in FieldSchema.from_dict(workload["schema"])})
     cfg = RunConfig()
     cfg.data.prepared_dir = str(root)
     cfg.data.schema = str(root / "schema.yaml")
@@ -112,7 +107,7 @@ def our_config(root: Path, arch: str, size: str):
     cfg.model.expert_hidden = list(SIZES[size]["expert_hidden"])
     cfg.model.tower_hidden = list(TOWERS)
     cfg.train.device = "cpu"
-    cfg.plan.constraints = {f"t_x{i}": {"sharding_types": ["table_wise"]} for i in range(FIELDS)}
+    cfg.plan.constraints = {t: {"sharding_types": ["table_wise"]} for t in tables}
     return cfg
 
 
@@ -131,7 +126,7 @@ def _timed_windows(step, warmup: int, steps: int, windows: int, sync=lambda: Non
     return statistics.median(per_step)
 
 
-def bench_ours(ctx, arch: str, size: str, args: argparse.Namespace) -> float:
+def bench_ours(ctx, arch: str, size: str, args: argparse.Namespace, workload: dict[str, Any]) -> float:
     """Samples/s over all ranks of the trainer's own DMP + pipeline path."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
@@ -140,12 +135,11 @@ def bench_ours(ctx, arch: str, size: str, args: argparse.Namespace) -> float:
     from ctnocvr_rec.train.setup import build_sharded_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = our_config(Path(tmp) / f"r{ctx.rank}", arch, size)
+        cfg = our_config(Path(tmp) / f"r{ctx.rank}", arch, size, workload)
         sharded = build_sharded_model(cfg, ctx)
     model = sharded.model
     optimizer, _ = build_optimizer(model, cfg.train.optim)
-    names = sharded.schema.feature_names
-    data = [our_batch(ids, names) for ids in random_ids(4, seed=ctx.rank)]
+    data = [our_batch(raw, workload) for raw in workload_batches(workload, args, seed=ctx.rank)]
     total = args.warmup + args.steps * args.windows
     batches = iter([data[i % len(data)] for i in range(total + 2)])
     pipeline = TrainPipelineSparseDist(model, optimizer, ctx.device)
@@ -155,7 +149,7 @@ def bench_ours(ctx, arch: str, size: str, args: argparse.Namespace) -> float:
     return BATCH * ctx.world_size / seconds
 
 
-def dense_flops_per_sample(arch: str, size: str) -> float:
+def dense_flops_per_sample(arch: str, size: str, workload: dict[str, Any]) -> float:
     """Forward + backward FLOPs of the dense part per sample (embedding lookups not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -164,13 +158,13 @@ def dense_flops_per_sample(arch: str, size: str) -> float:
     from ctnocvr_rec.train.setup import model_inputs
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = our_config(Path(tmp), arch, size)
+        cfg = our_config(Path(tmp), arch, size, workload)
         schema, num_embeddings = model_inputs(cfg)
     model = build_model(cfg.model, schema, num_embeddings, device=torch.device("cpu"))
     for module in model.modules():
         if isinstance(module, ExtractionLevel):
             module.compute_align = 1  # count the model's own FLOPs, not the zero padding of K (414 -> 416)
-    batch = our_batch(random_ids(1, 0)[0][:256].repeat(16, 1), schema.feature_names)
+    batch = our_batch(make_batches(workload, 1, BATCH, seed=0)[0], workload)
     with FlopCounterMode(display=False) as counter:
         loss, _ = model(batch)
         loss.backward()
@@ -180,11 +174,20 @@ def dense_flops_per_sample(arch: str, size: str) -> float:
 # ------------------------------------------------------------------------------------------ rechub
 
 
-def rechub_model(arch: str, size: str) -> torch.nn.Module:
-    from torch_rechub.basic.features import SparseFeature
+def rechub_model(arch: str, size: str, workload: dict[str, Any]) -> torch.nn.Module:
+    """torch-rechub's model on the workload's fields: a ``SparseFeature`` per single-valued field and
+    its own ``SequenceFeature(pooling="sum")`` per multi-valued one (no weights: it has no weighted
+    pooling); row 0 is the padding row (``padding_idx=0``), so an absent field pools to zeros as ours."""
+    from torch_rechub.basic.features import SequenceFeature, SparseFeature
     from torch_rechub.models.multi_task import ESMM, MMOE, PLE
 
-    feats = [SparseFeature(f"x{i}", vocab_size=VOCAB, embed_dim=EMB) for i in range(FIELDS)]
+    feats = []
+    for f in workload["schema"]["fields"]:
+        rows = workload["num_embeddings"][f["name"]]
+        if f.get("multi_valued"):
+            feats.append(SequenceFeature(f["name"], vocab_size=rows, embed_dim=EMB, pooling="sum", padding_idx=0))
+        else:
+            feats.append(SparseFeature(f["name"], vocab_size=rows, embed_dim=EMB, padding_idx=0))
     expert = {"dims": list(SIZES[size]["expert_hidden"])}
     towers = [{"dims": list(TOWERS)} for _ in range(3)]
     if arch == "mmoe":
@@ -193,16 +196,36 @@ def rechub_model(arch: str, size: str) -> torch.nn.Module:
         return PLE(feats, ["classification"] * 3, n_level=2, n_expert_specific=4, n_expert_shared=4,
                    expert_params=expert, tower_params_list=towers)
     # ESMM has no experts: its two towers see the concatenated embeddings (as ours)
-    return ESMM(feats[:9], feats[9:], cvr_params={"dims": list(TOWERS)}, ctr_params={"dims": list(TOWERS)})
+    user = [f for f, spec in zip(feats, workload["schema"]["fields"]) if spec.get("group") == "user"]
+    other = [f for f, spec in zip(feats, workload["schema"]["fields"]) if spec.get("group") != "user"]
+    return ESMM(user, other, cvr_params={"dims": list(TOWERS)}, ctr_params={"dims": list(TOWERS)})
 
 
-def bench_rechub(arch: str, size: str, args: argparse.Namespace) -> float:
-    model = rechub_model(arch, size)
+def rechub_inputs(raw: RawBatch, workload: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """torch-rechub's input dict: ``[B]`` ids of a single-valued field (0 where absent), ``[B, L]``
+    ids of a multi-valued one, zero-padded to the batch's longest list (its documented input)."""
+    x = {}
+    for f in workload["schema"]["fields"]:
+        offsets, ids, _ = raw.fields[f["name"]]
+        lengths = np.diff(offsets)
+        if f.get("multi_valued"):
+            width = max(1, int(lengths.max()))
+            padded = np.zeros((raw.rows, width), dtype=np.int64)
+            mask = np.arange(width)[None, :] < lengths[:, None]
+            padded[mask] = ids  # row-major: each row's ids in order, then zeros
+            x[f["name"]] = torch.from_numpy(padded)
+        else:
+            first = np.zeros(raw.rows, dtype=np.int64)
+            first[lengths > 0] = ids[offsets[:-1][lengths > 0]]
+            x[f["name"]] = torch.from_numpy(first)
+    return x
+
+
+def bench_rechub(arch: str, size: str, args: argparse.Namespace, workload: dict[str, Any]) -> float:
+    model = rechub_model(arch, size, workload)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    data = []
-    for ids in random_ids(4, seed=0):
-        x = {f"x{i}": ids[:, i] for i in range(FIELDS)}
-        data.append((x, *random_labels(ids)))
+    data = [(rechub_inputs(raw, workload), torch.from_numpy(raw.click), torch.from_numpy(raw.conversion))
+            for raw in workload_batches(workload, args, seed=0)]
     bce = torch.nn.BCELoss()
     counter = iter(range(10**9))
 
@@ -237,9 +260,10 @@ def matmul_gflops(n: int = 2048, reps: int = 4, windows: int = 5) -> float:
 # ------------------------------------------------------------------------------------------ parts
 
 
-def embedding_part_seconds(args: argparse.Namespace) -> float:
-    """One step of the 23 fused tables alone: fbgemm's CPU TBE (the kernel DMP's fused sharding uses),
-    row-wise Adagrad, unweighted, physical dim 20, forward + backward with the fused update."""
+def embedding_part_seconds(args: argparse.Namespace, workload: dict[str, Any]) -> float:
+    """One step of the fused tables alone: fbgemm's CPU TBE (the kernel DMP's fused sharding uses),
+    row-wise Adagrad, physical dim 20, forward + backward with the fused update; one TBE for the
+    unweighted tables and one with per-sample weights for the weighted ones, as the model splits them."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
         ComputeDevice,
@@ -249,33 +273,43 @@ def embedding_part_seconds(args: argparse.Namespace) -> float:
 
     from ctnocvr_rec.modules.field_embedding import physical_dim
 
-    spec = (VOCAB, physical_dim(EMB), EmbeddingLocation.HOST, ComputeDevice.CPU)
-    tbe = SplitTableBatchedEmbeddingBagsCodegen([spec] * FIELDS, optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-                                                learning_rate=0.01)
-    batches = [ids.t().reshape(-1).contiguous() for ids in random_ids(4, seed=1)]
-    offsets = torch.arange(FIELDS * BATCH + 1)
+    def tbe(keys: list[str]) -> SplitTableBatchedEmbeddingBagsCodegen:
+        specs = [(workload["num_embeddings"][k[2:]], physical_dim(EMB), EmbeddingLocation.HOST, ComputeDevice.CPU)
+                 for k in keys]  # keys are f_<field>
+        return SplitTableBatchedEmbeddingBagsCodegen(specs, optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+                                                     learning_rate=0.01)
+
+    batches = [our_batch(raw, workload) for raw in workload_batches(workload, args, seed=1)]
+    plain = tbe(batches[0].sparse_features.keys())
+    weighted = None if batches[0].weighted_features is None else tbe(batches[0].weighted_features.keys())
     counter = iter(range(10**9))
 
     def step() -> None:
-        tbe(batches[next(counter) % len(batches)], offsets).sum().backward()
+        b = batches[next(counter) % len(batches)]
+        out = plain(b.sparse_features.values(), b.sparse_features.offsets()).sum()
+        if weighted is not None:
+            w = b.weighted_features
+            out = out + weighted(w.values(), w.offsets(), per_sample_weights=w.weights()).sum()
+        out.backward()
 
     return _timed_windows(step, args.warmup, args.steps, args.windows)
 
 
-def dense_part_seconds(arch: str, size: str, args: argparse.Namespace) -> float:
+def dense_part_seconds(arch: str, size: str, args: argparse.Namespace, workload: dict[str, Any]) -> float:
     """One step of everything after the embedding lookup: the ranker's dense arch and head on a fixed
     ``[B, 414]`` input that needs a gradient (as the pooled embeddings do), backward, Adam."""
     from ctnocvr_rec.models import build_model
     from ctnocvr_rec.train.setup import model_inputs
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = our_config(Path(tmp), arch, size)
+        cfg = our_config(Path(tmp), arch, size, workload)
         schema, num_embeddings = model_inputs(cfg)
     model = build_model(cfg.model, schema, num_embeddings, device=torch.device("cpu"))
     dense = [p for n, p in model.named_parameters() if not n.startswith("sparse_arch.")]
     optimizer = torch.optim.Adam(dense, lr=1e-3)
     x = torch.randn(BATCH, model.sparse_arch.output_dim, requires_grad=True)
-    click, conversion = random_labels(random_ids(1, 0)[0])
+    raw = make_batches(workload, 1, BATCH, seed=0)[0]
+    click, conversion = torch.from_numpy(raw.click), torch.from_numpy(raw.conversion)
     ctnocvr = click * (1 - conversion)
 
     def step() -> None:
@@ -303,10 +337,11 @@ def worker(args: argparse.Namespace) -> None:
 
     tune_allocator_if_asked(args)  # as `ctnocvr train` does (train.tune_host_allocator)
     ctx = init_distributed("cpu")
+    workload = load_workload(args)
     results = {}
     for size in args.sizes:
         for arch in args.models:
-            results[f"{arch}/{size}"] = bench_ours(ctx, arch, size, args)
+            results[f"{arch}/{size}"] = bench_ours(ctx, arch, size, args, workload)
     if ctx.is_main:
         Path(args.out).write_text(json.dumps(results))
     shutdown(ctx)
@@ -316,6 +351,7 @@ def side_worker(args: argparse.Namespace) -> None:
     """One plain process: torch-rechub's models, or the embedding / dense parts of ours, on
     ``OMP_NUM_THREADS`` threads; writes JSON."""
     tune_allocator_if_asked(args)
+    workload = load_workload(args)
     results: dict[str, float] = {}
     if args.side == "rechub":
         if args.rechub_path and Path(args.rechub_path).is_dir():
@@ -323,18 +359,19 @@ def side_worker(args: argparse.Namespace) -> None:
         for size in args.sizes:
             for arch in RECHUB_MODELS:
                 if arch in args.models:
-                    results[f"{arch}/{size}"] = bench_rechub(arch, size, args)
+                    results[f"{arch}/{size}"] = bench_rechub(arch, size, args, workload)
     else:
-        results["embedding"] = embedding_part_seconds(args)
+        results["embedding"] = embedding_part_seconds(args, workload)
         for size in args.sizes:
             for arch in args.models:
-                results[f"{arch}/{size}"] = dense_part_seconds(arch, size, args)
+                results[f"{arch}/{size}"] = dense_part_seconds(arch, size, args, workload)
     Path(args.out).write_text(json.dumps(results))
 
 
-def common_flags(args: argparse.Namespace) -> list[str]:
+def common_flags(args: argparse.Namespace, workload_file: Path) -> list[str]:
     flags = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--windows", str(args.windows),
-             "--sizes", *args.sizes, "--models", *args.models, "--rechub-path", args.rechub_path]
+             "--sizes", *args.sizes, "--models", *args.models, "--rechub-path", args.rechub_path,
+             "--distinct-batches", str(args.distinct_batches), "--workload-file", str(workload_file)]
     return flags + (["--no-tune-allocator"] if args.no_tune_allocator else [])
 
 
@@ -347,17 +384,18 @@ def run_json(cmd: list[str], threads: int, out: Path, what: str) -> dict[str, fl
     return json.loads(out.read_text())
 
 
-def run_ranks(nproc: int, args: argparse.Namespace) -> dict[str, float]:
+def run_ranks(nproc: int, args: argparse.Namespace, workload_file: Path) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               __file__, "--worker", *common_flags(args)]
+               __file__, "--worker", *common_flags(args, workload_file)]
         threads = max(1, (os.cpu_count() or 1) // nproc)
         return run_json(cmd, threads, Path(tmp) / "result.json", f"{nproc}-rank benchmark")
 
 
-def run_side(side: str, threads: int, args: argparse.Namespace, tuned: bool = True) -> dict[str, float]:
+def run_side(side: str, threads: int, args: argparse.Namespace, workload_file: Path,
+             tuned: bool = True) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, __file__, "--side", side, *common_flags(args)]
+        cmd = [sys.executable, __file__, "--side", side, *common_flags(args, workload_file)]
         if not tuned and "--no-tune-allocator" not in cmd:
             cmd.append("--no-tune-allocator")
         return run_json(cmd, threads, Path(tmp) / "result.json", f"{side} benchmark")
@@ -376,53 +414,48 @@ def rechub_importable(path: str) -> bool:
     return True
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--models", nargs="+", default=list(OUR_MODELS), choices=list(OUR_MODELS))
-    parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--steps", type=int, default=6, help="steps per timed window")
-    parser.add_argument("--windows", type=int, default=3, help="timed windows; the median is reported")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rechub-path", default=str(REPO / "artifacts" / "bench-site"),
-                        help="extra sys.path entry holding torch_rechub (+ pandas) if not installed")
-    parser.add_argument("--no-rechub", action="store_true")
-    parser.add_argument("--no-parts", action="store_true", help="skip the embedding-only / dense-only timings")
-    parser.add_argument("--no-tune-allocator", action="store_true",
-                        help="leave glibc malloc at its defaults in our runs (train.tune_host_allocator=false)")
-    parser.add_argument("--json", help="also write all figures to this file")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--side", choices=["rechub", "parts"], help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args)
-        return
-    if args.side:
-        side_worker(args)
-        return
+def build_workload(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    if kind == "uniform":
+        return uniform_workload()
+    prepared = Path(args.fit_on) if args.fit_on else make_fit_set(REPO / "artifacts" / "bench-fit")
+    return aliccp_workload(prepared, args.preset, args.zipf_exponent, scatter=args.hot_ids == "scattered")
 
-    threads = os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    gflops_start = matmul_gflops()
-    flops = {f"{a}/{s}": dense_flops_per_sample(a, s) for s in args.sizes for a in args.models}
-    ours: dict[int, dict[str, float]] = {n: run_ranks(n, args) for n in args.ranks}
-    rechub: dict[str, float] = {}
-    rechub_tuned: dict[str, float] = {}
-    if not args.no_rechub and rechub_importable(args.rechub_path):
-        rechub = run_side("rechub", threads, args, tuned=False)
-        rechub_tuned = run_side("rechub", threads, args, tuned=True)
-    parts: dict[int, dict[str, float]] = {}
-    if not args.no_parts:
-        parts = {t: run_side("parts", t, args) for t in sorted({threads, 1})}
-    # The reference rate drifts between minutes on a shared host (124-152 GFLOP/s seen here): take it
-    # at the start and at the end and use the higher one, which makes "% of matmul" the stricter.
-    gflops_end = matmul_gflops()
-    gflops = max(gflops_start, gflops_end)
-    print(f"machine: {threads} cores, torch {torch.__version__}, fp32 matmul {gflops_start:.1f} GFLOP/s at the "
-          f"start, {gflops_end:.1f} at the end ({BATCH}x2048 @ 2048x2048; % of matmul uses {gflops:.1f}); "
-          f"median of {args.windows} windows of {args.steps} steps, batch {BATCH}")
 
+def median_of_rounds(rounds: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]} if rounds else {}
+
+
+def bench_workload(kind: str, args: argparse.Namespace, threads: int, rechub_ok: bool) -> dict[str, Any]:
+    """Every figure of one workload; with ``--rounds R`` the runs are repeated R times in turn
+    (ours 1 rank, ours N ranks, torch-rechub, rechub + malloc, parts) and the median is kept."""
+    workload = build_workload(kind, args)
+    print(describe(workload), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        wfile = Path(tmp) / "workload.json"
+        wfile.write_text(json.dumps(workload))
+        flops = {f"{a}/{s}": dense_flops_per_sample(a, s, workload) for s in args.sizes for a in args.models}
+        runs: dict[str, list[dict[str, float]]] = {}
+        for _ in range(args.rounds):
+            for n in args.ranks:
+                runs.setdefault(f"ours{n}", []).append(run_ranks(n, args, wfile))
+            if rechub_ok:
+                runs.setdefault("rechub", []).append(run_side("rechub", threads, args, wfile, tuned=False))
+                runs.setdefault("rechub_tuned", []).append(run_side("rechub", threads, args, wfile, tuned=True))
+            if not args.no_parts:
+                for t in sorted({threads, 1}):
+                    runs.setdefault(f"parts{t}", []).append(run_side("parts", t, args, wfile))
+    med = {k: median_of_rounds(v) for k, v in runs.items()}
+    return {"workload": {k: workload[k] for k in ("kind", "source", "num_embeddings", "profiles", "scatter")},
+            "dense_flops_per_sample": flops,
+            "ours": {n: med[f"ours{n}"] for n in args.ranks},
+            "rechub": med.get("rechub", {}), "rechub_tuned_malloc": med.get("rechub_tuned", {}),
+            "parts_seconds": {t: med[f"parts{t}"] for t in sorted({threads, 1}) if f"parts{t}" in med},
+            "rounds": runs}
+
+
+def print_tables(res: dict[str, Any], args: argparse.Namespace, threads: int, gflops: float) -> None:
+    flops, ours, rechub, rechub_tuned = (res["dense_flops_per_sample"], res["ours"], res["rechub"],
+                                         res["rechub_tuned_malloc"])
     header = f"{'model/size':<12} {'dense MFLOP/smp':>15}"
     header += "".join(f" {f'ours {n}r smp/s':>15}" for n in args.ranks)
     header += f" {'%matmul best':>12} {'rechub smp/s':>13} {'(+malloc)':>10} {'best/rechub':>11}"
@@ -435,28 +468,86 @@ def main() -> None:
         if key in rechub:
             row += f" {rechub[key]:>13,.0f} {rechub_tuned[key]:>10,.0f} {best / max(rechub[key], rechub_tuned[key]):>10.2f}x"
         print(row)
+    parts = res["parts_seconds"]
     if parts:
         # The two parts every step must do, each timed alone: a step cannot be faster than their sum
         # (1 rank), or than the embedding on one core plus the dense part on one core, split over
-        # both cores with no communication at all (2 ranks).
-        print(f"\nparts, ms per {BATCH} rows (embedding = 23 fused tables, row-wise Adagrad, alone; "
+        # all cores with no communication at all (N ranks).
+        print(f"\nparts, ms per {BATCH} rows (embedding = the fused tables, row-wise Adagrad, alone; "
               f"dense = arch + head + Adam on a fixed input), and the samples/s bound they set:")
         many, one = parts[threads], parts[1]
         print(f"{'model/size':<12} {'emb ms':>7} {'dense ms':>9} {'emb 1t':>7} {'dense 1t':>9} "
-              f"{'bound 1r':>9} {'bound 2r':>9} {'bound/rechub':>12}")
+              f"{'bound 1r':>9} {'bound Nr':>9} {'Nr/bound':>9} {'bound/rechub':>12}")
         for key in flops:
             bound_1r = BATCH / (many["embedding"] + many[key])
             bound_nr = threads * BATCH / (one["embedding"] + one[key])
+            n_max = max(args.ranks)
             row = (f"{key:<12} {1e3 * many['embedding']:>7.1f} {1e3 * many[key]:>9.1f} "
-                   f"{1e3 * one['embedding']:>7.1f} {1e3 * one[key]:>9.1f} {bound_1r:>9,.0f} {bound_nr:>9,.0f}")
+                   f"{1e3 * one['embedding']:>7.1f} {1e3 * one[key]:>9.1f} {bound_1r:>9,.0f} {bound_nr:>9,.0f}"
+                   f" {100 * ours[n_max][key] / bound_nr:>8.0f}%")
             if key in rechub:
                 row += f" {max(bound_1r, bound_nr) / max(rechub[key], rechub_tuned[key]):>11.2f}x"
             print(row)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ids", nargs="+", default=["aliccp", "uniform"], choices=["aliccp", "uniform"],
+                        help="workloads, each printed as its own table (see tools/bench_workload.py)")
+    parser.add_argument("--fit-on", help="prepared set to fit the Zipf exponents and list lengths on "
+                        "(default: a synthetic one made once in artifacts/bench-fit)")
+    parser.add_argument("--preset", default="aliccp-full", help="plan preset giving the table sizes")
+    parser.add_argument("--zipf-exponent", type=float, help="one exponent for every field instead of the fits")
+    parser.add_argument("--hot-ids", choices=["scattered", "sorted"], default="scattered",
+                        help="hot ids spread over each table by a permutation, or at rows 1..k")
+    parser.add_argument("--distinct-batches", type=int, default=8, help="distinct batches per process, cycled")
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--models", nargs="+", default=list(OUR_MODELS), choices=list(OUR_MODELS))
+    parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--steps", type=int, default=6, help="steps per timed window")
+    parser.add_argument("--windows", type=int, default=3, help="timed windows; the median is reported")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat every run this many times, interleaved; medians are reported")
+    parser.add_argument("--rechub-path", default=str(REPO / "artifacts" / "bench-site"),
+                        help="extra sys.path entry holding torch_rechub (+ pandas) if not installed")
+    parser.add_argument("--no-rechub", action="store_true")
+    parser.add_argument("--no-parts", action="store_true", help="skip the embedding-only / dense-only timings")
+    parser.add_argument("--no-tune-allocator", action="store_true",
+                        help="leave glibc malloc at its defaults in our runs (train.tune_host_allocator=false)")
+    parser.add_argument("--json", help="also write all figures to this file")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=["rechub", "parts"], help=argparse.SUPPRESS)
+    parser.add_argument("--workload-file", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if args.side:
+        side_worker(args)
+        return
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    gflops_start = matmul_gflops()
+    rechub_ok = not args.no_rechub and rechub_importable(args.rechub_path)
+    results = {kind: bench_workload(kind, args, threads, rechub_ok) for kind in args.ids}
+    # The reference rate drifts between minutes on a shared host (124-152 GFLOP/s seen here): take it
+    # at the start and at the end and use the higher one, which makes "% of matmul" the stricter.
+    gflops_end = matmul_gflops()
+    gflops = max(gflops_start, gflops_end)
+    print(f"\nmachine: {threads} cores, torch {torch.__version__}, fp32 matmul {gflops_start:.1f} GFLOP/s at the "
+          f"start, {gflops_end:.1f} at the end ({BATCH}x2048 @ 2048x2048; % of matmul uses {gflops:.1f}); "
+          f"median of {args.windows} windows of {args.steps} steps, batch {BATCH}, {args.rounds} round(s), "
+          f"load average at the end {os.getloadavg()[0]:.2f}")
+    for kind, res in results.items():
+        print(f"\n== workload: {kind} ==")
+        print_tables(res, args, threads, gflops)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "matmul_gflops": gflops, "matmul_gflops_start_end": [gflops_start, gflops_end],
-            "dense_flops_per_sample": flops, "ours": ours, "rechub": rechub,
-            "rechub_tuned_malloc": rechub_tuned, "parts_seconds": parts}, indent=1))
+            "load_average_end": os.getloadavg(), "args": vars(args), "workloads": results}, indent=1))
 
 
 if __name__ == "__main__":
