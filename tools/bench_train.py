@@ -138,15 +138,40 @@ def bench_ours(ctx, arch: str, size: str, args: argparse.Namespace, workload: di
         cfg = our_config(Path(tmp) / f"r{ctx.rank}", arch, size, workload)
         sharded = build_sharded_model(cfg, ctx)
     model = sharded.model
+    if args.keep_weight_grads:  # the trainer before the fix: fbgemm computes the history weights' gradient
+        from ctnocvr_rec.train.weight_grads import skip_per_sample_weight_grads
+
+        skip_per_sample_weight_grads(model, enable=False)
     optimizer, _ = build_optimizer(model, cfg.train.optim)
     data = [our_batch(raw, workload) for raw in workload_batches(workload, args, seed=ctx.rank)]
-    total = args.warmup + args.steps * args.windows
+    total = args.warmup + args.steps * (args.windows + (1 if args.profile else 0))
     batches = iter([data[i % len(data)] for i in range(total + 2)])
     pipeline = TrainPipelineSparseDist(model, optimizer, ctx.device)
     seconds = _timed_windows(lambda: pipeline.progress(batches), args.warmup, args.steps, args.windows,
                              sync=lambda: barrier(ctx))
+    if args.profile:
+        profile_steps(lambda: pipeline.progress(batches), args.steps,
+                      Path(args.profile) / f"{workload['kind']}-{arch}-{size}-{ctx.world_size}r-rank{ctx.rank}")
     pipeline.detach()
     return BATCH * ctx.world_size / seconds
+
+
+def profile_steps(step, steps: int, stem: Path) -> None:
+    """``steps`` steps under torch.profiler (CPU): ``<stem>.txt`` holds the pipeline's phases
+    (``## ... ##`` ranges, by total time) and the top operators by self time, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    phases = sorted((e for e in events if e.key.startswith("##")), key=lambda e: -e.cpu_time_total)
+    lines = [f"{steps} steps; ms per step (wall of the range, incl. children / self CPU)"]
+    lines += [f"{e.cpu_time_total / 1e3 / steps:9.2f}  {e.key}" for e in phases]
+    lines.append("")
+    lines.append(events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".txt").write_text("\n".join(lines))
 
 
 def dense_flops_per_sample(arch: str, size: str, workload: dict[str, Any]) -> float:
@@ -282,6 +307,10 @@ def embedding_part_seconds(args: argparse.Namespace, workload: dict[str, Any]) -
     batches = [our_batch(raw, workload) for raw in workload_batches(workload, args, seed=1)]
     plain = tbe(batches[0].sparse_features.keys())
     weighted = None if batches[0].weighted_features is None else tbe(batches[0].weighted_features.keys())
+    if weighted is not None and not args.keep_weight_grads:  # as the trainer's tables (train/setup.py)
+        from ctnocvr_rec.train.weight_grads import skip_per_sample_weight_grads
+
+        skip_per_sample_weight_grads(weighted)
     counter = iter(range(10**9))
 
     def step() -> None:
@@ -372,6 +401,8 @@ def common_flags(args: argparse.Namespace, workload_file: Path) -> list[str]:
     flags = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--windows", str(args.windows),
              "--sizes", *args.sizes, "--models", *args.models, "--rechub-path", args.rechub_path,
              "--distinct-batches", str(args.distinct_batches), "--workload-file", str(workload_file)]
+    flags += ["--profile", args.profile] if args.profile else []
+    flags += ["--keep-weight-grads"] if args.keep_weight_grads else []
     return flags + (["--no-tune-allocator"] if args.no_tune_allocator else [])
 
 
@@ -515,7 +546,12 @@ def main() -> None:
     parser.add_argument("--no-parts", action="store_true", help="skip the embedding-only / dense-only timings")
     parser.add_argument("--no-tune-allocator", action="store_true",
                         help="leave glibc malloc at its defaults in our runs (train.tune_host_allocator=false)")
+    parser.add_argument("--keep-weight-grads", action="store_true",
+                        help="let fbgemm compute the per-sample weights' gradient in our runs and parts "
+                        "(as before train/weight_grads.py), for a before/after comparison")
     parser.add_argument("--json", help="also write all figures to this file")
+    parser.add_argument("--profile", help="folder: after timing, profile --steps more steps of each of our "
+                        "runs on every rank (torch.profiler, CPU) into <folder>/<workload>-<model>-<size>-<N>r-rank<r>.txt")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=["rechub", "parts"], help=argparse.SUPPRESS)
     parser.add_argument("--workload-file", help=argparse.SUPPRESS)

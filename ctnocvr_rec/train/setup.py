@@ -18,6 +18,7 @@ from ctnocvr_rec.config import RunConfig
 from ctnocvr_rec.data.prepared import read_manifest
 from ctnocvr_rec.data.schema import FieldSchema, load_schema
 from ctnocvr_rec.train.distributed import DistContext, broadcast_from_main
+from ctnocvr_rec.train.weight_grads import skip_per_sample_weight_grads
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ def build_sharded_model(cfg: RunConfig, ctx: DistContext, plan_file: str | None 
         plan=plan,
         sharders=sharders,
     )
+    # the history weights are data: fbgemm need not compute their gradient (train/weight_grads.py)
+    skip_per_sample_weight_grads(dmp)
     return ShardedModel(dmp, plan, plan_json, sharders, schema, num_embeddings)
 
 
