@@ -82,3 +82,37 @@ def test_hook_is_removable_and_not_doubled():
     assert len(tbe._forward_pre_hooks) == 0
     _, skipped, _ = _train_steps(tbe)
     assert not skipped
+
+
+def test_the_trainer_hooks_the_sharded_weighted_tables(tmp_path):
+    """``build_sharded_model`` (the trainer's DMP path) leaves every TBE hooked, the ones TorchRec
+    keeps outside ``named_modules()`` included, and a pipelined step tells the kernel to skip."""
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    from ctnocvr_rec.config import RunConfig
+    from ctnocvr_rec.data.dataset import table_to_batch
+    from ctnocvr_rec.train.distributed import init_distributed, shutdown
+    from ctnocvr_rec.train.optim import build_optimizer
+    from ctnocvr_rec.train.setup import build_sharded_model
+    from ctnocvr_rec.train.testing import SCHEMA_PATH, _split_table, write_tiny_prepared
+    from ctnocvr_rec.train.weight_grads import table_batched_embeddings
+
+    prepared = write_tiny_prepared(tmp_path / "prepared", {"train": 64, "valid": 8, "test": 8})
+    cfg = RunConfig()
+    cfg.data.prepared_dir, cfg.data.schema, cfg.data.batch_size = str(prepared), str(SCHEMA_PATH), 32
+    cfg.train.device = "cpu"
+    ctx = init_distributed("cpu")
+    try:
+        sharded = build_sharded_model(cfg, ctx)
+        tbes = table_batched_embeddings(sharded.model)
+        assert len(tbes) == 2  # one unweighted, one weighted group of tables
+        assert all(len(t._forward_pre_hooks) == 1 for t in tbes)
+        optimizer, _ = build_optimizer(sharded.model, cfg.train.optim)
+        batches = iter([table_to_batch(_split_table(32, s, 1 + 32 * s, 5), sharded.schema) for s in range(4)])
+        pipeline = TrainPipelineSparseDist(sharded.model, optimizer, ctx.device)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            pipeline.progress(batches)
+        shapes = [e.input_shapes for e in prof.key_averages(group_by_input_shape=True) if e.key == GRAD_KERNEL]
+        assert shapes and all(s[-1] == [5] for s in shapes)  # the 5 fields of the weighted tables
+    finally:
+        shutdown(ctx)

@@ -150,6 +150,12 @@ def bench_ours(ctx, arch: str, size: str, args: argparse.Namespace, workload: di
     seconds = _timed_windows(lambda: pipeline.progress(batches), args.warmup, args.steps, args.windows,
                              sync=lambda: barrier(ctx))
     if args.profile:
+        if ctx.is_main:
+            from ctnocvr_rec.train.setup import describe_plan
+
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            (Path(args.profile) / f"{workload['kind']}-{arch}-{size}-{ctx.world_size}r.plan.txt").write_text(
+                describe_plan(sharded.plan) + "\n")
         profile_steps(lambda: pipeline.progress(batches), args.steps,
                       Path(args.profile) / f"{workload['kind']}-{arch}-{size}-{ctx.world_size}r-rank{ctx.rank}")
     pipeline.detach()

@@ -49,15 +49,36 @@ def _no_weight_grads(module: SplitTableBatchedEmbeddingBagsCodegen, args: tuple[
     return args, {**kwargs, "feature_requires_grad": zeros}
 
 
+def table_batched_embeddings(model: torch.nn.Module) -> list[SplitTableBatchedEmbeddingBagsCodegen]:
+    """Every fbgemm TBE inside ``model``, a DMP-sharded one included.
+
+    TorchRec's sharded collections keep their lookups in a plain list (``_lookups``), outside
+    ``named_modules()``, so they are walked explicitly.
+    """
+    found: dict[int, SplitTableBatchedEmbeddingBagsCodegen] = {}
+    stack = [model]
+    seen: set[int] = set()
+    while stack:
+        root = stack.pop()
+        for module in root.modules():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            if isinstance(module, SplitTableBatchedEmbeddingBagsCodegen):
+                found[id(module)] = module
+            lookups = getattr(module, "_lookups", None)
+            if isinstance(lookups, (list, tuple, torch.nn.ModuleList)):
+                stack.extend(m for m in lookups if isinstance(m, torch.nn.Module))
+    return list(found.values())
+
+
 def skip_per_sample_weight_grads(model: torch.nn.Module, enable: bool = True) -> int:
     """Add (``enable``) or remove the pre-hook on every fbgemm TBE inside ``model``.
 
     Returns the number of TBE modules touched. Adding twice keeps one hook.
     """
     touched = 0
-    for module in model.modules():
-        if not isinstance(module, SplitTableBatchedEmbeddingBagsCodegen):
-            continue
+    for module in table_batched_embeddings(model):
         handle = getattr(module, _HOOK_ATTR, None)
         if handle is not None:
             handle.remove()
