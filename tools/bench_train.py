@@ -107,7 +107,12 @@ def our_config(root: Path, arch: str, size: str, workload: dict[str, Any]):
     cfg.model.expert_hidden = list(SIZES[size]["expert_hidden"])
     cfg.model.tower_hidden = list(TOWERS)
     cfg.train.device = "cpu"
-    cfg.plan.constraints = {t: {"sharding_types": ["table_wise"]} for t in tables}
+    # table-wise everywhere, and the planner told each table's mean ids per row (the trainer itself
+    # assumes 1 unless plan.constraints.<table>.pooling_factors says otherwise)
+    mean_len = {f"t_{name}": max(0.01, float(np.dot(p["length_values"], p["length_probs"])))
+                for name, p in workload["profiles"].items()}
+    cfg.plan.constraints = {t: {"sharding_types": ["table_wise"], "pooling_factors": [mean_len.get(t, 1.0)]}
+                            for t in tables}
     return cfg
 
 
