@@ -277,10 +277,10 @@ def bench_rechub(arch: str, size: str, args: argparse.Namespace, workload: dict[
         loss.backward()
         optimizer.step()
 
-    return BATCH / _timed_windows(step, args.warmup, args.steps, args.windows)
+    return BATCH / _timed_windows(step, args.warmup, args.rechub_steps or args.steps, args.windows)
 
 
-def matmul_gflops(n: int = 2048, reps: int = 4, windows: int = 5) -> float:
+def matmul_gflops(n: int = 2048, reps: int = 3, windows: int = 3) -> float:
     """fp32 GEMM rate of this machine, ``[B, n] @ [n, n]``: the median of ``windows`` timed windows."""
     a, b = torch.randn(BATCH, n), torch.randn(n, n)
     torch.mm(a, b)
@@ -412,6 +412,7 @@ def common_flags(args: argparse.Namespace, workload_file: Path) -> list[str]:
     flags = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--windows", str(args.windows),
              "--sizes", *args.sizes, "--models", *args.models, "--rechub-path", args.rechub_path,
              "--distinct-batches", str(args.distinct_batches), "--workload-file", str(workload_file)]
+    flags += ["--rechub-steps", str(args.rechub_steps)] if args.rechub_steps else []
     flags += ["--profile", args.profile] if args.profile else []
     flags += ["--keep-weight-grads"] if args.keep_weight_grads else []
     return flags + (["--no-tune-allocator"] if args.no_tune_allocator else [])
@@ -419,10 +420,12 @@ def common_flags(args: argparse.Namespace, workload_file: Path) -> list[str]:
 
 def run_json(cmd: list[str], threads: int, out: Path, what: str) -> dict[str, float]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    t0 = time.perf_counter()
     proc = subprocess.run(cmd + ["--out", str(out)], env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         print(proc.stderr[-4000:], file=sys.stderr)
         raise SystemExit(f"{what} failed")
+    print(f"  [{what}: {time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.1f}]", flush=True)
     return json.loads(out.read_text())
 
 
@@ -549,6 +552,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=3, help="timed windows; the median is reported")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rechub-steps", type=int,
+                        help="steps per timed window for torch-rechub (default --steps; its steps take seconds "
+                        "on full-size tables, where fewer steps per window time it as well)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat every run this many times, interleaved; medians are reported")
     parser.add_argument("--rechub-path", default=str(REPO / "artifacts" / "bench-site"),
