@@ -78,7 +78,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from ctnocvr_rec.data.batch import CtnocvrBatch
 
 # re-exported: these helpers used to live here (prepared.py keeps them free of torch)
-from ctnocvr_rec.data.prepared import read_manifest, resolve_schema, split_files  # noqa: F401
+from ctnocvr_rec.data.prepared import PreparedSet, read_manifest, resolve_schema, split_files  # noqa: F401
 from ctnocvr_rec.data.schema import FieldSchema, FieldSpec
 
 #: batches per decoded window when rows are not shuffled (fewer, larger numpy calls per batch)
@@ -295,10 +295,11 @@ class ParquetBatchDataset(IterableDataset):
     """Batches of one split of a prepared set, for one rank (see the module doc for the rules).
 
     Args:
-        prepared_dir: folder written by ``ctnocvr data prepare``.
+        prepared_dir: folder written by ``ctnocvr data prepare``, or an opened :class:`PreparedSet`.
         split: ``train`` | ``valid`` | ``test`` (a sub-folder of ``prepared_dir``).
         batch_size: rows per batch ``B``.
-        schema: field schema; default: the one in ``manifest.json``.
+        schema: field schema (a selection of the prepared set's fields); default: the one in
+            ``manifest.json``.
         rank, world_size: this process's rank and the number of ranks.
         shuffle: per-epoch shuffle of row-group order and of rows inside windows.
         seed: shuffle seed (combined with the epoch).
@@ -313,7 +314,7 @@ class ParquetBatchDataset(IterableDataset):
 
     def __init__(
         self,
-        prepared_dir: str | Path,
+        prepared_dir: str | Path | PreparedSet,
         split: str,
         batch_size: int,
         schema: FieldSchema | str | Path | None = None,
@@ -330,10 +331,12 @@ class ParquetBatchDataset(IterableDataset):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
-        self.prepared_dir = str(prepared_dir)
+        prepared = (prepared_dir.select(schema) if schema else prepared_dir) if isinstance(
+            prepared_dir, PreparedSet) else PreparedSet.open(prepared_dir, schema)
+        self.prepared_dir = str(prepared.root)
         self.split = split
         self.batch_size = batch_size
-        self.schema = resolve_schema(prepared_dir, schema)
+        self.schema = prepared.schema
         self.rank = rank
         self.world_size = world_size
         self.shuffle = shuffle
@@ -343,7 +346,7 @@ class ParquetBatchDataset(IterableDataset):
         self.shuffle_window_batches = shuffle_window_batches
         self.drop_remainder = drop_remainder
         self.prefetch_batches = max(1, prefetch_batches)
-        self.files = split_files(prepared_dir, split)
+        self.files = prepared.files(split)
         self.columns = [*ID_COLUMNS, *LABEL_COLUMNS, *feature_columns(self.schema)]
         self.units: list[_Unit] = []
         for i, path in enumerate(self.files):
@@ -644,7 +647,7 @@ class ResumableDataLoader:
 
 
 def make_dataloader(
-    prepared_dir: str | Path,
+    prepared_dir: str | Path | PreparedSet,
     split: str,
     batch_size: int,
     schema: FieldSchema | str | Path | None = None,

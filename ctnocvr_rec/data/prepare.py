@@ -61,7 +61,7 @@ from ctnocvr_rec.data.rawformat import (
     hash_key,
     parse_chunk,
 )
-from ctnocvr_rec.data.schema import FieldSchema, load_schema
+from ctnocvr_rec.data.schema import DEFAULT_SCHEMA, FieldSchema, load_schema
 from ctnocvr_rec.data.vocab import CountAccumulator, FieldVocab, merge_counts
 
 FORMAT = "ctnocvr-prepared/1"
@@ -81,7 +81,7 @@ class PrepareError(ValueError):
 class PrepareOptions:
     raw_dir: str
     out_dir: str
-    schema: str = "configs/fields/aliccp.yaml"
+    schema: str = DEFAULT_SCHEMA  # packaged field schema name, or a YAML path
     valid_fraction: float = 0.1
     split_by: str = "row"  # row | user
     seed: int = 0
@@ -970,7 +970,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "common_features_{train,test}.csv (test optional)",
     )
     parser.add_argument("--out", required=True, help="prepared data folder (written atomically)")
-    parser.add_argument("--schema", default=d.schema, help="field schema YAML (default %(default)s)")
+    parser.add_argument("--schema", default=d.schema, help="field schema: packaged name or YAML path (default %(default)s)")
     parser.add_argument(
         "--valid-fraction",
         type=float,

@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-DEFAULT_EXPERIMENT = "configs/experiments/synth_preset.yaml"
+DEFAULT_EXPERIMENT = "synth_preset"  # packaged: ctnocvr_rec/configs/experiments/synth_preset.yaml
 
 
 def _command_line() -> str:
@@ -19,7 +19,7 @@ def _command_line() -> str:
 
 
 def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=DEFAULT_EXPERIMENT, help="experiment YAML (default %(default)s)")
+    parser.add_argument("--config", default=DEFAULT_EXPERIMENT, help="experiment YAML file or packaged experiment name (default %(default)s)")
     parser.add_argument("--out", default="", help="output folder (default: the config's out_dir)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the config's)")
     parser.add_argument("--archs", nargs="+", help="esmm mmoe cgc ple (default: the config's)")
