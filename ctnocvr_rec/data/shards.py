@@ -26,9 +26,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ctnocvr_rec.data.schema import FieldSchema
@@ -118,3 +120,43 @@ def write_shard(
         # cost the loader ~40% of its read speed (docs in PrepareOptions.compression)
         use_dictionary=list(SCALAR_COLUMNS),
     )
+
+
+def write_split_tables(
+    root: str | Path,
+    schema: FieldSchema,
+    tables: Mapping[str, pa.Table],
+    num_embeddings: Mapping[str, int],
+    rows_per_file: int,
+    row_group_size: int = ROW_GROUP_ROWS,
+    compression: str = "lz4",
+) -> dict[str, Any]:
+    """A small hand-made prepared set: each split's :func:`shard_table` cut into ``part-*.parquet`` of
+    ``rows_per_file`` rows, plus a manifest with the schema, table sizes and per-split counts (the keys
+    the trainer, loader, planner and ``data stats`` read). Used by test fixtures and quick local runs;
+    ``ctnocvr data prepare`` writes its fuller manifest itself. Returns the manifest."""
+    from ctnocvr_rec.data.prepared import FORMAT, write_manifest
+
+    root = Path(root)
+    splits: dict[str, dict[str, Any]] = {}
+    for split, table in tables.items():
+        (root / split).mkdir(parents=True, exist_ok=True)
+        files = []
+        for part, start in enumerate(range(0, table.num_rows, rows_per_file)):
+            rel = f"{split}/part-{part:05d}.parquet"
+            write_shard(table.slice(start, rows_per_file), root / rel, compression, row_group_size)
+            files.append(rel)
+        splits[split] = {
+            "rows": table.num_rows,
+            "clicks": int(pc.sum(table.column("click")).as_py() or 0),
+            "conversions": int(pc.sum(table.column("conversion")).as_py() or 0),
+            "files": files,
+        }
+    manifest = {
+        "format": FORMAT,
+        "schema": schema.to_dict(),
+        "num_embeddings": {spec.name: int(num_embeddings[spec.name]) for spec in schema},
+        "splits": splits,
+    }
+    write_manifest(root, manifest)
+    return manifest
