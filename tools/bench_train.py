@@ -97,8 +97,11 @@ def our_config(root: Path, arch: str, size: str):
     root.mkdir(parents=True, exist_ok=True)
     import yaml
 
+    from ctnocvr_rec.data.prepared import FORMAT, write_manifest
+
     (root / "schema.yaml").write_text(yaml.safe_dump(schema_tree()))
-    (root / "manifest.json").write_text(json.dumps({"num_embeddings": {f"x{i}": VOCAB for i in range(FIELDS)}}))
+    write_manifest(root, {"format": FORMAT, "schema": schema_tree(),
+                          "num_embeddings": {f"x{i}": VOCAB for i in range(FIELDS)}})
     cfg = RunConfig()
     cfg.data.prepared_dir = str(root)
     cfg.data.schema = str(root / "schema.yaml")
