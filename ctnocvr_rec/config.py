@@ -71,6 +71,7 @@ NON_NEGATIVE = Range(0)
 POSITIVE = Range(0, low_open=True)
 FRACTION = Range(0, 1)  # probabilities, ratios
 FRACTION_BELOW_1 = Range(0, 1, high_open=True)  # dropout, reserved share of memory
+PROPENSITY_CLIP = Range(0, 1, low_open=True)  # floor of pCTR in inverse-propensity weights
 
 
 def ranged(default: Any, valid: Range) -> Any:
@@ -120,6 +121,51 @@ class DataConfig:
 
 
 @dataclass
+class Escm2IpsConfig:
+    """ESCM²-IPS (``model.method: escm2_ips``; ctnocvr_rec/modules/escm2_ips.py).
+
+    A field ``<term>_weight`` is the weight of loss term ``<term>``; the CTR weight is
+    ``model.loss_weight_ctr``. Defaults of the weights: the ESCM² reference configuration.
+    """
+
+    #: λ_c, the counterfactual (IPS) CVR risk over all exposures
+    cvr_ips_weight: float = ranged(0.5, NON_NEGATIVE)
+    #: λ_g, the global CTCVR risk
+    ctcvr_weight: float = ranged(0.5, NON_NEGATIVE)
+    #: floor of the propensity pCTR (inverse weight at most 1 / clip)
+    propensity_clip: float = ranged(0.05, PROPENSITY_CLIP)
+    #: stop the gradient through the inverse propensity (as the reference code)
+    detach_propensity: bool = True
+
+
+@dataclass
+class Escm2DrConfig:
+    """ESCM²-DR (``model.method: escm2_dr``; ctnocvr_rec/modules/escm2_dr.py). Fields as
+    :class:`Escm2IpsConfig`, the CVR risk being the doubly-robust one, plus the imputation loss."""
+
+    cvr_dr_weight: float = ranged(0.5, NON_NEGATIVE)
+    #: weight of the imputation tower's error-regression loss (ours: 1)
+    imputation_weight: float = ranged(1.0, NON_NEGATIVE)
+    ctcvr_weight: float = ranged(0.5, NON_NEGATIVE)
+    propensity_clip: float = ranged(0.05, PROPENSITY_CLIP)
+    detach_propensity: bool = True
+
+
+@dataclass
+class DcmtConfig:
+    """DCMT (``model.method: dcmt``; ctnocvr_rec/modules/dcmt.py). ``<term>_weight`` as above."""
+
+    #: the factual + counterfactual IPS CVR loss
+    cvr_dcmt_weight: float = ranged(1.0, NON_NEGATIVE)
+    #: λ of the counterfactual prior |1 − (pCVR + pCVR*)| (our default; tune per data set)
+    counterfactual_weight: float = ranged(0.1, NON_NEGATIVE)
+    #: optional ESMM global risk (0 = logged, not trained)
+    ctcvr_weight: float = ranged(0.0, NON_NEGATIVE)
+    propensity_clip: float = ranged(0.05, PROPENSITY_CLIP)
+    detach_propensity: bool = True
+
+
+@dataclass
 class ModelConfig:
     """Ranker architecture (paper Sec. 2.3 / 3.2). See ``ctnocvr_rec/models/rankers.py``.
 
@@ -127,8 +173,11 @@ class ModelConfig:
     value (λ_cvr = 0.5, Fig. 3a; ω = 0.01, Fig. 3b) it is the default; other defaults are ours.
     """
 
-    #: one of esmm | mmoe | cgc | ple
+    #: backbone, a name of ``BACKBONES`` in ctnocvr_rec/registry.py (esmm, mmoe, cgc, ple)
     arch: str = "mmoe"
+    #: CVR objective, a name of ``METHODS`` in ctnocvr_rec/registry.py; ``base`` is the backbone's own
+    #: objective. ``use_ctnocvr`` adds the CTnoCVR task to any of them
+    method: str = "base"
     #: False = the paper's "Base" model; True = "+CTnoCVR" (ESMM: derived pCTnoCVR term;
     #: MMoE/CGC/PLE: a third task with its own gate and tower, plus the score term)
     use_ctnocvr: bool = True
@@ -160,6 +209,10 @@ class ModelConfig:
     #: the paper's "score weight" ω (swept over 0.0001…0.03, best 0.01, Fig. 3b). Our reading: weight of
     #: BCE(c, pCTR·(1 − pCVR)) in MMoE/CGC/PLE +CTnoCVR (0 disables the term)
     score_weight: float = ranged(0.01, NON_NEGATIVE)
+    #: settings of the CVR objectives (used when ``method`` names them)
+    escm2_ips: Escm2IpsConfig = field(default_factory=Escm2IpsConfig)
+    escm2_dr: Escm2DrConfig = field(default_factory=Escm2DrConfig)
+    dcmt: DcmtConfig = field(default_factory=DcmtConfig)
 
 
 @dataclass

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ctnocvr_rec.data import prepare as prep
+from ctnocvr_rec.data.prepared import PreparedSet
 from ctnocvr_rec.data.rawformat import COMMON, SKELETON, FieldSlots, Reject, parse_chunk, parse_line
 from ctnocvr_rec.data.schema import load_schema
 
@@ -406,7 +407,7 @@ def test_shuffled_idempotent_and_independent_of_workers(tmp_path: Path, synth_ra
     ids_c = {s for name in ("train", "valid", "test") for s in read_split(c, name)}
     assert ids_a == ids_c
     # the manifest records source checksums
-    manifest = prep.json.loads((a / "manifest.json").read_text())
+    manifest = PreparedSet.open(a).manifest
     src = manifest["sources"]["sample_skeleton_train.csv"]
     assert src["sha256"] == hashlib.sha256((synth_raw / "sample_skeleton_train.csv").read_bytes()).hexdigest()
 

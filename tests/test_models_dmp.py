@@ -34,7 +34,8 @@ def _worker(rank: int, port: int, archs: list[str]) -> None:
 
 
 def _check_arch(rank: int, arch: str) -> None:
-    """One ranker: plan (table-, column-wise and data-parallel tables), DMP, pipeline, compare."""
+    """One ranker (``arch`` or ``arch/method``): plan (table-, column-wise and data-parallel tables), DMP,
+    pipeline, compare."""
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
@@ -59,7 +60,9 @@ def _check_arch(rank: int, arch: str) -> None:
 
     cpu = torch.device("cpu")
     schema = tiny_schema()
+    arch, _, method = arch.partition("/")
     cfg = tiny_model_config(arch, use_ctnocvr=True)
+    cfg.method = method or "base"
 
     torch.manual_seed(0)  # same reference weights on every rank
     reference = build_model(cfg, schema, TINY_SIZES, device=cpu)
@@ -132,5 +135,7 @@ def _check_arch(rank: int, arch: str) -> None:
 
 @pytest.mark.slow
 def test_two_rank_dmp_pipeline_matches_unsharded_loss():
-    # PLE (the deepest dense part, three tasks) and ESMM (towers on the embedding) in one spawn.
-    mp.spawn(_worker, args=(_free_port(), ["ple", "esmm"]), nprocs=WORLD_SIZE, join=True)
+    # PLE (the deepest dense part, three tasks) and ESMM (towers on the embedding) in one spawn, and two
+    # CVR methods with their own towers (the pipeline's fx trace sees their objective as a leaf module)
+    mp.spawn(_worker, args=(_free_port(), ["ple", "esmm", "mmoe/escm2_dr", "esmm/dcmt"]), nprocs=WORLD_SIZE,
+             join=True)

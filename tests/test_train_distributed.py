@@ -17,6 +17,7 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from ctnocvr_rec.train import checkpoint as ckpt
+from ctnocvr_rec.train.runlock import read_lock_record
 from ctnocvr_rec.train.testing import write_tiny_prepared
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +84,9 @@ def test_torchx_two_ranks_train_evaluate_checkpoint_and_load_on_one_rank(torchx_
     assert len(ranks["t_205"]) == 1 and len(ranks["t_101"]) == 1
     assert [c.step for c in ckpt.list_checkpoints(run_dir)] == [16, 20]
     assert sorted(p.name for p in (run_dir / "checkpoints" / "step-20").glob("rank-*.pt")) == ["rank-0.pt", "rank-1.pt"]
+    # both ranks' files are in the checksum manifest (each rank hashed its own) and verify
+    newest = ckpt.newest_intact_checkpoint(run_dir)
+    assert newest.step == 20 and {"rank-1.pt", "__1_0.distcp", "__0_0.distcp", ".metadata"} <= set(newest.meta["files"])
 
     # predictions of every row exactly once, and the AUCs equal sklearn's on them
     table = pq.read_table(run_dir / "predictions" / "test.parquet")
@@ -112,6 +116,8 @@ def test_sigkill_of_a_rank_restarts_and_resumes_to_the_same_metrics(prepared, to
                 "-o", "eval.save_predictions=false"], CTNOCVR_FAULT_AT_STEP="10")
     assert "SIGKILL" in proc.stderr or "Signals.SIGKILL" in proc.stderr or "exitcode: -9" in proc.stderr
     assert f"resumed from {killed / 'checkpoints' / 'step-8'} (step 8)" in proc.stderr
+    # the launcher held the run folder's lock across the restart; the workers borrowed it
+    assert read_lock_record(killed)["role"] == "launcher" and "took over the lock" not in proc.stderr
     a = json.loads((straight / "metrics.json").read_text())["metrics"]
     b = json.loads((killed / "metrics.json").read_text())["metrics"]
     for key in ("auc_ctr", "auc_cvr", "auc_ctcvr", "auc_ctnocvr", "gauc_ctr", "logloss_ctr", "logloss_cvr"):

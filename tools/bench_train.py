@@ -282,7 +282,7 @@ def dense_part_seconds(arch: str, size: str, args: argparse.Namespace) -> float:
     ctnocvr = click * (1 - conversion)
 
     def step() -> None:
-        loss, _ = model.head(*model.task_logits(x), click, conversion, ctnocvr)
+        loss, _ = model.head(model.task_logits(x), click, conversion, ctnocvr)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -1,4 +1,4 @@
-"""`ctnocvr experiment table3 | sweep` and `ctnocvr report ranking`.
+"""`ctnocvr experiment table3 | sweep | compare` and `ctnocvr report ranking`.
 
 Heavy imports (numpy, pyarrow, matplotlib, torch through the trainer) happen inside the handlers,
 so ``ctnocvr --help`` stays fast.
@@ -11,6 +11,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from ctnocvr_rec import registry  # names only, no torch
+
 DEFAULT_EXPERIMENT = "synth_preset"  # packaged: ctnocvr_rec/configs/experiments/synth_preset.yaml
 
 
@@ -22,7 +24,7 @@ def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=DEFAULT_EXPERIMENT, help="experiment YAML file or packaged experiment name (default %(default)s)")
     parser.add_argument("--out", default="", help="output folder (default: the config's out_dir)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the config's)")
-    parser.add_argument("--archs", nargs="+", help="esmm mmoe cgc ple (default: the config's)")
+    parser.add_argument("--archs", nargs="+", help=f"{' '.join(registry.ARCHS)} (default: the config's)")
     parser.add_argument("--nproc", type=int, default=1, help="processes per training run (default 1)")
     parser.add_argument("--report-only", action="store_true", help="train nothing; tabulate finished runs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -53,6 +55,27 @@ def _table3(args: argparse.Namespace) -> int:
                     command=_command_line())  # fmt: skip
     print(md.read_text(encoding="utf-8"))
     print(f"written: {md}, {md.with_suffix('.csv')}, {md.parent / 'table3_runs.csv'}", file=sys.stderr)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from ctnocvr_rec.experiments.compare import run_compare
+    from ctnocvr_rec.experiments.runs import run_data_setup
+
+    exp = _load(args)
+    if args.seeds:
+        exp.compare.seeds = args.seeds
+    if args.archs:
+        exp.compare.archs = args.archs
+    if args.methods:
+        exp.compare.methods = args.methods
+    if not args.report_only:
+        run_data_setup(exp)
+    md = run_compare(exp, nproc=args.nproc, gt_dir=args.ground_truth, report_only=args.report_only,
+                     command=_command_line())  # fmt: skip
+    print(md.read_text(encoding="utf-8"))
+    print(f"written: {md}, {md.with_suffix('.csv')}, {md.with_suffix('.png')}, {md.parent / 'compare_runs.csv'}",
+          file=sys.stderr)
     return 0
 
 
@@ -148,7 +171,7 @@ def _ranking(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     experiment = sub.add_parser(
-        "experiment", help="experiment: table3 | sweep (the paper's Table 3 and Fig. 3)"
+        "experiment", help="experiment: table3 | sweep | compare (Table 3, Fig. 3, CVR methods)"
     )
     exp_sub = experiment.add_subparsers(dest="experiment_command", required=True, metavar="EXPERIMENT")
 
@@ -162,6 +185,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--ground-truth", default="", help="folder of ground_truth_<split>.parquet (oracle AUCs)"
     )
     table3.set_defaults(func=_table3)
+
+    compare = exp_sub.add_parser(
+        "compare",
+        help="CVR methods x backbones x {without, with} CTnoCVR x seeds -> compare.md/.csv/.png",
+        description="Resumable: runs whose metrics.json exists are not redone. Methods and backbones: "
+                    "ctnocvr_rec/registry.py.",
+    )
+    _add_experiment_args(compare)
+    compare.add_argument("--methods", nargs="+", help=f"{' '.join(registry.METHOD_NAMES)} (default: the config's)")
+    compare.add_argument(
+        "--ground-truth", default="", help="folder of ground_truth_<split>.parquet (oracle AUCs)"
+    )
+    compare.set_defaults(func=_compare, config="synth_compare")
 
     sweep = exp_sub.add_parser(
         "sweep", help="one-at-a-time sweeps like Fig. 3 -> sweep.csv + sweep_<key>.png"

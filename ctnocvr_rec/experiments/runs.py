@@ -43,20 +43,24 @@ class RunSpec:
         return root / self.rel_dir
 
 
-def seeded_settings(arch: str, use_ctnocvr: bool, seed: int) -> dict[str, Any]:
+def seeded_settings(arch: str, use_ctnocvr: bool, seed: int, method: str | None = None) -> dict[str, Any]:
     """Settings shared by every experiment run.
 
     The seed drives both the initialisation (``train.seed``) and the data order
     (``data.shuffle_seed``), so Base and +CTnoCVR with the same seed form a proper pair.
-    Predictions are always saved: the oracle and the ranking report read them.
+    Predictions are always saved: the oracle and the ranking report read them. ``method`` sets
+    ``model.method`` (None: the base config's).
     """
-    return {
+    settings: dict[str, Any] = {
         "model.arch": arch,
         "model.use_ctnocvr": use_ctnocvr,
         "train.seed": seed,
         "data.shuffle_seed": seed,
         "eval.save_predictions": True,
     }
+    if method is not None:
+        settings["model.method"] = method
+    return settings
 
 
 def default_run_fn(cfg: RunConfig, nproc: int) -> dict:

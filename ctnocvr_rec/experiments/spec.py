@@ -14,6 +14,8 @@ by ``--config <name>``; every key optional except ``run``)::
     table3: {archs: [esmm, mmoe, cgc, ple], seeds: [0, 1, 2, 3, 4]}
     sweep: {archs: [mmoe, cgc], seeds: [0, 1, 2], grids: {model.loss_weight_cvr: [...], ...}}
     ranking: {arch: mmoe, seed: 0, score: pctcvr, alpha: 1.0, top_k: 3}
+    compare: {methods: [base, escm2_ips, escm2_dr, dcmt], archs: [esmm, mmoe], ctnocvr: [false, true],
+              seeds: [0, 1, 2]}
 
 Keys are checked strictly (a typo is an error naming the valid keys), and the ``run`` tree is
 validated as a :class:`~ctnocvr_rec.config.RunConfig`.
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctnocvr_rec import registry
 from ctnocvr_rec.config import (
     AT_LEAST_1,
     NON_NEGATIVE,
@@ -49,7 +52,7 @@ from ctnocvr_rec.yaml_strict import YamlError
 #: the paper's Sec. 3.2 grids
 PAPER_LOSS_WEIGHT_CVR_GRID = [0.2, 0.5, 0.8, 1.0, 2.0, 4.0, 5.0]
 PAPER_SCORE_WEIGHT_GRID = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.02, 0.03]
-ARCHS = ("esmm", "mmoe", "cgc", "ple")
+ARCHS = registry.ARCHS
 
 
 @dataclass
@@ -86,6 +89,20 @@ class RankingSpec:
 
 
 @dataclass
+class CompareSpec:
+    """`experiment compare`: every method x arch x {without, with} CTnoCVR x seed."""
+
+    methods: list[str] = field(default_factory=lambda: list(registry.METHOD_NAMES))
+    archs: list[str] = field(default_factory=lambda: ["esmm", "mmoe"])
+    #: the +CTnoCVR flag values to run for every method
+    ctnocvr: list[bool] = field(default_factory=lambda: [False, True])
+    seeds: list[int] = ranged(lambda: [0, 1, 2], NON_NEGATIVE)
+    #: ranking shift on synthetic data: candidates exposed per request, and the ranking score
+    top_k: int = ranged(3, AT_LEAST_1)
+    score: str = "pctcvr"
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     out_dir: str = ""
@@ -96,6 +113,7 @@ class ExperimentConfig:
     table3: Table3Spec = field(default_factory=Table3Spec)
     sweep: SweepSpec = field(default_factory=SweepSpec)
     ranking: RankingSpec = field(default_factory=RankingSpec)
+    compare: CompareSpec = field(default_factory=CompareSpec)
     #: where the YAML came from (for messages), not a YAML key
     source: str = field(default="", metadata={"internal": True})
 
@@ -140,10 +158,18 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
     for key, values in exp.sweep.grids.items():
         for value in values:
             build_run_config(exp, {key: value})
-    for arch in [*exp.table3.archs, *exp.sweep.archs, exp.ranking.arch]:
+    validate_names(exp)
+    return exp
+
+
+def validate_names(exp: ExperimentConfig) -> None:
+    """Every arch and method named by the grids is in the registry (an error names the valid ones)."""
+    for arch in [*exp.table3.archs, *exp.sweep.archs, exp.ranking.arch, *exp.compare.archs]:
         if arch not in ARCHS:
             raise ConfigError(f"{exp.source}: unknown arch {arch!r}; valid: {list(ARCHS)}")
-    return exp
+    for method in exp.compare.methods:
+        if method not in registry.METHOD_NAMES:
+            raise ConfigError(f"{exp.source}: unknown method {method!r}; valid: {list(registry.METHOD_NAMES)}")
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ctnocvr_rec import registry
 from ctnocvr_rec.experiments import oracle as oracle_mod
 from ctnocvr_rec.experiments.runs import (
     RunFn,
@@ -38,7 +39,7 @@ from ctnocvr_rec.experiments.stats import mean_std, paired_comparison
 VARIANTS = (("base", False, "Base"), ("ctnocvr", True, "+CTnoCVR"))
 TASK_METRICS = ("auc_cvr", "auc_ctr", "auc_ctcvr", "auc_ctnocvr")
 TASK_TITLES = {"auc_cvr": "CVR", "auc_ctr": "CTR", "auc_ctcvr": "CTCVR", "auc_ctnocvr": "CTnoCVR"}
-ARCH_TITLES = {"esmm": "ESMM", "mmoe": "MMoE", "cgc": "CGC", "ple": "PLE"}
+ARCH_TITLES = {name: spec.title for name, spec in registry.BACKBONES.items()}
 SIGNIFICANCE = 0.05
 
 

@@ -1,7 +1,7 @@
 """Rankers ESMM / MMoE / CGC / PLE and ``build_model`` (the model contract of docs/design.md)."""
 
+from ctnocvr_rec.models.build import build_model, build_objective
 from ctnocvr_rec.models.rankers import (
-    ARCHS,
     CGC,
     ESMM,
     PLE,
@@ -9,19 +9,21 @@ from ctnocvr_rec.models.rankers import (
     MMoE,
     MultiTaskRanker,
     RankerForInference,
-    build_model,
     export_for_inference,
 )
+from ctnocvr_rec.registry import ARCHS, METHOD_NAMES
 
 __all__ = [
     "ARCHS",
     "CGC",
     "ESMM",
+    "METHOD_NAMES",
     "MMoE",
     "PLE",
     "GatedRanker",
     "MultiTaskRanker",
     "RankerForInference",
     "build_model",
+    "build_objective",
     "export_for_inference",
 ]

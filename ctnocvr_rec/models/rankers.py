@@ -1,27 +1,32 @@
-"""The rankers of the paper's Table 3: ESMM, MMoE, CGC, PLE, each Base or +CTnoCVR by one flag.
+"""The backbones of the paper's Table 3: ESMM, MMoE, CGC, PLE, each trained by any CVR objective.
 
 Every ranker is ``sparse_arch`` (:class:`FieldEmbedding`, the unweighted and weighted EBCs) -> dense
-task logits ->
-:class:`CtnocvrHead`. ``forward(batch)`` returns ``(loss, outputs)`` as ``TrainPipelineSparseDist``
-expects (see ``docs/design.md``, "Model contract"); ``outputs`` are detached.
+task logits ``[B, T]`` (one tower per task of the objective) -> the objective (``head``, a
+:class:`~ctnocvr_rec.modules.cvr_objective.CvrObjective`). ``forward(batch)`` returns
+``(loss, outputs)`` as ``TrainPipelineSparseDist`` expects (see ``docs/design.md``, "Model
+contract"); ``outputs`` are detached. The towers are the objective's ``tasks``: CTR, CVR, the
+method's own (e.g. DCMT's counterfactual CVR tower) and, in tower mode, CTnoCVR.
 
 =========  ====================================  ==================================================
-model      Base (``use_ctnocvr=False``)           +CTnoCVR (``use_ctnocvr=True``)
+backbone   ``base`` objective                    ``use_ctnocvr`` (``ctnocvr_mode``)
 =========  ====================================  ==================================================
-ESMM       CTR + CTCVR losses (Ma et al. 2018);   adds λ_ctnocvr·BCE(c, pCTR·(1−pCVR)) (eq. 2)
-           towers read the shared embedding
-MMoE       CTR + clicked-only CVR; shared         third task: own tower, own gate, + ω score term
-           experts, a softmax gate per task
+ESMM       CTR + CTCVR losses (Ma et al. 2018);   "derived": adds λ_ctnocvr·BCE(c, pCTR·(1−pCVR))
+           towers read the shared embedding      (eq. 2)
+MMoE       CTR + clicked-only CVR; shared         "tower": third task with own tower and gate,
+           experts, a softmax gate per task      + ω score term
 CGC        as MMoE with task-specific + shared    as MMoE
            experts (eqs. 3-4)
 PLE        stacked CGC levels with shared gates   as MMoE
 =========  ====================================  ==================================================
+
+The backbones and methods are listed in ``ctnocvr_rec/registry.py``; ``build_model`` is in
+``models/build.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -29,40 +34,40 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ctnocvr_rec.config import ModelConfig
 from ctnocvr_rec.data.batch import CtnocvrBatch
-from ctnocvr_rec.data.schema import FieldSchema
-from ctnocvr_rec.modules.ctnocvr_head import CtnocvrHead
+from ctnocvr_rec.modules.cvr_objective import CvrObjective
 from ctnocvr_rec.modules.field_embedding import FieldEmbedding
 from ctnocvr_rec.modules.towers import MultiTaskOverArch, TaskTower
 
-ARCHS = ("esmm", "mmoe", "cgc", "ple")
-
 
 class MultiTaskRanker(nn.Module):
-    """Shared skeleton: embed, compute task logits (subclass), apply the head, pass labels/ids through.
+    """Shared skeleton: embed, compute task logits (subclass), apply the objective, pass labels/ids through.
 
     Call: ``batch`` (:class:`CtnocvrBatch`, B rows) -> ``(loss, outputs)``; ``outputs`` holds ``p_ctr,
     p_cvr, p_ctcvr, p_ctnocvr`` ``[B]``, ``loss`` and ``loss_<term>`` scalars and the batch's
     ``click, conversion, ctnocvr, sample_id, request_id, user_id`` ``[B]``, all detached.
     """
 
-    #: task names in tower order
-    tasks: tuple[str, ...]
+    #: term -> ModelConfig field: the weights of the ``base`` objective on this backbone
+    base_weights: ClassVar[dict[str, str]] = {}
+    #: how ``use_ctnocvr`` adds the CTnoCVR task: "derived" term or own "tower"
+    ctnocvr_mode: ClassVar[str] = "tower"
 
-    def __init__(self, sparse_arch: FieldEmbedding, head: CtnocvrHead) -> None:
+    def __init__(self, sparse_arch: FieldEmbedding, head: CvrObjective) -> None:
         super().__init__()
         self.sparse_arch = sparse_arch
         self.head = head
+        #: task names in tower order (= the objective's)
+        self.tasks: tuple[str, ...] = head.tasks
 
-    def task_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``x`` ``[B, D]`` -> (CTR logit, CVR logit, CTnoCVR logit or None), each ``[B]``."""
+    def task_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, D]`` -> logits ``[B, T]``, columns in ``self.tasks`` order."""
         raise NotImplementedError
 
     def forward(self, batch: CtnocvrBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # both KJTs straight from the batch: the pipeline's fx trace must see each sharded EBC fed by a
         # getattr on the batch to pipeline its input distribution
         x = self.sparse_arch(batch.sparse_features, batch.weighted_features)
-        ctr_logit, cvr_logit, ctnocvr_logit = self.task_logits(x)
-        loss, head_out = self.head(ctr_logit, cvr_logit, ctnocvr_logit, batch.click, batch.conversion, batch.ctnocvr)
+        loss, head_out = self.head(self.task_logits(x), batch.click, batch.conversion, batch.ctnocvr)
         # A new dict from known keys (no item assignment): under the pipeline's fx trace the head is
         # a leaf module and `head_out` a Proxy, which supports indexing but not mutation.
         outputs = {key: head_out[key] for key in self.head.output_keys}
@@ -79,70 +84,72 @@ class MultiTaskRanker(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Inference: ``features`` (unweighted KJT), ``weighted_features`` (weighted KJT, or None when the
         schema has no weighted field) -> ``p_ctr, p_cvr, p_ctcvr, p_ctnocvr`` ``[B]``."""
-        return self.head.predict(*self.task_logits(self.sparse_arch(features, weighted_features)))
+        return self.head.predict(self.task_logits(self.sparse_arch(features, weighted_features)))
+
+    @classmethod
+    def from_config(cls, sparse_arch: FieldEmbedding, head: CvrObjective, model_cfg: ModelConfig,
+                    device: torch.device | None = None) -> MultiTaskRanker:
+        """The backbone with ``model_cfg``'s sizes (each backbone reads its own fields)."""
+        raise NotImplementedError
 
 
 class ESMM(MultiTaskRanker):
-    """ESMM (Ma et al. 2018): CTR and CVR towers on the shared embedding; pCTCVR = pCTR·pCVR.
+    """ESMM (Ma et al. 2018): one tower per task on the shared embedding; pCTCVR = pCTR·pCVR.
 
     Base trains on CTR + CTCVR (entire space; CVR is an intermediate variable). +CTnoCVR adds the
     derived pCTnoCVR = pCTR·(1 − pCVR) term.
     """
 
+    base_weights = {"ctr": "loss_weight_ctr", "ctcvr": "loss_weight_ctcvr"}
+    ctnocvr_mode = "derived"
+
     def __init__(
         self,
         sparse_arch: FieldEmbedding,
-        use_ctnocvr: bool = True,
+        head: CvrObjective,
         tower_hidden: Sequence[int] = (300, 200, 80),
         dropout: float = 0.0,
-        loss_weight_ctr: float = 1.0,
-        loss_weight_ctcvr: float = 1.0,
-        loss_weight_ctnocvr: float = 1.0,
         device: torch.device | None = None,
     ) -> None:
-        weights = {"ctr": loss_weight_ctr, "ctcvr": loss_weight_ctcvr}
-        if use_ctnocvr:
-            weights["ctnocvr"] = loss_weight_ctnocvr
-        super().__init__(sparse_arch, CtnocvrHead("derived" if use_ctnocvr else "none", weights))
-        self.tasks = ("ctr", "cvr")
+        super().__init__(sparse_arch, head)
         width = sparse_arch.output_dim
         self.towers = nn.ModuleDict({t: TaskTower(width, tower_hidden, dropout, device) for t in self.tasks})
 
-    def task_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return self.towers["ctr"](x), self.towers["cvr"](x), None
+    def task_logits(self, x: torch.Tensor) -> torch.Tensor:
+        # [T, B] transposed to [B, T]: each task's column is then a contiguous row of the stack, so the
+        # towers' backward sees the same gradient layout (and float summation order) as separate towers
+        return torch.stack([self.towers[t](x) for t in self.tasks], dim=0).t()
+
+    @classmethod
+    def from_config(cls, sparse_arch: FieldEmbedding, head: CvrObjective, model_cfg: ModelConfig,
+                    device: torch.device | None = None) -> ESMM:
+        return cls(sparse_arch, head, list(model_cfg.tower_hidden), model_cfg.dropout, device)
 
 
 class GatedRanker(MultiTaskRanker):
     """Experts + one gate and tower per task (MMoE / CGC / PLE share this; only the experts differ).
 
     Base: tasks CTR, CVR (losses CTR + clicked-only CVR). +CTnoCVR: a third task with its own gate
-    and tower, its loss, and the ω score term (when ``score_weight > 0``).
+    and tower, its loss, and the ω score term (when ``score_weight > 0``). Methods with own towers
+    (ESCM²-DR's imputation, DCMT's counterfactual CVR) get their own gate and tower the same way.
     """
+
+    base_weights = {"ctr": "loss_weight_ctr", "cvr": "loss_weight_cvr"}
+    ctnocvr_mode = "tower"
 
     def __init__(
         self,
         sparse_arch: FieldEmbedding,
+        head: CvrObjective,
         num_task_experts: int,
         num_shared_experts: int,
         num_levels: int,
-        use_ctnocvr: bool = True,
         expert_hidden: Sequence[int] = (16,),
         tower_hidden: Sequence[int] = (300, 200, 80),
         dropout: float = 0.0,
-        loss_weight_ctr: float = 1.0,
-        loss_weight_cvr: float = 0.5,
-        loss_weight_ctnocvr: float = 1.0,
-        score_weight: float = 0.01,
         device: torch.device | None = None,
     ) -> None:
-        weights = {"ctr": loss_weight_ctr, "cvr": loss_weight_cvr}
-        if use_ctnocvr:
-            weights["ctnocvr"] = loss_weight_ctnocvr
-            if score_weight > 0:
-                weights["score"] = score_weight
-        super().__init__(sparse_arch, CtnocvrHead("tower" if use_ctnocvr else "none", weights))
-        self.tasks = ("ctr", "cvr", "ctnocvr") if use_ctnocvr else ("ctr", "cvr")
-        self.use_ctnocvr = use_ctnocvr
+        super().__init__(sparse_arch, head)
         self.over_arch = MultiTaskOverArch(
             sparse_arch.output_dim,
             num_tasks=len(self.tasks),
@@ -155,26 +162,40 @@ class GatedRanker(MultiTaskRanker):
             device=device,
         )
 
-    def task_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        logits = self.over_arch(x)  # [B, T]; column order = self.tasks
-        ctnocvr = logits[:, 2] if self.use_ctnocvr else None
-        return logits[:, 0], logits[:, 1], ctnocvr
+    def task_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.over_arch(x)  # [B, T]; column order = self.tasks
+
+    @staticmethod
+    def _common(model_cfg: ModelConfig, device: torch.device | None) -> dict[str, Any]:
+        return {"expert_hidden": list(model_cfg.expert_hidden), "tower_hidden": list(model_cfg.tower_hidden),
+                "dropout": model_cfg.dropout, "device": device}
 
 
 class MMoE(GatedRanker):
     """MMoE (Ma et al. 2018): ``num_experts`` shared experts, one softmax gate per task."""
 
-    def __init__(self, sparse_arch: FieldEmbedding, num_experts: int = 8, **kwargs: Any) -> None:
-        super().__init__(sparse_arch, num_task_experts=0, num_shared_experts=num_experts, num_levels=1, **kwargs)
+    def __init__(self, sparse_arch: FieldEmbedding, head: CvrObjective, num_experts: int = 8, **kwargs: Any) -> None:
+        super().__init__(sparse_arch, head, num_task_experts=0, num_shared_experts=num_experts, num_levels=1,
+                         **kwargs)
+
+    @classmethod
+    def from_config(cls, sparse_arch: FieldEmbedding, head: CvrObjective, model_cfg: ModelConfig,
+                    device: torch.device | None = None) -> MMoE:
+        return cls(sparse_arch, head, model_cfg.num_experts, **cls._common(model_cfg, device))
 
 
 class CGC(GatedRanker):
     """CGC (Tang et al. 2020; paper Fig. 1): ``m_k`` experts per task + ``m_s`` shared, eqs. 3-4."""
 
-    def __init__(
-        self, sparse_arch: FieldEmbedding, num_task_experts: int = 4, num_shared_experts: int = 4, **kwargs: Any
-    ) -> None:
-        super().__init__(sparse_arch, num_task_experts, num_shared_experts, num_levels=1, **kwargs)
+    def __init__(self, sparse_arch: FieldEmbedding, head: CvrObjective, num_task_experts: int = 4,
+                 num_shared_experts: int = 4, **kwargs: Any) -> None:
+        super().__init__(sparse_arch, head, num_task_experts, num_shared_experts, num_levels=1, **kwargs)
+
+    @classmethod
+    def from_config(cls, sparse_arch: FieldEmbedding, head: CvrObjective, model_cfg: ModelConfig,
+                    device: torch.device | None = None) -> CGC:
+        return cls(sparse_arch, head, model_cfg.num_task_experts, model_cfg.num_shared_experts,
+                   **cls._common(model_cfg, device))
 
 
 class PLE(GatedRanker):
@@ -183,12 +204,19 @@ class PLE(GatedRanker):
     def __init__(
         self,
         sparse_arch: FieldEmbedding,
+        head: CvrObjective,
         num_task_experts: int = 4,
         num_shared_experts: int = 4,
         num_levels: int = 2,
         **kwargs: Any,
     ) -> None:
-        super().__init__(sparse_arch, num_task_experts, num_shared_experts, num_levels=num_levels, **kwargs)
+        super().__init__(sparse_arch, head, num_task_experts, num_shared_experts, num_levels=num_levels, **kwargs)
+
+    @classmethod
+    def from_config(cls, sparse_arch: FieldEmbedding, head: CvrObjective, model_cfg: ModelConfig,
+                    device: torch.device | None = None) -> PLE:
+        return cls(sparse_arch, head, model_cfg.num_task_experts, model_cfg.num_shared_experts,
+                   model_cfg.num_levels, **cls._common(model_cfg, device))
 
 
 class RankerForInference(nn.Module):
@@ -237,49 +265,3 @@ def export_for_inference(
     return torch.export.export(
         wrapper, (example, weighted_example), dynamic_shapes=(plain_shapes, weighted_shapes), strict=False
     )
-
-
-def build_model(
-    model_cfg: ModelConfig,
-    schema: FieldSchema,
-    num_embeddings: Mapping[str, int],
-    device: torch.device | None = None,
-) -> MultiTaskRanker:
-    """Build the ranker ``model_cfg.arch`` (esmm | mmoe | cgc | ple) over ``schema``.
-
-    ``device`` defaults to ``meta``: the planner places the EBCs and ``DistributedModelParallel``
-    materialises everything (dense parameters are re-initialised by their ``reset_parameters``).
-    Pass ``torch.device("cpu")`` for an unsharded model.
-    """
-    device = torch.device("meta") if device is None else torch.device(device)
-    arch = model_cfg.arch.lower()
-    if arch not in ARCHS:
-        raise ValueError(f"model.arch must be one of {ARCHS}, got {model_cfg.arch!r}")
-    sparse_arch = FieldEmbedding(
-        schema,
-        num_embeddings,
-        embedding_dim=model_cfg.embedding_dim,
-        field_embedding_dims=model_cfg.field_embedding_dims,
-        device=device,
-    )
-    common = {
-        "use_ctnocvr": model_cfg.use_ctnocvr,
-        "tower_hidden": list(model_cfg.tower_hidden),
-        "dropout": model_cfg.dropout,
-        "loss_weight_ctr": model_cfg.loss_weight_ctr,
-        "loss_weight_ctnocvr": model_cfg.loss_weight_ctnocvr,
-        "device": device,
-    }
-    if arch == "esmm":
-        return ESMM(sparse_arch, loss_weight_ctcvr=model_cfg.loss_weight_ctcvr, **common)
-    gated = {
-        **common,
-        "expert_hidden": list(model_cfg.expert_hidden),
-        "loss_weight_cvr": model_cfg.loss_weight_cvr,
-        "score_weight": model_cfg.score_weight,
-    }
-    if arch == "mmoe":
-        return MMoE(sparse_arch, num_experts=model_cfg.num_experts, **gated)
-    if arch == "cgc":
-        return CGC(sparse_arch, model_cfg.num_task_experts, model_cfg.num_shared_experts, **gated)
-    return PLE(sparse_arch, model_cfg.num_task_experts, model_cfg.num_shared_experts, model_cfg.num_levels, **gated)

@@ -75,6 +75,25 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def task_probabilities(
+    ctr_logit: torch.Tensor, cvr_logit: torch.Tensor, ctnocvr_logit: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """``p_ctr, p_cvr, p_ctcvr, p_ctnocvr`` ``[B]`` (eqs. 1-2) from logits; ``p_ctnocvr`` is σ(own logit)
+    when ``ctnocvr_logit`` is given, else the derived pCTR·(1 − pCVR). Products are formed in log space."""
+    log_p_ctr = F.logsigmoid(ctr_logit)
+    p_ctcvr = torch.exp(log_p_ctr + F.logsigmoid(cvr_logit))
+    if ctnocvr_logit is not None:
+        p_ctnocvr = torch.sigmoid(ctnocvr_logit)
+    else:
+        p_ctnocvr = torch.exp(log_p_ctr + F.logsigmoid(-cvr_logit))
+    return {
+        "p_ctr": torch.sigmoid(ctr_logit),
+        "p_cvr": torch.sigmoid(cvr_logit),
+        "p_ctcvr": p_ctcvr,
+        "p_ctnocvr": p_ctnocvr,
+    }
+
+
 class CtnocvrHead(nn.Module):
     """Predictions and the eq. 6 loss from CTR / CVR / (CTnoCVR) logits. No parameters.
 
@@ -123,20 +142,9 @@ class CtnocvrHead(nn.Module):
         self, ctr_logit: torch.Tensor, cvr_logit: torch.Tensor, ctnocvr_logit: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """Probabilities ``p_ctr, p_cvr, p_ctcvr, p_ctnocvr`` (``[B]``, with grad)."""
-        log_p_ctr = F.logsigmoid(ctr_logit)
-        p_ctcvr = torch.exp(log_p_ctr + F.logsigmoid(cvr_logit))
-        if self.uses_ctnocvr_tower:
-            if ctnocvr_logit is None:
-                raise ValueError("CtnocvrHead(ctnocvr='tower') needs ctnocvr_logit")
-            p_ctnocvr = torch.sigmoid(ctnocvr_logit)
-        else:
-            p_ctnocvr = torch.exp(log_p_ctr + F.logsigmoid(-cvr_logit))
-        return {
-            "p_ctr": torch.sigmoid(ctr_logit),
-            "p_cvr": torch.sigmoid(cvr_logit),
-            "p_ctcvr": p_ctcvr,
-            "p_ctnocvr": p_ctnocvr,
-        }
+        if self.uses_ctnocvr_tower and ctnocvr_logit is None:
+            raise ValueError("CtnocvrHead(ctnocvr='tower') needs ctnocvr_logit")
+        return task_probabilities(ctr_logit, cvr_logit, ctnocvr_logit if self.uses_ctnocvr_tower else None)
 
     def loss_terms(
         self,

@@ -1,9 +1,10 @@
 """Python API: ``train_and_evaluate(cfg, nproc)`` and ``evaluate_checkpoint(...)``.
 
 ``nproc == 1`` trains in this process (a one-rank process group is created and destroyed around the
-run, unless the caller already runs under torchrun). ``nproc > 1`` writes the resolved config to the
-run folder and launches ``torch.distributed.run --standalone`` with ``nproc`` workers running
-``ctnocvr train``; the result is read back from ``metrics.json``.
+run, unless the caller already runs under torchrun). ``nproc > 1`` takes the run folder's writer lock
+(:mod:`ctnocvr_rec.train.runlock`), writes the resolved config to the run folder and launches
+``torch.distributed.run --standalone`` with ``nproc`` workers running ``ctnocvr train``, which borrow
+the lock; the result is read back from ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,30 @@ def worker_env(nproc: int) -> dict[str, str]:
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, nproc)))
     return env
+
+
+def launch_local_ranks(cfg: RunConfig, nproc: int, max_restarts: int = 0, resume: bool = False,
+                       plan_file: str | None = None, announce: bool = False) -> int:
+    """Run ``ctnocvr train`` on ``nproc`` local ranks through ``torch.distributed.run``; its exit code.
+
+    This process takes the run folder's writer lock *before* writing ``config.yaml`` (a second
+    training of the same folder is refused here, before anything is launched) and holds it across
+    torchrun's restarts; torchrun gets the lock's descriptor and the workers its token
+    (:mod:`ctnocvr_rec.train.runlock`). Raises :class:`~ctnocvr_rec.train.runlock.RunFolderBusyError`.
+    """
+    from ctnocvr_rec.train.runlock import acquire_run_lock
+
+    run_dir = Path(cfg.train.run_dir)
+    with acquire_run_lock(run_dir, role="launcher") as lock:
+        for note in lock.notes:
+            print(f"[train] {note}", file=sys.stderr, flush=True)
+        config_path = run_dir / "config.yaml"
+        save_config(cfg, config_path)
+        cmd = torchrun_command(config_path, nproc, max_restarts=max_restarts, resume=resume, plan_file=plan_file)
+        if announce:
+            print("[train] launching: " + " ".join(cmd), file=sys.stderr, flush=True)
+        env = lock.child_env(worker_env(nproc))
+        return subprocess.run(cmd, env=env, pass_fds=lock.pass_fds, check=False).returncode
 
 
 def run_in_process(cfg: RunConfig, resume: bool = False, plan_file: str | None = None) -> dict[str, Any] | None:
@@ -110,19 +135,15 @@ def train_and_evaluate(cfg: RunConfig, nproc: int = 1, resume: bool = False, pla
         if result is None:  # a non-zero rank of an outer torchrun job
             return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         return result
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.yaml"
-    save_config(cfg, config_path)
-    cmd = torchrun_command(config_path, nproc, max_restarts=max_restarts, resume=resume, plan_file=plan_file)
     started = time.time()
-    proc = subprocess.run(cmd, env=worker_env(nproc), check=False)
-    diverged = divergence.since(run_dir, started) if proc.returncode != 0 else None
+    returncode = launch_local_ranks(cfg, nproc, max_restarts=max_restarts, resume=resume, plan_file=plan_file)
+    diverged = divergence.since(run_dir, started) if returncode != 0 else None
     if diverged is not None:
         from ctnocvr_rec.train.loop import NonFiniteLossError
 
         raise NonFiniteLossError(diverged["message"], int(diverged.get("step", -1)))
-    if proc.returncode != 0:
-        raise RuntimeError(f"training with {nproc} ranks failed (exit {proc.returncode}): {' '.join(cmd)}")
+    if returncode != 0:
+        raise RuntimeError(f"training with {nproc} ranks failed (exit {returncode}); see the output above")
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file() or metrics_path.stat().st_mtime < started - 1:
         raise RuntimeError(f"{metrics_path} was not written by the run")
@@ -132,6 +153,10 @@ def train_and_evaluate(cfg: RunConfig, nproc: int = 1, resume: bool = False, pla
 def evaluate_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None, split: str = "test",
                         overrides: list[str] | None = None, save_predictions: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint of a run in one process, unsharded (whatever world size it was saved on).
+
+    The checkpoint is verified first: by default the newest intact one is used and every newer
+    damaged one is reported on stderr; a ``checkpoint`` named explicitly must be intact.
+    Raises :class:`~ctnocvr_rec.train.checkpoint.CheckpointDamagedError` (a ``ValueError``).
 
     Writes ``<run_dir>/eval_<split>.json`` (same layout as ``metrics.json``) and, if asked,
     ``<run_dir>/predictions/<split>.parquet``.
@@ -149,13 +174,14 @@ def evaluate_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = Non
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: --run-dir must be a folder written by `ctnocvr train`")
     cfg = load_config(config_path, overrides)
-    info = ckpt.read_checkpoint(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
+    # verified first: the newest intact one (each newer damaged one reported), or exactly the one named
+    info = ckpt.verified_checkpoint(checkpoint) if checkpoint else ckpt.newest_intact_checkpoint(run_dir)
     if info is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints has no published checkpoint")
     started = time.time()
     device = pick_device(cfg.train.device, 0)
     model = build_unsharded_model(cfg, device)
-    ckpt.load_model_weights(info.path, model)
+    ckpt.load_model_weights(info.path, model, verify=False)
     ctx = init_distributed(cfg.train.device)
     try:
         batches = open_eval_batches(cfg, ctx, split)

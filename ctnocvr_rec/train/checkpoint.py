@@ -4,12 +4,19 @@ Layout of one checkpoint (``<run_dir>/checkpoints/step-<N>/``)::
 
     .metadata, __*_*.distcp   DCP shards of {"model": model.state_dict(), "optim": optimizer.state_dict()}
     rank-<r>.pt               this rank's data position, RNG states, epoch (torch.save)
-    meta.json                 step, world size, sharding plan, time  -- written last
+    meta.json                 step, world size, sharding plan, time, sha256 + size of every other
+                              file and a checksum of itself  -- written last
 
-Every rank writes into ``.step-<N>.tmp`` first; after a barrier rank 0 writes ``meta.json`` and
-publishes the folder with one atomic ``os.rename``. A crash at any point before the rename leaves only
-a ``.tmp`` folder, which readers ignore and the next save removes, so the previous checkpoint stays
-the newest loadable one. After publishing, rank 0 keeps the newest ``keep`` checkpoints.
+Every rank writes into ``.step-<N>.tmp`` first and hashes its own files; after a barrier rank 0
+gathers the digests, writes ``meta.json`` and publishes the folder with one atomic ``os.rename``. A
+crash at any point before the rename leaves only a ``.tmp`` folder, which readers ignore and the next
+save removes, so the previous checkpoint stays the newest loadable one. After publishing, rank 0 keeps
+the newest ``keep`` checkpoints.
+
+Every load verifies first (:mod:`ctnocvr_rec.train.checkpoint_integrity`): resuming and evaluating
+take the newest checkpoint that verifies and report each newer one skipped and why; with none intact
+they raise :class:`CheckpointDamagedError` naming the damage. Checkpoints written before checksums
+were recorded load with a warning that they cannot be verified.
 
 A checkpoint written on N ranks loads into an unsharded model in one process
 (:func:`load_model_weights`): DCP reshards the table shards on load.
@@ -17,12 +24,17 @@ A checkpoint written on N ranks loads into an unsharded model in one process
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import pickle
 import random
 import re
 import shutil
+import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +42,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
-from ctnocvr_rec.train.distributed import DistContext, barrier, broadcast_from_main
+from ctnocvr_rec.train import checkpoint_integrity as integrity
+from ctnocvr_rec.train.checkpoint_integrity import (
+    META_FILE,
+    CheckpointDamagedError,
+    CheckpointLoadError,
+    CheckpointStatus,
+)
+from ctnocvr_rec.train.distributed import DistContext, barrier, broadcast_from_main, gather_to_main
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-META_FILE = "meta.json"
+
+
+def report_to_stderr(message: str) -> None:
+    """Default reporter of skipped / unverified checkpoints: one line on stderr."""
+    print(f"[checkpoint] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -68,12 +92,13 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> CheckpointInfo | None:
+    """The highest published step, *not verified* (to load one, use :func:`newest_intact_checkpoint`)."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
 
 def read_checkpoint(path: str | Path) -> CheckpointInfo:
-    """Info of one checkpoint folder given by path (``ctnocvr eval --checkpoint``)."""
+    """Info of one checkpoint folder given by path, without verifying its files."""
     path = Path(path)
     meta_path = path / META_FILE
     if not meta_path.is_file():
@@ -81,6 +106,35 @@ def read_checkpoint(path: str | Path) -> CheckpointInfo:
     match = _STEP_DIR.match(path.name)
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     return CheckpointInfo(int(match.group(1)) if match else int(meta.get("step", -1)), path, meta)
+
+
+def _info(status: CheckpointStatus) -> CheckpointInfo:
+    return CheckpointInfo(status.step, status.path, status.meta)
+
+
+def verified_checkpoint(path: str | Path, report: Callable[[str], None] = report_to_stderr) -> CheckpointInfo:
+    """One checkpoint folder given by path (``ctnocvr eval --checkpoint``), verified: no fallback, since
+    the user named this one; :class:`CheckpointDamagedError` if it is damaged."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint folder")
+    status = integrity.verify_checkpoint(path)
+    if not status.usable:
+        raise CheckpointDamagedError(f"checkpoint {path} is damaged: {status.reason()}")
+    if status.state == "unverified":
+        report(integrity.unverified_message(status))
+    return _info(status)
+
+
+def newest_intact_checkpoint(run_dir: str | Path, report: Callable[[str], None] = report_to_stderr
+                             ) -> CheckpointInfo | None:
+    """The newest checkpoint of a run that verifies; each newer damaged one is reported (skipped, why).
+
+    None when the run has no published checkpoint; :class:`CheckpointDamagedError` naming the damage
+    when it has some and none is intact.
+    """
+    status = integrity.newest_usable(checkpoints_root(run_dir), report)
+    return _info(status) if status is not None else None
 
 
 def rng_state() -> dict[str, Any]:
@@ -130,11 +184,25 @@ def save_checkpoint(
     barrier(ctx)
     state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
     dcp.save(state, checkpoint_id=str(tmp))
-    torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank-{ctx.rank}.pt")
+    with open(tmp / f"rank-{ctx.rank}.pt", "wb") as f:
+        torch.save({**rank_state, "rng": rng_state()}, f)
+        f.flush()
+        os.fsync(f.fileno())
     _fault_hook(step)
     barrier(ctx)
+    # each rank hashes the files it wrote (in parallel, from its page cache); rank 0 the rest
+    hash_started = time.perf_counter()
+    threads = max(1, min(8, (os.cpu_count() or 1) // max(1, ctx.local_world_size)))  # a share of the host's cores
+    own = integrity.hash_files(tmp, integrity.own_files(tmp, ctx.rank), threads)
+    gathered = gather_to_main(ctx, own)
     if ctx.is_main:
-        full_meta = {**meta, "step": step, "world_size": ctx.world_size, "saved_at": time.time()}
+        assert gathered is not None
+        manifest = integrity.complete_manifest(tmp, gathered)
+        full_meta = integrity.seal_meta(
+            {**meta, "step": step, "world_size": ctx.world_size, "saved_at": time.time(),
+             "hash_seconds": round(time.perf_counter() - hash_started, 4)},
+            manifest,
+        )
         with open(tmp / META_FILE, "w", encoding="utf-8") as f:
             json.dump(full_meta, f, indent=1)
             f.flush()
@@ -142,6 +210,7 @@ def save_checkpoint(
         if final.exists():  # the same step saved again (e.g. end of run right after a periodic save)
             shutil.rmtree(final)
         os.rename(tmp, final)
+        _fsync_dir(root)  # the rename itself survives a power cut
         for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old.path, ignore_errors=True)
     barrier(ctx)
@@ -166,27 +235,88 @@ def load_checkpoint(
             "same world size (load it on 1 rank for evaluation with `ctnocvr eval --checkpoint`)"
         )
     state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
-    dcp.load(state, checkpoint_id=str(info.path))
+    with _load_errors(info.path):
+        dcp.load(state, checkpoint_id=str(info.path))
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
     rank_file = info.path / f"rank-{ctx.rank}.pt"
-    rank_state = torch.load(rank_file, weights_only=False)
+    with _load_errors(rank_file):
+        rank_state = torch.load(rank_file, weights_only=False)
     set_rng_state(rank_state.pop("rng"))
     return rank_state
 
 
-def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
+def load_model_weights(path: str | Path, model: torch.nn.Module, verify: bool = True,
+                       report: Callable[[str], None] = report_to_stderr) -> None:
     """Load only the model weights of a checkpoint into an unsharded model in this process.
 
-    Works whatever the number of ranks and the plan the checkpoint was written with.
+    Works whatever the number of ranks and the plan the checkpoint was written with. ``verify``
+    checks the folder's checksums first (:class:`CheckpointDamagedError` if damaged); pass False only
+    for a folder just verified (or a bare DCP folder without ``meta.json``). A checkpoint that cannot
+    be read into ``model`` raises :class:`CheckpointLoadError` naming the cause.
     """
+    if verify:
+        verified_checkpoint(path, report)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(path))
+    with _load_errors(Path(path)):
+        dcp.load(state, checkpoint_id=str(path))
     model.load_state_dict(state["model"])
 
 
-def agree_on_checkpoint(ctx: DistContext, run_dir: str | Path) -> CheckpointInfo | None:
-    """Rank 0 picks the newest published checkpoint and tells every rank (they may see a stale listing)."""
-    chosen = latest_checkpoint(run_dir) if ctx.is_main else None
-    path = broadcast_from_main(ctx, str(chosen.path) if chosen else None)
-    return read_checkpoint(path) if path else None
+@contextlib.contextmanager
+def _load_errors(path: Path) -> Iterator[None]:
+    """Reading errors of DCP / torch.load (damage a manifest cannot see: an unverified checkpoint, a
+    file changed after verification, or another model layout) as one :class:`CheckpointLoadError` line."""
+    root_logger = logging.getLogger()  # DCP logs its metadata fallbacks there, with tracebacks
+    root_logger.addFilter(_quiet_dcp_metadata_fallback)
+    try:
+        yield
+    except CheckpointLoadError:
+        raise
+    except CheckpointException as e:  # a BaseException whose text is every failing rank's traceback
+        failures = list(e.failures.values())
+        cause = failures[0][0] if failures else e
+        raise CheckpointLoadError(f"{path}: cannot be loaded ({_one_line(cause)})") from e
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        raise CheckpointLoadError(f"{path}: cannot be loaded ({_one_line(e)})") from e
+    finally:
+        root_logger.removeFilter(_quiet_dcp_metadata_fallback)
+
+
+def _one_line(error: BaseException) -> str:
+    first = (str(error).strip().splitlines() or [""])[0][:400]
+    return f"{type(error).__name__}: {first}"
+
+
+def _quiet_dcp_metadata_fallback(record: logging.LogRecord) -> bool:
+    """Drop DCP's "... metadata is not found" warnings (with tracebacks): the load error says it once."""
+    return not (record.levelno <= logging.WARNING and "metadata is not found" in str(record.msg))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not sync directories
+    finally:
+        os.close(fd)
+
+
+def agree_on_checkpoint(ctx: DistContext, run_dir: str | Path,
+                        report: Callable[[str], None] = report_to_stderr) -> CheckpointInfo | None:
+    """Rank 0 picks the newest intact checkpoint (verifying, reporting those skipped) and tells every
+    rank (they may see a stale listing). Raises :class:`CheckpointDamagedError` on every rank when
+    checkpoints exist but none is intact."""
+    choice: tuple[str, int, dict[str, Any]] | None = None
+    error = None
+    if ctx.is_main:
+        try:
+            chosen = newest_intact_checkpoint(run_dir, report)
+            choice = (str(chosen.path), chosen.step, chosen.meta) if chosen else None
+        except CheckpointDamagedError as e:
+            error = str(e)
+    choice, error = broadcast_from_main(ctx, (choice, error))
+    if error:
+        raise CheckpointDamagedError(error)
+    return CheckpointInfo(choice[1], Path(choice[0]), choice[2]) if choice else None

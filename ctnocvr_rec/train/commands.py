@@ -2,18 +2,23 @@
 
 ``ctnocvr train -c cfg.yaml -o key=value ... [--resume] [--plan plan.json] [--nproc N]``: under
 torchrun/TorchX every rank runs this command and trains its share; from a shell, ``--nproc N > 1``
-relaunches itself through ``torch.distributed.run --standalone`` with N workers.
+relaunches itself through ``torch.distributed.run --standalone`` with N workers. A run folder has one
+writer (:mod:`ctnocvr_rec.train.runlock`): a training of a folder another live process writes exits
+with :data:`EXIT_RUN_FOLDER_BUSY` before writing anything.
 
 ``ctnocvr eval --run-dir RUN [--checkpoint DIR] [--split test] [--predictions]``: one process,
-unsharded model, any checkpoint of the run (the newest by default).
+unsharded model, any checkpoint of the run (by default the newest one whose checksums verify; each
+newer damaged one is reported).
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
+
+#: exit code of a training refused because another live process writes its run folder
+EXIT_RUN_FOLDER_BUSY = 4
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -62,20 +67,20 @@ def run_train(args: argparse.Namespace) -> int:
     if args.run_dir:
         overrides.append(f"train.run_dir={args.run_dir}")
     cfg = load_config(args.config, overrides)
+    from ctnocvr_rec.train.runlock import RunFolderBusyError
+
     if args.nproc > 1 and not launched_by_torchrun():
         from pathlib import Path
 
-        from ctnocvr_rec.config import save_config
-        from ctnocvr_rec.train.api import torchrun_command, worker_env
+        from ctnocvr_rec.train.api import launch_local_ranks
 
-        run_dir = Path(cfg.train.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        cmd = torchrun_command(run_dir / "config.yaml", args.nproc, args.max_restarts, args.resume, args.plan)
-        print("[train] launching: " + " ".join(cmd), file=sys.stderr, flush=True)
         started = time.time()
-        returncode = subprocess.run(cmd, env=worker_env(args.nproc), check=False).returncode
-        diverged = divergence.since(run_dir, started) if returncode != 0 else None
+        try:
+            returncode = launch_local_ranks(cfg, args.nproc, args.max_restarts, args.resume, args.plan, announce=True)
+        except RunFolderBusyError as e:
+            print(f"ctnocvr train: error: {e}", file=sys.stderr)
+            return EXIT_RUN_FOLDER_BUSY
+        diverged = divergence.since(Path(cfg.train.run_dir), started) if returncode != 0 else None
         if diverged is not None:  # torchrun says 1 for any failed worker; a divergence is 3
             print(f"ctnocvr train: error: {diverged['message']}", file=sys.stderr)
             return 3
@@ -89,6 +94,9 @@ def run_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"ctnocvr train: error: {e}", file=sys.stderr)
         return 3
+    except RunFolderBusyError as e:
+        print(f"ctnocvr train: error: {e}", file=sys.stderr)
+        return EXIT_RUN_FOLDER_BUSY
     if result is not None:
         print(f"[train] results: {cfg.train.run_dir}/metrics.json", file=sys.stderr)
     return 0

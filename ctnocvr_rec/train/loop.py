@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+from ctnocvr_rec import registry
 from ctnocvr_rec.config import RunConfig, save_config, to_dict
 from ctnocvr_rec.data.batch import CtnocvrBatch
 from ctnocvr_rec.train import checkpoint as ckpt
@@ -37,6 +39,7 @@ from ctnocvr_rec.train.evaluate import evaluate, synced_batches
 from ctnocvr_rec.train.logs import RunLogger
 from ctnocvr_rec.train.metrics import format_metrics_table
 from ctnocvr_rec.train.optim import LRSchedule, build_optimizer
+from ctnocvr_rec.train.runlock import TOKEN_ENV, RunFolderBusyError, RunLock, acquire_run_lock
 from ctnocvr_rec.train.setup import build_sharded_model, describe_plan
 
 
@@ -48,8 +51,8 @@ def unpipelined_sharded_modules(model: torch.nn.Module, pipeline: TrainPipelineS
     pipelined = {id(m) for m in pipeline._pipelined_modules}
     return [name for name, m in model.named_modules() if isinstance(m, ShardedModule) and id(m) not in pipelined]
 
-#: loss terms tracked in the logs (those the model reports)
-LOSS_TERMS = ("loss", "loss_ctr", "loss_cvr", "loss_ctnocvr", "loss_ctcvr", "loss_score")
+#: loss terms tracked in the logs (those the model reports; every method's, from the registry)
+LOSS_TERMS = ("loss", *(f"loss_{term}" for term in registry.loss_term_names()))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -162,6 +165,31 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any] | None:
+        """Take the run folder's writer lock (rank 0), train, evaluate, release."""
+        lock = self._take_run_lock()
+        try:
+            return self._run_locked()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _take_run_lock(self) -> RunLock | None:
+        """Rank 0 locks the run folder before anything is written to it (runlock.py says who holds it
+        under each launcher); every rank learns the outcome, so a refused job stops on all ranks."""
+        lock, error = None, None
+        if self.ctx.is_main:
+            try:
+                lock = acquire_run_lock(self.run_dir, inherited_token=os.environ.get(TOKEN_ENV))
+            except RunFolderBusyError as e:
+                error = str(e)
+        error = broadcast_from_main(self.ctx, error)
+        if error:
+            raise RunFolderBusyError(error)
+        for note in lock.notes if lock is not None else []:
+            print(f"[train] {note}", file=sys.stderr, flush=True)
+        return lock
+
+    def _run_locked(self) -> dict[str, Any] | None:
         cfg, ctx = self.cfg, self.ctx
         wall_start = time.time()
         seed_everything(cfg.train.seed)
@@ -172,7 +200,13 @@ class Trainer:
                 self._set_aside_old_checkpoints()
         barrier(ctx)
 
-        resume_from = ckpt.agree_on_checkpoint(ctx, self.run_dir) if self.resume else None
+        skipped: list[str] = []  # checkpoints passed over on resume (damaged / unverified): printed now, logged below
+
+        def report(message: str) -> None:
+            skipped.append(message)
+            ckpt.report_to_stderr(message)
+
+        resume_from = ckpt.agree_on_checkpoint(ctx, self.run_dir, report) if self.resume else None
         plan_source = self.plan_file
         if resume_from is not None and not plan_source:
             plan_source = resume_from.meta.get("plan")  # the plan the checkpoint was sharded with
@@ -197,6 +231,8 @@ class Trainer:
         logger = RunLogger(self.run_dir, ctx.is_main, total_steps, self.state.step, cfg.train.progress_bar)
         if resume_from is not None:
             logger.message(f"[train] resumed from {resume_from.path} (step {self.state.step})")
+        for message in skipped:
+            logger.record("checkpoint", self.state.step, {"message": message})
         logger.message(f"[train] {ctx.world_size} rank(s), {ctx.backend}, device {ctx.device}; plan:\n"
                        + describe_plan(sharded.plan))
         if cfg.train.bf16 and ctx.device_type != "cuda":
