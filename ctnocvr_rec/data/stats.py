@@ -184,7 +184,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prepared", required=True, help="folder written by `ctnocvr data prepare`")
     parser.add_argument("--split", nargs="+", default=["train"],
                         help="split(s) to describe; several also give their union as 'all' (default: train)")
-    parser.add_argument("--schema", default=None, help="field schema YAML (default: the manifest's)")
+    parser.add_argument("--schema", default=None,
+                        help="fields to describe: packaged schema name or YAML, a selection of the manifest's "
+                        "schema (default: the manifest's)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
