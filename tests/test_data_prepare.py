@@ -503,7 +503,10 @@ def test_empty_test_split_and_crlf_lines(tmp_path: Path, schema_path: Path) -> N
     (raw / "sample_skeleton_train.csv").write_bytes(crlf)
     (raw / "common_features_test.csv").write_bytes(b"")
     (raw / "sample_skeleton_test.csv").write_bytes(b"")
-    manifest = run_prepare(raw, out, schema_path)
+    with pytest.raises(prep.PrepareError, match=r"split test is empty: .*sample_skeleton_test\.csv has no rows"):
+        run_prepare(raw, out, schema_path)
+    assert not out.exists()
+    manifest = run_prepare(raw, out, schema_path, allow_empty_split=True)
     assert manifest["splits"]["test"] == {"rows": 0, "clicks": 0, "conversions": 0, "files": []}
     assert manifest["rejects"]["rows_in"] == 5 == manifest["rejects"]["rows_written"]
     assert sorted(read_split(out, "train")) == [1, 2, 3, 4, 5]

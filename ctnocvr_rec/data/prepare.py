@@ -7,7 +7,9 @@ Pipeline (per official split; train first because its vocabulary maps test):
 1. **Common features** (``common_features_<split>.csv``): parsed in parallel byte-range chunks
    (:func:`~ctnocvr_rec.data.rawformat.parse_chunk`) into the only in-memory table: per user field
    a CSR of raw ids (+ weights), rows in file order, looked up by two 64-bit hashes of the
-   ``common_feature_index``. Duplicate keys keep the first line; later ones are rejected.
+   ``common_feature_index`` and confirmed by the key's bytes (kept with the table): a key's identity is
+   its bytes. Duplicate keys keep the first line; later ones are rejected. A UTF-8 byte order mark
+   at the start of any file is skipped (:mod:`~ctnocvr_rec.data.rawfiles`).
 2. **Pass 1 over the skeleton** (parallel chunks): parse, join each row to its common row (unknown
    keys are rejected), assign the split (valid carved from train by a seeded hash of ``sample_id`` or
    of the user id) and a shuffle bucket (seeded hash of the line's byte offset), and write the rows
@@ -23,7 +25,8 @@ Pipeline (per official split; train first because its vocabulary maps test):
 Memory is bounded by the common table plus two buckets (``--rows-per-shard`` rows each). The
 output depends only on the input and the options (not on ``--workers`` or ``--chunk-mb``); it is
 written to a temporary folder and renamed into place, and a re-run with unchanged inputs and options
-is skipped (``--force`` rebuilds).
+is skipped (``--force`` rebuilds). A split given as input that ends up empty is an error unless
+``--allow-empty-split``; temporary folders left by a killed run are removed by the next one.
 """
 
 from __future__ import annotations
@@ -50,8 +53,16 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from ctnocvr_rec.data.prepared import FORMAT, PreparedSet, read_manifest, write_manifest
+from ctnocvr_rec.data.rawfiles import (
+    bom_length,
+    chunk_ranges,
+    read_range,
+    remove_stale_temporaries,
+    temporary_folder,
+)
 from ctnocvr_rec.data.rawformat import (
     COMMON,
+    PAD,
     SKELETON,
     Csr,
     FieldSlots,
@@ -59,7 +70,10 @@ from ctnocvr_rec.data.rawformat import (
     ParsedChunk,
     Reason,
     hash_key,
+    padded_words,
     parse_chunk,
+    tokens_equal,
+    word_view,
 )
 from ctnocvr_rec.data.schema import DEFAULT_SCHEMA, FieldSchema, load_schema
 from ctnocvr_rec.data.shards import FieldValues, shard_table, write_shard
@@ -89,6 +103,9 @@ class PrepareOptions:
     chunk_mb: float = 8.0
     rows_per_shard: int = 262_144
     strict: bool = False
+    #: accept a split that ends up with no rows (empty file or every row rejected); without it that
+    #: is an error naming the split and its top reject reasons
+    allow_empty_split: bool = False
     force: bool = False
     progress: bool = True
     #: Parquet codec of the shards. Measured on the demo train split (180k rows, ~87 ids per row,
@@ -148,9 +165,11 @@ class CommonTable:
     sorted_h2: np.ndarray  # uint64 [R] second hash of the same keys
     sorted_row: np.ndarray  # int64 [R] table row of each sorted key
     line: np.ndarray  # int64 [R] 1-based line of each table row
+    key_offsets: np.ndarray  # int64 [R + 1] key bytes of row r: key_padded[PAD + key_offsets[r] : ...[r + 1]]
+    key_padded: np.ndarray  # uint8, the keys' bytes back to back with PAD zero bytes on each side
     slots: list[Csr]  # per user field; raw ids until map_ids()
     user_id: np.ndarray  # int64 [R] first field-101 id or -1
-    rejected_keys: dict[int, tuple[int, str]]  # h1 -> (line, reason) of rejected common lines
+    rejected_keys: dict[tuple[int, int], tuple[int, str]]  # (h1, h2) -> (line, reason) of rejected lines
     rejects: list[tuple[str, int, str, str, str]]
     ignored: dict[str, int]
 
@@ -159,12 +178,21 @@ class CommonTable:
         return len(self.line)
 
     def lookup(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
-        """Table row of each key, -1 when unknown."""
+        """Table row of each key hash pair, -1 when unknown (confirm hits with :meth:`same_keys`)."""
         if self.n_rows == 0:
             return np.full(len(h1), -1, np.int64)
         pos = np.minimum(np.searchsorted(self.sorted_h1, h1), self.n_rows - 1)
         hit = (self.sorted_h1[pos] == h1) & (self.sorted_h2[pos] == h2)
         return np.where(hit, self.sorted_row[pos], -1)
+
+    def same_keys(
+        self, rows: np.ndarray, words: np.ndarray, start: np.ndarray, length: np.ndarray
+    ) -> np.ndarray:
+        """bool ``[n]``: table row ``rows[i]`` has exactly the key bytes ``words``-buffer
+        ``[start[i], start[i] + length[i])`` (the exact check behind every hash hit)."""
+        key_start = self.key_offsets[rows] + PAD
+        key_len = self.key_offsets[rows + 1] - self.key_offsets[rows]
+        return tokens_equal(word_view(self.key_padded), key_start, key_len, words, start, length)
 
 
 @dataclass
@@ -177,6 +205,7 @@ class _Context:
     common: CommonTable | None = None
     split_tag: str = ""  # official split being processed: train | test
     skeleton_path: str = ""
+    skeleton_bom: int = 0  # bytes of the skeleton file's UTF-8 byte order mark (0 or 3)
     buckets: int = 1
     vocabs: dict[str, FieldVocab] = field(default_factory=dict)
     request_base: int = 0
@@ -198,31 +227,15 @@ def _ctx() -> _Context:
 # ----------------------------------------------------------------------------------------------
 
 
-def chunk_ranges(path: str | Path, chunk_bytes: int) -> list[tuple[int, int]]:
-    """Byte ranges of about ``chunk_bytes`` that start at line starts and cover the file."""
-    size = os.path.getsize(path)
-    ranges = []
-    with open(path, "rb") as f:
-        start = 0
-        while start < size:
-            end = min(start + chunk_bytes, size)
-            if end < size:
-                f.seek(end)
-                tail = f.readline()  # move the boundary to just after the next newline
-                end += len(tail)
-            ranges.append((start, end))
-            start = end
-    return ranges
-
-
-def _read(path: str, start: int, end: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(start)
-        return f.read(end - start)
+def _chunk_bytes(opts: PrepareOptions) -> int:
+    return max(1, int(opts.chunk_mb * (1 << 20)))
 
 
 def _line_text(raw: bytes) -> str:
-    text = raw.decode("utf-8", "replace").translate({1: "\\x01", 2: "\\x02", 3: "\\x03", 0: "\\x00"})
+    # control bytes shown escaped: a rejects.csv row stays one physical line
+    text = raw.decode("utf-8", "replace").translate(
+        {0: "\\x00", 1: "\\x01", 2: "\\x02", 3: "\\x03", 10: "\\n", 13: "\\r"}
+    )
     return text[:RAW_LINE_LIMIT] + ("..." if len(text) > RAW_LINE_LIMIT else "")
 
 
@@ -240,48 +253,84 @@ def _key_of_line(raw: bytes, kind: FileKind) -> bytes | None:
 class _CommonPart:
     n_lines: int
     chunk: ParsedChunk
-    rejects: list[tuple[int, str, str, str, int | None]]  # local line, reason, detail, raw, key h1
+    rejects: list[tuple[int, str, str, str, tuple[int, int] | None]]  # local line, reason, detail, raw, key hashes
+    key_offsets: np.ndarray  # int64 [n + 1] into key_bytes, per accepted line
+    key_bytes: np.ndarray  # uint8, the accepted lines' keys back to back
+    line_offset: np.ndarray  # int64 [n] byte offset in the file of each accepted line
+
+
+def _gather_tokens(buffer: np.ndarray, start: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(offsets int64 [n + 1], bytes uint8)``: the tokens ``buffer[start:start + length]`` back to back."""
+    offsets = np.zeros(len(start) + 1, np.int64)
+    np.cumsum(length, out=offsets[1:])
+    index = np.arange(int(offsets[-1]), dtype=np.int64) + np.repeat(start - offsets[:-1], length)
+    return offsets, buffer[index]
 
 
 def _common_task(task: tuple[str, int, int]) -> _CommonPart:
-    """Parse common-features bytes ``[start, end)`` (rejects carry their key hash for later lookups)."""
+    """Parse common-features bytes ``[start, end)`` (rejects carry their key hashes for later lookups)."""
     path, start, end = task
-    data = _read(path, start, end)
+    data = read_range(path, start, end)
     chunk = parse_chunk(data, COMMON, _ctx().user_slots)
     rejects = []
     for r in chunk.rejects:
         raw = chunk.raw_line(data, r.line)
         key = _key_of_line(raw, COMMON)
-        rejects.append((r.line, r.reason, r.detail, _line_text(raw), hash_key(key)[0] if key else None))
+        rejects.append((r.line, r.reason, r.detail, _line_text(raw), hash_key(key) if key else None))
+    key_offsets, key_bytes = _gather_tokens(np.frombuffer(data, np.uint8), chunk.key_start, chunk.key_len)
+    line_offset = start + chunk.line_starts[chunk.line]
     chunk.line_starts = chunk.line_ends = np.zeros(0, np.int64)  # not needed by the parent
     chunk.rejects = []
-    return _CommonPart(chunk.n_lines, chunk, rejects)
+    return _CommonPart(chunk.n_lines, chunk, rejects, key_offsets, key_bytes, line_offset)
+
+
+def _raw_line_at(path: Path, offset: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.readline().rstrip(b"\n").rstrip(b"\r")
 
 
 def load_common(path: Path, ctx: _Context, pool: Any, progress: bool) -> CommonTable:
-    """Parse a common-features file into a :class:`CommonTable` (duplicates and bad lines rejected)."""
-    ranges = chunk_ranges(path, int(ctx.options.chunk_mb * (1 << 20)))
+    """Parse a common-features file into a :class:`CommonTable` (duplicates and bad lines rejected).
+
+    A key's identity is its bytes: rows are indexed by two 64-bit hashes of the key, and any two rows
+    whose hashes are equal have their key bytes compared. Equal bytes are a duplicate (the first line
+    wins, later ones are rejects); different bytes with equal hashes are a collision, which stops the
+    run (never observed; it would otherwise merge two keys).
+    """
+    ranges = chunk_ranges(path, _chunk_bytes(ctx.options))
     tasks = [(str(path), s, e) for s, e in ranges]
     parts: list[ParsedChunk] = []
     rejects: list[tuple[str, int, str, str, str]] = []
-    rejected_keys: dict[int, tuple[int, str]] = {}
+    rejected_keys: dict[tuple[int, int], tuple[int, str]] = {}
     ignored: Counter[str] = Counter()
     line_base = 0
     lines: list[np.ndarray] = []
+    key_offsets: list[np.ndarray] = []
+    key_bytes: list[np.ndarray] = []
+    line_offsets: list[np.ndarray] = []
+    key_base = 0
     with _bar(os.path.getsize(path), f"common   {path.name}", progress) as bar:
         for (start, end), part in zip(ranges, _imap(pool, _common_task, tasks)):
-            for line, reason, detail, raw, h1 in part.rejects:
+            for line, reason, detail, raw, hashes in part.rejects:
                 rejects.append((path.name, line_base + line + 1, reason, detail, raw))
-                if h1 is not None:
-                    rejected_keys.setdefault(h1, (line_base + line + 1, reason))
+                if hashes is not None:
+                    rejected_keys.setdefault(hashes, (line_base + line + 1, reason))
             if ctx.options.strict and part.rejects:
                 _raise_first(rejects, ctx.options.raw_dir)
             lines.append(part.chunk.line + line_base + 1)
             parts.append(part.chunk)
+            key_offsets.append(part.key_offsets[:-1] + key_base)
+            key_base += int(part.key_offsets[-1])
+            key_bytes.append(part.key_bytes)
+            line_offsets.append(part.line_offset)
             ignored.update(part.chunk.ignored)
             line_base += part.n_lines
             bar.update(end - start)
     line = np.concatenate(lines) if lines else np.zeros(0, np.int64)
+    line_offset = np.concatenate(line_offsets) if line_offsets else np.zeros(0, np.int64)
+    key_off = np.concatenate(key_offsets + [np.array([key_base], np.int64)])
+    key_padded = padded_words(np.concatenate(key_bytes) if key_bytes else np.zeros(0, np.uint8))[0]
     h1 = np.concatenate([p.key_h1 for p in parts]) if parts else np.zeros(0, np.uint64)
     h2 = np.concatenate([p.key_h2 for p in parts]) if parts else np.zeros(0, np.uint64)
     slots = []
@@ -294,31 +343,51 @@ def load_common(path: Path, ctx: _Context, pool: Any, progress: bool) -> CommonT
     order = np.argsort(h1, kind="stable")
     same = h1[order][1:] == h1[order][:-1]
     if same.any():
-        later = order[1:][same]
-        earlier = order[:-1][same]
-        if (h2[later] != h2[earlier]).any():
-            raise PrepareError(
-                f"{path}: 64-bit hash collision between two different common_feature_index values"
-            )
-        # the first occurrence of a run of equal keys is the earliest line (stable sort)
+        # the first occurrence of a run of equal h1 is the earliest line (stable sort)
         first_of_run = np.maximum.accumulate(np.where(np.r_[True, ~same], np.arange(len(order)), 0))
-        for dup_pos in np.flatnonzero(np.r_[False, same]):
-            dup, first = order[dup_pos], order[first_of_run[dup_pos]]
+        dup_pos = np.flatnonzero(np.r_[False, same])
+        dups, firsts = order[dup_pos], order[first_of_run[dup_pos]]
+        key_words = word_view(key_padded)
+        equal = (h2[dups] == h2[firsts]) & tokens_equal(
+            key_words,
+            key_off[dups] + PAD,
+            key_off[dups + 1] - key_off[dups],
+            key_words,
+            key_off[firsts] + PAD,
+            key_off[firsts + 1] - key_off[firsts],
+        )
+        if not equal.all():
+            i = int(np.flatnonzero(~equal)[0])
+
+            def key_text(r: int) -> str:
+                return repr(key_padded[PAD + key_off[r] : PAD + key_off[r + 1]].tobytes())
+
+            raise PrepareError(
+                f"{path}:{int(line[dups[i]])}: field common_feature_index: {key_text(dups[i])} has the "
+                f"same 64-bit hash as the different key {key_text(firsts[i])} of line {int(line[firsts[i]])}; "
+                "stopping rather than merging two keys (please report this input)"
+            )
+        for dup, first in zip(dups.tolist(), firsts.tolist()):
             rejects.append(
                 (
                     path.name,
                     int(line[dup]),
                     Reason.DUPLICATE_COMMON,
                     f"field common_feature_index: already defined at line {int(line[first])}",
-                    "",
+                    _line_text(_raw_line_at(path, int(line_offset[dup]))),
                 )
             )
         if ctx.options.strict:
             _raise_first(rejects, ctx.options.raw_dir)
         keep = np.ones(len(line), bool)
-        keep[later] = False
+        keep[dups] = False
         rows = np.flatnonzero(keep)
         line, h1, h2 = line[rows], h1[rows], h2[rows]
+        key_len = key_off[rows + 1] - key_off[rows]
+        new_off = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(key_len, out=new_off[1:])
+        kept_bytes = _gather_tokens(key_padded, key_off[rows] + PAD, key_len)[1]
+        key_off, key_padded = new_off, padded_words(kept_bytes)[0]
         slots = [s.take(rows) for s in slots]
         order = np.argsort(h1, kind="stable")
     user_id = np.full(len(line), -1, np.int64)
@@ -334,6 +403,8 @@ def load_common(path: Path, ctx: _Context, pool: Any, progress: bool) -> CommonT
         sorted_h2=h2[order],
         sorted_row=order.astype(np.int64),
         line=line,
+        key_offsets=key_off,
+        key_padded=key_padded,
         slots=slots,
         user_id=user_id,
         rejected_keys=rejected_keys,
@@ -385,18 +456,31 @@ def _pass1_task(task: tuple[int, int, int]) -> _Pass1Result:
     opts = ctx.options
     common = ctx.common
     assert common is not None
-    data = _read(ctx.skeleton_path, start, end)
+    data = read_range(ctx.skeleton_path, start, end)
     chunk = parse_chunk(data, SKELETON, ctx.skeleton_slots)
     rejects = [(r.line, r.reason, r.detail, _line_text(chunk.raw_line(data, r.line))) for r in chunk.rejects]
 
     crow = common.lookup(chunk.key_h1, chunk.key_h2)
+    hits = np.flatnonzero(crow >= 0)
+    words = padded_words(np.frombuffer(data, np.uint8))[1]
+    same = common.same_keys(crow[hits], words, chunk.key_start[hits] + PAD, chunk.key_len[hits])
+    if not same.all():
+        i = int(hits[np.flatnonzero(~same)[0]])
+        line = int(chunk.line[i])
+        file_line = read_range(ctx.skeleton_path, 0, start).count(b"\n") + line + 1  # rare path: count lines
+        raise PrepareError(
+            f"{ctx.skeleton_path}:{file_line}: field common_feature_index: "
+            f"{_key_of_line(chunk.raw_line(data, line), SKELETON)!r} has the same 64-bit hashes as the "
+            f"different key of {common.file}:{int(common.line[crow[i]])}; stopping rather than merging "
+            "two keys (please report this input)"
+        )
     unknown = np.flatnonzero(crow < 0)
     for i in unknown.tolist():
         line = int(chunk.line[i])
         raw = chunk.raw_line(data, line)
         key = _key_of_line(raw, SKELETON) or b""
         why = f"not in {common.file}"
-        seen = common.rejected_keys.get(int(chunk.key_h1[i]))
+        seen = common.rejected_keys.get((int(chunk.key_h1[i]), int(chunk.key_h2[i])))
         if seen is not None:
             why = f"its line {common.file}:{seen[0]} was rejected ({seen[1]})"
         detail = f"field common_feature_index: {key.decode('utf-8', 'replace')!r} {why}"
@@ -407,7 +491,8 @@ def _pass1_task(task: tuple[int, int, int]) -> _Pass1Result:
     crow = crow[keep]
     ints = chunk.ints[keep]
     sample_id, click, buy = ints[:, 0], ints[:, 1].astype(np.int8), ints[:, 2].astype(np.int8)
-    byte_offset = start + chunk.line_starts[chunk.line[keep]]
+    # counted after a byte order mark: the shuffle does not depend on whether the file has one
+    byte_offset = start - ctx.skeleton_bom + chunk.line_starts[chunk.line[keep]]
     slots = [s.take(keep) for s in chunk.slots] if len(unknown) else chunk.slots
 
     if ctx.split_tag == "train":
@@ -625,6 +710,7 @@ def _process_split(
     common_path = raw / COMMON_FILE.format(split=split_tag)
     ctx.split_tag = split_tag
     ctx.skeleton_path = str(skeleton_path)
+    ctx.skeleton_bom = bom_length(skeleton_path)
     clock = time.perf_counter()
 
     def lap(phase: str) -> None:
@@ -647,7 +733,7 @@ def _process_split(
     # pass 1
     ctx.buckets = max(MIN_BUCKETS, math.ceil(_estimate_rows(skeleton_path) / opts.rows_per_shard))
     (ctx.scratch / split_tag).mkdir(parents=True, exist_ok=True)
-    ranges = chunk_ranges(skeleton_path, int(opts.chunk_mb * (1 << 20)))
+    ranges = chunk_ranges(skeleton_path, _chunk_bytes(opts))
     tasks = [(i, s, e) for i, (s, e) in enumerate(ranges)]
     counters = [CountAccumulator() for _ in ctx.skeleton_slots.names]
     refs: list[tuple[np.ndarray, np.ndarray]] = []
@@ -756,7 +842,7 @@ def _process_split(
 
 def _write_rejects(path: Path, rejects: list[tuple[str, int, str, str, str]]) -> None:
     with open(path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["file", "line", "reason", "detail", "raw"])
         writer.writerows(rejects)
 
@@ -799,8 +885,9 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
             raise PrepareError(f"{out}: exists, is not empty and holds no manifest.json; not overwriting it")
 
     t0 = time.perf_counter()
+    remove_stale_temporaries(out)
     checksums = _Checksums(sources)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = temporary_folder(out, "tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "vocab").mkdir(parents=True)
@@ -823,6 +910,8 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
         for split_tag in splits:
             _process_split(split_tag, ctx, rejects, report)
         shutil.rmtree(ctx.scratch, ignore_errors=True)
+        if not opts.allow_empty_split:
+            _check_no_empty_split(opts, splits, report, rejects)
         for split_name in SPLIT_CODES:
             if not any((tmp / split_name).iterdir()):
                 (tmp / split_name).rmdir()
@@ -832,7 +921,7 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
         manifest = _manifest(opts, schema, ctx, report, rejects, checksums.get(), sources, fingerprint)
         write_manifest(tmp, manifest)
         # swap into place: the old folder (ours, it has a manifest) goes only once the new one is complete
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = temporary_folder(out, "old")
         if out.exists():
             out.rename(old)
         tmp.rename(out)
@@ -844,6 +933,36 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
     manifest["_wall_s"] = time.perf_counter() - t0  # not written: the file stays byte-identical
     manifest["_timings"] = dict(ctx.timings)
     return manifest
+
+
+def _check_no_empty_split(
+    opts: PrepareOptions,
+    official: list[str],
+    report: dict[str, Any],
+    rejects: list[tuple[str, int, str, str, str]],
+) -> None:
+    """Raise when an official split given as input (train; test when its files exist) ends up with no
+    rows: an empty skeleton file or every row rejected (``--allow-empty-split`` accepts it). The valid
+    split is carved at random from train and may legitimately be empty on a tiny train file.
+    """
+    problems = []
+    for name in official:
+        skeleton = report["files"][name]["skeleton"]
+        if skeleton["rows_written"]:
+            continue
+        reasons = Counter(r[2] for r in rejects if r[0] == skeleton["file"])
+        top = ", ".join(f"{reason} {count:,}" for reason, count in reasons.most_common(3))
+        path = Path(opts.raw_dir) / skeleton["file"]
+        if skeleton["rows_in"]:
+            text = f"split {name} is empty: all {skeleton['rows_in']:,} rows of {path} rejected (top reasons: {top})"
+        else:
+            text = f"split {name} is empty: {path} has no rows"
+        first = min((r for r in rejects if r[0] == skeleton["file"]), key=lambda r: r[1], default=None)
+        if first is not None:
+            text += f"; first: line {first[1]}: {first[2]} ({first[3]})"
+        problems.append(text)
+    if problems:
+        raise PrepareError("; ".join(problems) + ". Pass --allow-empty-split to write it anyway.")
 
 
 def _manifest(
@@ -963,6 +1082,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--strict", action="store_true", help="stop at the first bad line (FILE:LINE: reason)"
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
+    parser.add_argument(
+        "--allow-empty-split",
+        action="store_true",
+        help="write the output even if a split ends up with no rows (default: an error naming the "
+        "split and its top reject reasons)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -979,6 +1104,7 @@ def run(args: argparse.Namespace) -> int:
         rows_per_shard=args.rows_per_shard,
         strict=args.strict,
         force=args.force,
+        allow_empty_split=args.allow_empty_split,
         progress=not args.no_progress,
         compression=args.compression,
     )

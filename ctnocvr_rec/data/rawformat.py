@@ -213,7 +213,10 @@ class ParsedChunk:
         n_lines: number of lines in the chunk (accepted + rejected).
         line: int64 ``[n]`` 0-based line index inside the chunk.
         ints: int64 ``[n, len(kind.int_columns)]``.
-        key_h1, key_h2: uint64 ``[n]`` two independent 64-bit hashes of ``common_feature_index``.
+        key_h1, key_h2: uint64 ``[n]`` two independent 64-bit hashes of ``common_feature_index``
+            (functions of the key's bytes only).
+        key_start, key_len: int64 ``[n]`` byte offset (in the chunk) and length of each key, so that
+            callers can compare the bytes of keys whose hashes are equal.
         slots: one :class:`Csr` per field slot (raw ids, weights where weighted).
         rejects: the rejected lines with reasons.
         ignored: values of field names outside the slots, per name.
@@ -227,6 +230,8 @@ class ParsedChunk:
     ints: np.ndarray
     key_h1: np.ndarray
     key_h2: np.ndarray
+    key_start: np.ndarray
+    key_len: np.ndarray
     slots: list[Csr]
     rejects: list[Reject]
     ignored: dict[str, int]
@@ -259,6 +264,9 @@ _ONE_DOT_ZERO = np.uint64(int.from_bytes(b"\0\0\0\0\0" + b"1.0", "little"))
 def _word_view(padded: np.ndarray) -> np.ndarray:
     """``view[p]`` is the little-endian uint64 of ``padded[p:p+8]`` (unaligned, no copy)."""
     return np.ndarray(shape=(len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
+
+
+word_view = _word_view  # public name for callers that compare tokens (prepare's key checks)
 
 
 def _words_ending_at(words: np.ndarray, end: np.ndarray) -> np.ndarray:
@@ -353,20 +361,66 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
 def hash_tokens(words: np.ndarray, start: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Two independent 64-bit hashes of the byte tokens ``[start, start + length)``.
 
-    Processes 8-byte blocks; bytes past a token's end are masked out, and the length is mixed in, so
-    equal tokens get equal hashes wherever they sit. Two hashes let the caller tell a true duplicate
-    key (both equal) from a collision (only one equal, never observed in practice).
+    Processes 8-byte blocks. A token's hash is a function of its own bytes only: each token is mixed
+    with exactly its ``ceil(length / 8)`` blocks (bytes past its end masked out), then with its length,
+    whatever the other tokens of the batch are (a shorter token is *not* run through the blocks of a
+    longer neighbour). Two hashes let the caller tell a true duplicate (both equal) from a collision;
+    callers still compare the bytes of keys whose hashes are equal (:func:`tokens_equal`).
     """
     h1 = np.full(len(start), _FNV_OFFSET[0], np.uint64)
     h2 = np.full(len(start), _FNV_OFFSET[1], np.uint64)
     max_len = int(length.max()) if len(length) else 0
+    min_len = int(length.min()) if len(length) else 0
     for block in range(0, max_len, 8):
-        remaining = np.clip(length - block, 0, 8)
-        w = words[np.minimum(start + block, len(words) - 1)] & _KEEP_LOW[remaining]
-        h1 = _fmix64((h1 ^ w) * _MIX_MUL[0])
-        h2 = _fmix64((h2 + w) * _MIX_MUL[1])
+        if block + 8 <= min_len:  # every token covers this whole block: no mask, no selection
+            w = words[start + block]
+            h1 = _fmix64((h1 ^ w) * _MIX_MUL[0])
+            h2 = _fmix64((h2 + w) * _MIX_MUL[1])
+            continue
+        live = np.flatnonzero(length > block)  # only the tokens that reach into this block
+        w = words[start[live] + block] & _KEEP_LOW[np.minimum(length[live] - block, 8)]
+        h1[live] = _fmix64((h1[live] ^ w) * _MIX_MUL[0])
+        h2[live] = _fmix64((h2[live] + w) * _MIX_MUL[1])
     lengths = length.astype(np.uint64)
     return _fmix64(h1 ^ lengths), _fmix64(h2 ^ (lengths * _MIX_MUL[0]))
+
+
+def tokens_equal(
+    a_words: np.ndarray,
+    a_start: np.ndarray,
+    a_length: np.ndarray,
+    b_words: np.ndarray,
+    b_start: np.ndarray,
+    b_length: np.ndarray,
+) -> np.ndarray:
+    """bool ``[n]``: token ``i`` of buffer a has the same bytes as token ``i`` of buffer b.
+
+    ``*_words`` are :func:`_word_view` s of zero-padded buffers (8 bytes readable past every token).
+    Compares 8-byte blocks, vectorised; used to confirm that equal hashes mean equal keys.
+    """
+    equal = a_length == b_length
+    max_len = int(a_length.max()) if len(a_length) else 0
+    min_len = int(a_length.min()) if len(a_length) else 0
+    for block in range(0, max_len, 8):
+        if block + 8 <= min_len:  # every a token covers this whole block
+            # a b token may be shorter (its pair is already unequal): keep its read inside the buffer
+            b_at = np.minimum(b_start + block, len(b_words) - 1)
+            equal &= a_words[a_start + block] == b_words[b_at]
+            continue
+        live = np.flatnonzero(equal & (a_length > block))
+        mask = _KEEP_LOW[np.minimum(a_length[live] - block, 8)]
+        equal[live] = (a_words[a_start[live] + block] & mask) == (b_words[b_start[live] + block] & mask)
+    return equal
+
+
+def padded_words(buffer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(padded uint8, word view)`` of a uint8 buffer with :data:`PAD` zero bytes on each side.
+
+    A token at ``[s, s + L)`` of ``buffer`` is at ``[PAD + s, PAD + s + L)`` of the padded copy.
+    """
+    padded = np.zeros(len(buffer) + 2 * PAD, np.uint8)
+    padded[PAD : PAD + len(buffer)] = buffer
+    return padded, _word_view(padded)
 
 
 def hash_key(key: bytes) -> tuple[int, int]:
@@ -627,6 +681,8 @@ def parse_chunk(data: bytes, kind: FileKind, slots: FieldSlots) -> ParsedChunk:
         ints=ints[accepted],
         key_h1=h1,
         key_h2=h2,
+        key_start=key_start - PAD,
+        key_len=key_len[accepted],
         slots=csrs,
         rejects=[],
         ignored=ignored,
@@ -648,6 +704,8 @@ def _empty_chunk(kind: FileKind, slots: FieldSlots) -> ParsedChunk:
         np.zeros((0, len(kind.int_columns)), np.int64),
         none.astype(np.uint64),
         none.astype(np.uint64),
+        none,
+        none,
         [Csr.empty(0, w) for w in slots.weighted],
         [],
         {},
@@ -683,6 +741,9 @@ def _merge_rescued(chunk: ParsedChunk, rescued: list[tuple[int, ParsedLine]], sl
     chunk.ints = np.concatenate([chunk.ints, extra_ints])[order]
     chunk.key_h1 = np.concatenate([chunk.key_h1, extra_h[:, 0]])[order]
     chunk.key_h2 = np.concatenate([chunk.key_h2, extra_h[:, 1]])[order]
+    extra_key_start = np.array([chunk.line_starts[i] + r.key_offset for i, r in rescued], np.int64)
+    chunk.key_start = np.concatenate([chunk.key_start, extra_key_start])[order]
+    chunk.key_len = np.concatenate([chunk.key_len, [len(r.key) for _, r in rescued]]).astype(np.int64)[order]
     for k, weighted in enumerate(slots.weighted):
         extra = Csr(
             np.concatenate([[0], np.cumsum([len(r.ids[k]) for _, r in rescued])]).astype(np.int64),
@@ -705,6 +766,7 @@ class ParsedLine:
     ints: list[int]
     key: bytes
     key_hash: tuple[int, int]
+    key_offset: int  # byte offset of the key inside the line
     ids: list[list[int]]  # per slot
     weights: list[list[float]]  # per slot (1.0 for unweighted slots)
     ignored: dict[str, int] = field(default_factory=dict)
@@ -766,10 +828,10 @@ def parse_line(line: bytes, kind: FileKind, slots: FieldSlots) -> ParsedLine | R
             return Reject(0, Reason.MALFORMED_ITEM, f"field feature_list item {position}: {_shown(item)!r}")
         field_name = fname.decode("utf-8", "replace")
         if not _is_uint(fid):
-            return Reject(0, Reason.NON_NUMERIC, f"field {field_name} item {position}: id {_shown(fid)!r}")
+            return Reject(0, Reason.NON_NUMERIC, f"field {_shown(fname)} item {position}: id {_shown(fid)!r}")
         if not _FLOAT_RE.fullmatch(value) or not math.isfinite(float(value)):
             return Reject(
-                0, Reason.NON_NUMERIC, f"field {field_name} item {position}: value {_shown(value)!r}"
+                0, Reason.NON_NUMERIC, f"field {_shown(fname)} item {position}: value {_shown(value)!r}"
             )
         slot = lookup.get(fname)
         if slot is None:
@@ -792,4 +854,5 @@ def parse_line(line: bytes, kind: FileKind, slots: FieldSlots) -> ParsedLine | R
             return Reject(
                 0, Reason.INVALID_LABEL_PAIR, "field click/buy: click=0, buy=1 (conversion without click)"
             )
-    return ParsedLine(ints, key, hash_key(key), ids, weights, ignored)
+    key_offset = sum(len(c) + 1 for c in columns[: kind.col(kind.key_column)])
+    return ParsedLine(ints, key, hash_key(key), key_offset, ids, weights, ignored)
