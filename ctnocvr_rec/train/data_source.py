@@ -67,6 +67,11 @@ class TrainData:
     def state_dict(self) -> Any:
         return self.dataset.state_dict()
 
+    @property
+    def num_rows(self) -> int:
+        """Rows of the training split (the epoch's virtual stream, before the per-rank split)."""
+        return int(self.dataset.dataset.num_rows)
+
 
 def open_eval_batches(cfg: RunConfig, ctx: DistContext, split: str) -> Iterable[CtnocvrBatch] | None:
     """This rank's share of ``split`` (None when the prepared set has no such split)."""
