@@ -167,9 +167,13 @@ def check_resharded_resume(prepared, reference_run: Path, tmp_path: Path, step: 
     a = json.loads((reference_run / "metrics.json").read_text())
     b = json.loads((run_dir / "metrics.json").read_text())
     assert b["world_size"] == nproc and b["steps"] == step + steps_after
-    for key in ("auc_ctr", "auc_cvr", "auc_ctcvr", "auc_ctnocvr"):
+    print(f"\nelastic {old_world} -> {nproc}:", {k: (round(a["metrics"][k], 4), round(b["metrics"][k], 4))
+                                                for k in a["metrics"] if k.startswith(("auc", "gauc", "logloss"))})
+    assert a["metrics"]["auc_ctr"] > 0.6  # the planted click signal is learned: the comparison means something
+    # CVR (clicked rows only, ~1/4 of the test rows) stays near chance after one epoch of this tiny set, so
+    # its AUC is noise in both runs and is not compared; the learned tasks are
+    for key in ("auc_ctr", "auc_ctcvr", "auc_ctnocvr"):
         assert abs(a["metrics"][key] - b["metrics"][key]) < AUC_TOLERANCE, (key, a["metrics"][key], b["metrics"][key])
-    print("elastic", old_world, "->", nproc, {k: (a["metrics"][k], b["metrics"][k]) for k in ("auc_ctr", "auc_cvr")})
 
 
 def test_two_ranks_resume_on_one(prepared, two_rank_run, tmp_path):
