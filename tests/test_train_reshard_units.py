@@ -185,3 +185,24 @@ def test_rowwise_momentum_split_copies_the_group_mean_and_says_so():
     assert not exact and torch.equal(split, torch.cat([m, m]))
     with pytest.raises(ValueError, match="does not match 2 rows x 2 column shard"):
         remap_rowwise_momentum(torch.zeros(3), 2, ((0, 4), (4, 8)), ((0, 8),))
+
+
+def test_a_position_saved_after_the_last_batch_of_an_epoch_leaves_nothing_of_it(tmp_path):
+    """A checkpoint saved right after an epoch's last batch (before the loop moves to the next epoch)
+    must not make a resume train that epoch again."""
+    from ctnocvr_rec.config import load_config
+    from ctnocvr_rec.train.data_source import TrainData
+    from ctnocvr_rec.train.distributed import DistContext
+    from ctnocvr_rec.train.testing import write_tiny_prepared
+
+    root = write_tiny_prepared(tmp_path / "p", {"train": 500, "valid": 10, "test": 10}, rows_per_file=250)
+    cfg = load_config(None, [f"data.prepared_dir={root}", "data.batch_size=100", "train.device=cpu"])
+    ctx = DistContext(0, 1, 0, 1, torch.device("cpu"), "gloo", None, False)
+    data = TrainData(cfg, ctx)
+    batches = data.epoch_batches(0)
+    assert len(list(itertools.islice(batches, 5))) == 5
+    end = data.state_dict()
+    assert end["batches_yielded"] == 5
+    assert list(TrainData(cfg, ctx).epoch_batches(0, end)) == []
+    middle = {**end, "batches_yielded": 3}
+    assert len(list(TrainData(cfg, ctx).epoch_batches(0, middle))) == 2

@@ -62,6 +62,10 @@ class TrainData:
         self.dataset.set_epoch(epoch)
         if state is not None:
             self.dataset.load_state_dict(state)
+            if int(state["batches_yielded"]) >= len(self.dataset):
+                # saved right after the epoch's last batch: nothing is left of it (the loader itself
+                # would start the epoch over, which is right for evaluation passes, not here)
+                return iter(())
         return iter(self.dataset)
 
     def state_dict(self) -> Any:

@@ -230,6 +230,10 @@ def load_resharded_state(ctx: DistContext, info: CheckpointInfo, model: torch.nn
         if old is None:
             raise ReshardError(f"{info.path}: the saved plan has no table {name}; it belongs to another model")
         if (old.sharding_type, old.columns) != (new.sharding_type, new.columns):
+            if "grid_shard" in (old.sharding_type, new.sharding_type):
+                # its row-wise momentum repeats the rows per node group: eq. R1 is not written for it
+                raise ReshardError(f"{name}: moving a grid-sharded table ({old.describe()} -> {new.describe()}) is "
+                                   "not supported; keep it grid-sharded with the same split (--plan)")
             report.changed_tables.append(f"{name.rsplit('.', 1)[-1]}: {old.describe()} -> {new.describe()}")
 
     saved = FileSystemReader(str(info.path)).read_metadata().state_dict_metadata
