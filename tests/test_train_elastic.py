@@ -51,7 +51,7 @@ def write_config(path: Path, prepared: Path, run_dir: Path) -> Path:
                   "tower_hidden": [16]},
         "train": {"epochs": 1, "checkpoint_every_steps": 6, "keep_checkpoints": 20, "log_every_steps": 5,
                   "eval_every_steps": 0, "run_dir": str(run_dir), "device": "cpu", "progress_bar": False,
-                  "optim": {"dense_lr": 0.01}},
+                  "optim": {"dense_lr": 0.01, "decay": "cosine"}},
         "plan": {"constraints": CONSTRAINTS},
     }
     path.write_text(yaml.safe_dump(cfg))
@@ -90,6 +90,8 @@ def copy_until(run_dir: Path, step: int, dest: Path) -> Path:
     for info in ckpt.list_checkpoints(dest):
         if info.step > step:
             shutil.rmtree(info.path)
+    log = (dest / "log.jsonl").read_text().splitlines()
+    (dest / "log.jsonl").write_text("".join(line + "\n" for line in log if json.loads(line)["step"] <= step))
     assert ckpt.latest_checkpoint(dest).step == step
     return dest
 
@@ -194,10 +196,22 @@ def test_table_wise_to_column_wise_by_constraint_keeps_momentum(prepared, one_ra
     swapped = {**CONSTRAINTS, "t_205": CONSTRAINTS["t_101"], "t_101": CONSTRAINTS["t_205"]}
     step = 18
     changed = copy_until(one_rank_run, step, tmp_path / "changed")
-    proc = resume(prepared, changed, 1, "-o", f"plan.constraints={json.dumps(swapped)}", "-o", f"train.steps={step + 1}")
+    # to the end of the epoch, a checkpoint after every step (the one after step 19 is compared below)
+    proc = resume(prepared, changed, 1, "-o", f"plan.constraints={json.dumps(swapped)}",
+                  "-o", "train.checkpoint_every_steps=1", "-o", "train.keep_checkpoints=40")
     assert "planned afresh: the plan settings (plan.*) differ" in proc.stderr
     assert "t_205: table_wise -> column_wise (2 column shards: 0-4, 4-8)" in proc.stderr
     assert "t_101: column_wise (2 column shards: 0-4, 4-8) -> table_wise" in proc.stderr
+    # same ranks: the data position and the (cosine) schedule continue exactly as in the reference
+    assert json.loads((changed / "metrics.json").read_text())["steps"] == 40
+
+    def lr_factors(run_dir: Path) -> dict[int, float]:
+        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        return {e["step"]: e["lr_factor"] for e in log if e["kind"] == "train" and e["step"] > step}
+
+    assert lr_factors(changed) == lr_factors(one_rank_run) and sorted(lr_factors(changed)) == [20, 25, 30, 35, 40]
+    ids = trained_ids(one_rank_run.parent / "ids")
+    assert trained_ids(tmp_path / "ids") == ids[step * 100:]  # the same batches, in the same order
 
     saved = saved_tensors(one_rank_run / "checkpoints" / f"step-{step}")
     loaded = dumped(tmp_path / "dump")

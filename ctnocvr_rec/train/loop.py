@@ -204,7 +204,7 @@ class Trainer:
                 resharded = reshard.resume_resharded(cfg, ctx, resume_from, model, optimizer,
                                                      sharded.plan_json, data.num_rows)
                 self.state = TrainState(**resharded.train_state)
-                if cfg.train.steps <= 0:  # epochs-based: the steps left depend on the new split
+                if cfg.train.steps <= 0 and resharded.world_changed:  # epochs-based: steps left depend on the new split
                     left = steps_per_epoch if resharded.batches_left_in_epoch is None else resharded.batches_left_in_epoch
                     total_steps = self.state.step + left + max(0, cfg.train.epochs - self.state.epoch - 1) * steps_per_epoch
                     schedule.total_steps = total_steps

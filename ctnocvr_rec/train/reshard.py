@@ -308,6 +308,11 @@ class ResumedState:
     #: batches per rank left in the current epoch after the split (None: the epoch starts over / unchanged)
     batches_left_in_epoch: int | None = None
 
+    @property
+    def world_changed(self) -> bool:
+        """True when the data position was remapped (another world size), False for another plan only."""
+        return self.report.old_world != self.report.new_world
+
 
 def _check_data_record(info: CheckpointInfo, cfg: RunConfig, num_rows: int, world_size: int) -> dict[str, Any]:
     record = info.meta.get("elastic")
