@@ -260,20 +260,24 @@ def test_checkpoint_without_the_elastic_record(prepared, one_rank_run, two_rank_
     assert "resume it on 2 rank(s)" in proc.stderr
 
 
-def test_checkpoint_inspect_lists_steps_plan_state_and_positions(two_rank_run, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "ctnocvr_rec.cli", "checkpoint", "inspect", str(two_rank_run)]
-    text = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+def test_checkpoint_inspect_lists_steps_plan_state_and_positions(two_rank_run, tmp_path, capsys):
+    from ctnocvr_rec.cli import main
+
+    def inspect(*args: str) -> tuple[int, str, str]:
+        rc = main(["checkpoint", "inspect", *args])
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    rc, text, _ = inspect(str(two_rank_run))
     steps = [c.step for c in ckpt.list_checkpoints(two_rank_run)]
-    assert steps == [6, 12, 18, 20]
+    assert rc == 0 and steps == [6, 12, 18, 20]
     for step in steps:
         assert f"step-{step}: step {step}, epoch 0, 2 rank(s)" in text
     assert text.count("elastic record: yes (batch 100, 4000 training rows)") == 4
     assert "t_101          column_wise (2 col)       0,1       40x8" in text
     assert "fused:momentum1 [80] 320 B" in text and "fused:momentum1 [40] 160 B" in text
     assert "rank 1: epoch 0, 12 batch(es) of it trained" in text  # step 12: every rank trained 12
-    report = json.loads(subprocess.run(cmd + ["--json"], cwd=REPO, env=env, capture_output=True, text=True,
-                                       timeout=120, check=True).stdout)
+    report = json.loads(inspect(str(two_rank_run), "--json")[1])
     first = report[0]
     assert first["world_size"] == 2 and first["tables"]["t_205"]["sharding_type"] == "table_wise"
     assert first["tables"]["t_101"]["columns"] == [[0, 4], [4, 8]]
@@ -284,9 +288,6 @@ def test_checkpoint_inspect_lists_steps_plan_state_and_positions(two_rank_run, t
     meta = json.loads(meta_path.read_text())
     meta.pop("elastic")
     meta_path.write_text(json.dumps(meta))
-    text = subprocess.run(cmd[:-1] + [str(old)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-                          check=True).stdout
-    assert "elastic record: no (written before elastic resume): resumes on 2 rank(s) only" in text
-    missing = subprocess.run(cmd[:-1] + [str(tmp_path / "nothing")], cwd=REPO, env=env, capture_output=True,
-                             text=True, timeout=120)
-    assert missing.returncode == 2 and "no published checkpoint" in missing.stderr
+    assert "elastic record: no (written before elastic resume): resumes on 2 rank(s) only" in inspect(str(old))[1]
+    rc, _, err = inspect(str(tmp_path / "nothing"))
+    assert rc == 2 and "no published checkpoint" in err
