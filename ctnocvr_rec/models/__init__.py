@@ -8,9 +8,7 @@ from ctnocvr_rec.models.rankers import (
     GatedRanker,
     MMoE,
     MultiTaskRanker,
-    RankerForInference,
     build_model,
-    export_for_inference,
 )
 
 __all__ = [
@@ -21,7 +19,5 @@ __all__ = [
     "PLE",
     "GatedRanker",
     "MultiTaskRanker",
-    "RankerForInference",
     "build_model",
-    "export_for_inference",
 ]

@@ -191,54 +191,6 @@ class PLE(GatedRanker):
         super().__init__(sparse_arch, num_task_experts, num_shared_experts, num_levels=num_levels, **kwargs)
 
 
-class RankerForInference(nn.Module):
-    """Export wrapper: ``features`` (unweighted KJT), ``weighted_features`` (weighted KJT or None) ->
-    ``[B, 4]`` = (pCTR, pCVR, pCTCVR, pCTnoCVR).
-
-    A single tensor output keeps ``torch.export`` / TorchScript signatures simple.
-    """
-
-    columns = ("p_ctr", "p_cvr", "p_ctcvr", "p_ctnocvr")
-
-    def __init__(self, ranker: MultiTaskRanker) -> None:
-        super().__init__()
-        self.ranker = ranker
-
-    def forward(
-        self, features: KeyedJaggedTensor, weighted_features: KeyedJaggedTensor | None = None
-    ) -> torch.Tensor:
-        p = self.ranker.predict(features, weighted_features)
-        return torch.stack([p["p_ctr"], p["p_cvr"], p["p_ctcvr"], p["p_ctnocvr"]], dim=1)
-
-
-def export_for_inference(
-    ranker: MultiTaskRanker,
-    example: KeyedJaggedTensor,
-    weighted_example: KeyedJaggedTensor | None = None,
-) -> torch.export.ExportedProgram:
-    """``torch.export`` (non-strict) of :class:`RankerForInference` with a dynamic number of ids.
-
-    ``example`` / ``weighted_example`` are a batch's ``sparse_features`` / ``weighted_features``
-    (``None`` when the schema has no weighted field; the program then takes ``None`` there too).
-    A KJT flattens to ``(values, weights, lengths, offsets, ...)``: the unweighted one's ``values``
-    get the dynamic dim ``num_ids`` (its ``weights`` are None), the weighted one's ``values`` and
-    ``weights`` share ``num_weighted_ids``; the batch size stays that of ``example``. Call the result
-    with ``program.module()(kjt, weighted_kjt)``.
-    """
-    if example.weights_or_none() is not None:
-        raise ValueError("export_for_inference: `example` must be the unweighted KJT (batch.sparse_features)")
-    num_ids = torch.export.Dim("num_ids")
-    plain_shapes = [{0: num_ids}, None, None, None, None, None]
-    weighted_shapes = None
-    if weighted_example is not None:
-        num_weighted_ids = torch.export.Dim("num_weighted_ids")
-        weighted_shapes = [{0: num_weighted_ids}, {0: num_weighted_ids}, None, None, None, None]
-    wrapper = RankerForInference(ranker).eval()
-    return torch.export.export(
-        wrapper, (example, weighted_example), dynamic_shapes=(plain_shapes, weighted_shapes), strict=False
-    )
-
-
 def build_model(
     model_cfg: ModelConfig,
     schema: FieldSchema,
