@@ -15,7 +15,8 @@ Inputs of :meth:`Scorer.score`:
 
 * a dict ``{field: list of id lists}`` (one inner list per row, possibly empty), keyed by the
   Ali-CCP field name (``"205"``); fields whose values carry weights (``serving.json``
-  ``weights_from_input``) also need ``"<field>__w"`` with one weight per id;
+  ``weights_from_input``) also need ``"<field>__w"`` with one weight per id (unless no row has an
+  id of that field);
 * or KeyedJaggedTensors: ``score(features, weighted_features)`` with keys ``f_<field>``, as in a
   training batch (``batch.sparse_features, batch.weighted_features``); the keys may be split between
   the two in any way, but a field with input weights must come with weights.
@@ -190,6 +191,9 @@ class Scorer:
             weights = None
             if spec.weights_from_input:
                 key = f"{spec.field}__w"
+                if key not in features and len(ids) == 0:
+                    columns[spec.field] = (ids, lengths, np.zeros(0, np.float32))  # no ids, no weights needed
+                    continue
                 if key not in features:
                     raise ValueError(f"feature {spec.field!r} is weighted: pass its weights as {key!r} "
                                      "(one list per row, one weight per id)")
