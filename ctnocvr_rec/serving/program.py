@@ -28,6 +28,7 @@ Example::
 
 # no `from __future__ import annotations`: fx codegen of the traced forward needs real annotations
 import copy
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -148,6 +149,14 @@ def _dynamic_shapes(program: ServingProgram) -> tuple[dict[int, torch.export.Dim
     return (*plain, *weighted)
 
 
+class _DropKjtToDictNote(logging.Filter):
+    """torchrec logs a warning on every KJT ``to_dict`` under non-strict export; the cost is at
+    export time only (the traced program has no Python), so it says nothing to the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "non-strict torch.export KJT to_dict" not in record.getMessage()
+
+
 def export_float(ranker: MultiTaskRanker, inputs: ProgramInputs) -> torch.export.ExportedProgram:
     """``torch.export`` (non-strict) of :class:`ServingProgram` with dynamic batch size and id counts.
 
@@ -155,8 +164,13 @@ def export_float(ranker: MultiTaskRanker, inputs: ProgramInputs) -> torch.export
     specialises the dims). Call the result with ``program.module()(*inputs)``.
     """
     program = ServingProgram(ranker).eval()
-    with torch.no_grad():
-        return torch.export.export(program, tuple(inputs), dynamic_shapes=_dynamic_shapes(program), strict=False)
+    note = _DropKjtToDictNote()
+    logging.getLogger().addFilter(note)
+    try:
+        with torch.no_grad():
+            return torch.export.export(program, tuple(inputs), dynamic_shapes=_dynamic_shapes(program), strict=False)
+    finally:
+        logging.getLogger().removeFilter(note)
 
 
 def quantize_int8(ranker: MultiTaskRanker) -> torch.jit.ScriptModule:
