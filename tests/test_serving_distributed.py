@@ -54,8 +54,10 @@ def test_two_rank_checkpoint_exports_and_scores_like_the_sharded_model_and_a_one
                            "--nproc", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     plan = json.loads((run2 / "plan.json").read_text())
-    ranks = {t: p["ranks"] for t, p in plan["modules"]["sparse_arch.embedding_bag_collection"].items()}
-    assert len(ranks["t_205"]) == 1 and len(ranks["t_206"]) == 2  # real shards on different ranks
+    tables = plan["modules"]["sparse_arch.embedding_bag_collection"]
+    placed = {t: p["ranks"] for t, p in tables.items() if p["sharding_type"] != "data_parallel"}
+    # real shards: whole tables on one rank each, and both ranks hold some
+    assert len(placed["t_205"]) == 1 and {r for ranks in placed.values() for r in ranks} == {0, 1}
 
     # the same weights as a 1-rank checkpoint (DCP in one process, no process group)
     torch.set_num_threads(1)
