@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -22,8 +23,9 @@ from ctnocvr_rec.data import prepare as prep
 from ctnocvr_rec.data import synth
 from ctnocvr_rec.data.dataset import ParquetBatchDataset
 from ctnocvr_rec.serving import Scorer
+from ctnocvr_rec.serving.contract import ServingContract
 from ctnocvr_rec.serving.export import export_run, load_run_model
-from ctnocvr_rec.serving.predict import PredictionWriter, predict
+from ctnocvr_rec.serving.predict import PredictionWriter, check_prepared_matches, predict
 from ctnocvr_rec.serving.program import ServingProgram, kjt_to_inputs
 from ctnocvr_rec.serving.rawinput import RawReport, iter_raw_batches
 from ctnocvr_rec.train.api import run_in_process
@@ -113,6 +115,18 @@ def test_predict_reproduces_the_trainers_predictions(served, scorers, fp32_prepa
             assert diff <= tolerance, (precision, name, diff)
         if precision == "int8":
             assert diff > 0  # really the quantised tables
+
+
+def test_a_prepared_set_with_another_vocabulary_is_refused(served, tmp_path):
+    contract = ServingContract.load(served["model"])
+    assert "23 vocabularies equal" in check_prepared_matches(contract, served["prepared"])
+    other = tmp_path / "prepared"
+    shutil.copytree(served["prepared"], other)
+    vocab = pq.read_table(other / "vocab" / "205.parquet").to_pydict()
+    vocab["mapped_id"][0], vocab["mapped_id"][1] = vocab["mapped_id"][1], vocab["mapped_id"][0]
+    pq.write_table(pa.table(vocab), other / "vocab" / "205.parquet")
+    with pytest.raises(ValueError, match=r"vocab/205.parquet: differs from the model's vocab/205.parquet"):
+        check_prepared_matches(contract, other)
 
 
 def test_scorer_equals_the_trained_ranker_on_batches_of_1_and_333(served, scorers):
