@@ -281,3 +281,18 @@ def test_prediction_writer_streams_row_groups(tmp_path):
     writer.close()
     meta = pq.ParquetFile(tmp_path / "o.parquet").metadata
     assert meta.num_rows == 350 and meta.num_row_groups == 4  # 100, 100, 100, 50: written as it went
+
+
+def test_cli_predict_prints_rows_per_second(served, tmp_path, capsys):
+    from ctnocvr_rec.cli import main
+
+    out = tmp_path / "cli.parquet"
+    assert main(["predict", "--model", str(served["model"]), "--precision", "int8", "--raw-dir", str(served["raw"]),
+                 "--out", str(out), "--no-progress", "--batch-size", "100"]) == 0
+    printed = capsys.readouterr().out
+    assert f"scored 600 rows of {served['raw']} split test (raw files) with int8" in printed
+    assert re.search(r"[\d,]+ rows/s", printed) and "raw rows_in 600 = scored 600 + rejected 0" in printed
+    assert pq.ParquetFile(out).metadata.num_rows == 600
+    assert main(["predict", "--model", str(served["model"]), "--out", str(out), "--precision", "aot",
+                 "--prepared", str(served["prepared"])]) == 2
+    assert "no aot program" in capsys.readouterr().err
