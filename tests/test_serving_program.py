@@ -77,3 +77,21 @@ def test_int8_program_is_close_and_leaves_the_ranker_float():
     with torch.no_grad():
         diff = (scripted(*inputs) - ServingProgram(model)(*inputs)).abs().max().item()
     assert 0 < diff < 1e-3  # quantised (not the float tables) and close
+
+
+@pytest.mark.slow
+def test_aot_package_of_the_float_program_matches(tmp_path):
+    """AOTInductor compiles C++ for this CPU: slow (about a minute for this tiny model on 2 cores)."""
+    from ctnocvr_rec.serving.program import compile_aot
+
+    model = tiny_ranker("mmoe")
+    exported = export_float(model, example_inputs(model, batch_size=8))
+    seconds = compile_aot(exported, tmp_path / "model_aot.pt2")
+    package = torch._inductor.aoti_load_package(str(tmp_path / "model_aot.pt2"))
+    program = ServingProgram(model).eval()
+    for batch_size, seed in ((1, 1), (300, 3)):
+        batch = SyntheticStream(tiny_schema(), TINY_SIZES, batch_size=batch_size, seed=seed).next_batch()
+        inputs = kjt_to_inputs(batch.sparse_features, batch.weighted_features, batch_size)
+        with torch.no_grad():
+            assert (package(*inputs) - program(*inputs)).abs().max().item() <= 1e-5
+    assert seconds > 0
