@@ -18,6 +18,7 @@ AREAS = [
     ("ctnocvr_rec.train.commands", "train / eval"),
     ("ctnocvr_rec.train.checkpoint_commands", "checkpoint: verify | inspect"),
     ("ctnocvr_rec.plan.commands", "plan: embedding sharding plans"),
+    ("ctnocvr_rec.serving.commands", "export / predict: serving artifacts and batch scoring"),
     ("ctnocvr_rec.experiments.commands", "experiment / report: the paper's tables and figures"),
 ]
 
