@@ -67,10 +67,19 @@ class TrainData:
         self.dataset.set_epoch(epoch)
         if state is not None:
             self.dataset.load_state_dict(state)
+            if int(state["batches_yielded"]) >= len(self.dataset):
+                # saved right after the epoch's last batch: nothing is left of it (the loader itself
+                # would start the epoch over, which is right for evaluation passes, not here)
+                return iter(())
         return iter(self.dataset)
 
     def state_dict(self) -> Any:
         return self.dataset.state_dict()
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the training split (the epoch's virtual stream, before the per-rank split)."""
+        return int(self.dataset.dataset.num_rows)
 
 
 def open_eval_batches(cfg: RunConfig, ctx: DistContext, split: str) -> Iterable[CtnocvrBatch] | None:

@@ -1,14 +1,25 @@
-"""A tiny prepared set with learnable labels, for the trainer's tests and quick local runs.
+"""Test helpers of the trainer: a tiny prepared set and two debug hooks.
 
-Written by the package's shard writer (``data/shards.py``; no raw files, no ``prepare``): the
-23 Ali-CCP schema fields with small vocabularies; ``click`` depends on the ids of fields 205 (item)
-and 101 (user), ``conversion`` (given a click) on field 206, so a ranker's AUCs rise above 0.5
-within a few dozen steps.
+Written by the package's shard writer (``data/shards.py``; no raw files, no ``prepare``):
+:func:`write_tiny_prepared` writes the 23 Ali-CCP schema fields with small vocabularies; ``click``
+depends on the ids of fields 205 (item) and 101 (user), ``conversion`` (given a click) on field 206,
+so a ranker's AUCs rise above 0.5 within a few dozen steps.
+
+Hooks (off unless their environment variable is set; the trainer calls them):
+
+* ``CTNOCVR_LOG_SAMPLE_IDS=<dir>``: every rank appends one JSON line per trained batch to
+  ``<dir>/rank-<r>.jsonl``: ``{"epoch", "step", "ids": [sample ids]}`` (which rows a run trained).
+* ``CTNOCVR_DUMP_AFTER_LOAD=<dir>``: right after a resume has loaded a checkpoint, every rank writes
+  ``<dir>/rank-<r>.pt``: ``{"model": {key: [(offsets, tensor)]}, "optim": {key: [(offsets, tensor)]}}``
+  with its local shards of every embedding table's weight and fused optimiser state.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -64,3 +75,38 @@ def write_tiny_prepared(root: str | Path, splits: dict[str, int] | None = None, 
     write_split_tables(root, schema, tables, {spec.name: VOCAB for spec in schema}, rows_per_file,
                        row_group_size=250)
     return root
+
+
+def sample_id_log_dir() -> Path | None:
+    """The ``CTNOCVR_LOG_SAMPLE_IDS`` folder, or None when the hook is off."""
+    value = os.environ.get("CTNOCVR_LOG_SAMPLE_IDS")
+    return Path(value) if value else None
+
+
+def log_trained_sample_ids(log_dir: Path, rank: int, epoch: int, step: int, ids: list[int]) -> None:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / f"rank-{rank}.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"epoch": epoch, "step": step, "ids": ids}) + "\n")
+
+
+def _local_pieces(value: Any) -> list[tuple[list[int], Any]]:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if isinstance(value, ShardedTensor):
+        return [(list(s.metadata.shard_offsets), s.tensor.detach().clone()) for s in value.local_shards()]
+    return [([0] * value.dim(), value.detach().clone())]
+
+
+def dump_table_state(ctx: Any, model: Any, optimizer: Any) -> None:
+    """``CTNOCVR_DUMP_AFTER_LOAD`` hook: this rank's shards of the tables and their fused optimiser state."""
+    out_dir = os.environ.get("CTNOCVR_DUMP_AFTER_LOAD")
+    if not out_dir:
+        return
+    import torch
+
+    tables = {k: _local_pieces(v) for k, v in model.state_dict().items() if ".embedding_bags." in k}
+    optim = {f"{part}.{key}": _local_pieces(v)
+             for part, states in optimizer.state_dict()["state"].items() if ".embedding_bags." in part
+             for key, v in states.items() if hasattr(v, "dim") or hasattr(v, "local_shards")}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    torch.save({"model": tables, "optim": optim}, Path(out_dir) / f"rank-{ctx.rank}.pt")
