@@ -16,8 +16,9 @@ import warnings
 AREAS = [
     ("ctnocvr_rec.data.commands", "data: synth | prepare | stats"),
     ("ctnocvr_rec.train.commands", "train / eval"),
-    ("ctnocvr_rec.train.checkpoint_commands", "checkpoint: verify"),
+    ("ctnocvr_rec.train.checkpoint_commands", "checkpoint: verify | inspect"),
     ("ctnocvr_rec.plan.commands", "plan: embedding sharding plans"),
+    ("ctnocvr_rec.serving.commands", "export / predict: serving artifacts and batch scoring"),
     ("ctnocvr_rec.experiments.commands", "experiment / report: the paper's tables and figures"),
 ]
 

@@ -1,7 +1,8 @@
 """Typed run configuration: nested dataclasses loaded from YAML with dotted overrides.
 
-``load_config("configs/mmoe.yaml", ["model.num_experts=8", "train.steps=200"])`` returns a
-:class:`RunConfig`. Unknown keys (in YAML or in an override) raise :class:`ConfigError` listing the
+``load_config("mmoe", ["model.num_experts=8", "train.steps=200"])`` returns a :class:`RunConfig`
+(``"mmoe"``: the packaged ``ctnocvr_rec/configs/mmoe.yaml``; a path to a YAML file works too, see
+``ctnocvr_rec.resources``). Unknown keys (in YAML or in an override) raise :class:`ConfigError` listing the
 valid keys at that level, so a typo never silently falls back to a default. Every numeric field
 declares its valid range next to it (``ranged(default, AT_LEAST_1)``); a value outside it is a
 :class:`ConfigError` naming the key and the range. YAML is read strictly (``yaml_strict``: no tags,
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from ctnocvr_rec.resources import resolve
 from ctnocvr_rec.yaml_strict import YamlError, load_yaml_file, parse_yaml_value
 
 T = TypeVar("T")
@@ -101,8 +103,11 @@ class DataConfig:
 
     #: folder written by ``ctnocvr data prepare`` (holds manifest.json, vocab, train/ valid/ test/)
     prepared_dir: str = "artifacts/data/prepared"
-    #: field schema YAML (see configs/fields/aliccp.yaml)
-    schema: str = "configs/fields/aliccp.yaml"
+    #: field schema: "" = the prepared set's own (its manifest.json; ``ctnocvr plan --preset`` without a
+    #: prepared set uses the packaged "aliccp"), else a packaged name ("aliccp") or a YAML path
+    #: (relative: to the config file's folder first, then the working directory). A schema given here
+    #: selects fields of the prepared set; each must be in the manifest's schema with the same spec.
+    schema: str = ""
     train_split: str = "train"
     eval_split: str = "valid"
     test_split: str = "test"
@@ -426,11 +431,47 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+#: keys of a run config that name another file: a relative path there is relative to the folder of the
+#: YAML file holding it (when it exists there), else to the working directory or a packaged name
+FILE_REFERENCES = (("data", "schema"),)
+
+
+def anchor_file_references(tree: dict[str, Any], base_dir: str | Path) -> dict[str, Any]:
+    """Rewrite the :data:`FILE_REFERENCES` of a run-config ``tree`` (read from a YAML file in
+    ``base_dir``) that name an existing file relative to ``base_dir`` to absolute paths, in place.
+
+    Other relative values stay as they are and are resolved later (working directory, packaged name).
+    Data and output folders (``data.prepared_dir``, ``train.run_dir``) are not references: they stay
+    relative to the working directory.
+    """
+    for keys in FILE_REFERENCES:
+        node: Any = tree
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        value = node.get(keys[-1]) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            candidate = Path(base_dir) / value
+            if candidate.is_file():
+                node[keys[-1]] = str(candidate.resolve())
+    return tree
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, cls: type[T] = RunConfig
 ) -> T:
-    """Load ``cls`` from a YAML file (optional) and ``key.sub=value`` overrides (checked one by one)."""
+    """Load ``cls`` from a YAML file (optional) and ``key.sub=value`` overrides (checked one by one).
+
+    ``path``: a YAML file or the name of a packaged run config (``"mmoe"``), see
+    :func:`ctnocvr_rec.resources.resolve`.
+    """
+    if path:
+        try:
+            path = resolve("run", path)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
     tree = load_yaml_mapping(path) if path else {}
+    if path and cls is RunConfig:
+        anchor_file_references(tree, Path(path).parent)
     try:
         file_config = from_dict(cls, tree)
     except ConfigError as e:

@@ -4,9 +4,9 @@ Both are thin wrappers over ``torchx.components.dist.ddp``, so the same componen
 TorchX scheduler::
 
     # 2 CPU ranks on this machine (defaults from .torchxconfig)
-    torchx run -s local_cwd launchers/ctnocvr.py:train --config configs/mmoe_ctnocvr.yaml -- -o train.steps=200
+    torchx run -s local_cwd launchers/ctnocvr.py:train --config mmoe_ctnocvr -- -o train.steps=200
     # 2 nodes x 8 GPUs on Slurm / Kubernetes (see docs/train.md)
-    torchx run -s slurm launchers/ctnocvr.py:train --j 2x8 --gpu 8 --config configs/aliccp_paper_mmoe.yaml
+    torchx run -s slurm launchers/ctnocvr.py:train --j 2x8 --gpu 8 --config aliccp_paper_mmoe
 
 Everything after ``--`` is passed to ``ctnocvr train`` (``-o key=value`` overrides, ``--run-dir``).
 ``torchx run`` refuses an option given twice after ``--`` ("Repeated Command Line Arguments"), so
@@ -40,7 +40,7 @@ def _with_torchrun_flags(app: specs.AppDef, flags: List[str]) -> specs.AppDef:
 
 def train(
     *train_args: str,
-    config: str = "configs/mmoe_ctnocvr.yaml",
+    config: str = "mmoe_ctnocvr",
     j: str = "1x2",
     resume: bool = False,
     plan: str = "",
@@ -62,7 +62,8 @@ def train(
     Args:
         train_args: extra arguments of ``ctnocvr train`` (e.g. ``-o train.steps=200 train.seed=3 --run-dir runs/x``;
             several overrides follow one ``-o``: torchx rejects a repeated ``-o``)
-        config: run config YAML (path inside the job's working directory / image)
+        config: run config: a packaged name (``mmoe_ctnocvr``, ``aliccp_paper_mmoe``, ...) or a YAML path
+            inside the job's working directory / image
         j: ``{nnodes}x{nproc_per_node}`` (e.g. 1x2 on a CPU box, 4x8 on GPU nodes)
         resume: continue from the newest checkpoint of the run folder
         plan: enforce a saved sharding plan JSON (``ctnocvr plan --save``)

@@ -1,24 +1,28 @@
-"""A tiny prepared set written directly with pyarrow in the layout of docs/design.md.
+"""A tiny prepared set of random rows, written by the package's shard writer (``data/shards.py``).
 
 Used by the loader and stats tests so they do not depend on ``ctnocvr data prepare``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ctnocvr_rec.data.schema import FieldSchema, load_schema
+from ctnocvr_rec.data.shards import FieldValues, shard_table, write_split_tables
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "configs" / "fields" / "aliccp.yaml"
+SCHEMA_NAME = "aliccp"  # the packaged ctnocvr_rec/configs/fields/aliccp.yaml
 
 
 def aliccp_schema() -> FieldSchema:
-    return load_schema(SCHEMA_PATH)
+    return load_schema(SCHEMA_NAME)
+
+
+def fixture_num_embeddings(schema: FieldSchema) -> dict[str, int]:
+    """Table rows of field ``k``: ids are drawn from ``[0, 7 + 3k)``."""
+    return {spec.name: 7 + 3 * k + 1 for k, spec in enumerate(schema)}
 
 
 def random_split_table(schema: FieldSchema, rows: int, seed: int, first_sample_id: int = 1) -> pa.Table:
@@ -26,13 +30,14 @@ def random_split_table(schema: FieldSchema, rows: int, seed: int, first_sample_i
     rng = np.random.default_rng(seed)
     click = (rng.random(rows) < 0.3).astype(np.int8)
     conversion = (click * (rng.random(rows) < 0.4)).astype(np.int8)
-    columns: dict[str, pa.Array] = {
-        "sample_id": pa.array(np.arange(first_sample_id, first_sample_id + rows), pa.int64()),
-        "request_id": pa.array(rng.integers(0, max(rows // 5, 1), rows), pa.int64()),
-        "user_id": pa.array(np.where(rng.random(rows) < 0.1, -1, rng.integers(1000, 1040, rows)), pa.int64()),
-        "click": pa.array(click, pa.int8()),
-        "conversion": pa.array(conversion, pa.int8()),
+    scalars = {
+        "sample_id": np.arange(first_sample_id, first_sample_id + rows),
+        "request_id": rng.integers(0, max(rows // 5, 1), rows),
+        "user_id": np.where(rng.random(rows) < 0.1, -1, rng.integers(1000, 1040, rows)),
+        "click": click,
+        "conversion": conversion,
     }
+    fields: dict[str, FieldValues] = {}
     for k, spec in enumerate(schema):
         max_len = 4 if spec.multi_valued else 1
         lengths = rng.integers(0, max_len + 1, rows)
@@ -40,12 +45,9 @@ def random_split_table(schema: FieldSchema, rows: int, seed: int, first_sample_i
             lengths = (rng.random(rows) < 0.9).astype(np.int64)  # mostly present, sometimes absent
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         ids = rng.integers(0, 7 + 3 * k, offsets[-1]).astype(np.int64)
-        columns[spec.name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids, pa.int64()))
-        if spec.weighted:
-            weights = rng.random(offsets[-1]).astype(np.float32) * 3
-            columns[spec.weight_column] = pa.ListArray.from_arrays(
-                pa.array(offsets), pa.array(weights, pa.float32()))
-    return pa.table(columns)
+        weights = rng.random(offsets[-1]).astype(np.float32) * 3 if spec.weighted else None
+        fields[spec.name] = FieldValues(offsets, ids, weights)
+    return shard_table(scalars, fields, schema, fixture_num_embeddings(schema))
 
 
 def write_prepared(
@@ -60,17 +62,7 @@ def write_prepared(
     tables = {}
     first_id = 1
     for s_index, (split, rows) in enumerate(splits.items()):
-        table = random_split_table(schema, rows, seed + 17 * s_index, first_sample_id=first_id)
+        tables[split] = random_split_table(schema, rows, seed + 17 * s_index, first_sample_id=first_id)
         first_id += rows
-        (root / split).mkdir(parents=True, exist_ok=True)
-        for part, start in enumerate(range(0, rows, rows_per_file)):
-            pq.write_table(table.slice(start, rows_per_file), root / split / f"part-{part:05d}.parquet",
-                           row_group_size=row_group_size)
-        tables[split] = table
-    manifest = {
-        "schema": schema.to_dict(),
-        "num_embeddings": {spec.name: 7 + 3 * k + 1 for k, spec in enumerate(schema)},
-        "splits": {split: {"rows": t.num_rows} for split, t in tables.items()},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    write_split_tables(root, schema, tables, fixture_num_embeddings(schema), rows_per_file, row_group_size)
     return tables

@@ -31,7 +31,7 @@ def test_roundtrip(tmp_path):
 
 
 def test_schema_file_and_errors():
-    schema = load_schema("configs/fields/aliccp.yaml")
+    schema = load_schema("aliccp")
     assert len(schema) == 23
     assert schema["109_14"].weighted and schema["109_14"].multi_valued and schema["109_14"].is_user
     assert schema["205"].group == "item" and schema["205"].table_name == "t_205"

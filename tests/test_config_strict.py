@@ -80,13 +80,13 @@ def test_every_numeric_field_declares_a_range_and_the_defaults_satisfy_it():
 
 
 def test_every_shipped_config_still_loads():
-    runs = [p for p in glob.glob(str(REPO / "configs" / "*.yaml"))]
+    runs = [p for p in glob.glob(str(REPO / "ctnocvr_rec" / "configs" / "*.yaml"))]
     assert len(runs) >= 9
     for path in runs:
         load_config(path)
-    for path in glob.glob(str(REPO / "configs" / "experiments" / "*.yaml")):
+    for path in glob.glob(str(REPO / "ctnocvr_rec" / "configs" / "experiments" / "*.yaml")):
         load_experiment(path)
-    for path in glob.glob(str(REPO / "configs" / "fields" / "*.yaml")):
+    for path in glob.glob(str(REPO / "ctnocvr_rec" / "configs" / "fields" / "*.yaml")):
         load_schema(path)
 
 

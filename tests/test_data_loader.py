@@ -13,8 +13,8 @@ import torch
 from _prepared_fixture import aliccp_schema, write_prepared
 
 import ctnocvr_rec.data.dataset as dataset_mod
-from ctnocvr_rec.data.batch import derive_ctnocvr_label
 from ctnocvr_rec.data.dataset import ParquetBatchDataset, canonical_order, make_dataloader, table_to_batch
+from ctnocvr_rec.labels import derive_ctnocvr_label
 
 ROWS = 203  # not a multiple of any batch size / rank count used below: exercises the remainders
 

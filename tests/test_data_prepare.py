@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ctnocvr_rec.data import prepare as prep
+from ctnocvr_rec.data.prepared import PreparedSet
 from ctnocvr_rec.data.rawformat import COMMON, SKELETON, FieldSlots, Reject, parse_chunk, parse_line
 from ctnocvr_rec.data.schema import load_schema
 
@@ -81,7 +82,7 @@ SKELETON_TEST = [
 ]
 
 
-def run_prepare(raw: Path, out: Path, schema: Path, **kw) -> dict:
+def run_prepare(raw: Path, out: Path, schema: Path | str, **kw) -> dict:
     kw.setdefault("valid_fraction", 0.0)
     kw.setdefault("workers", 1)
     kw.setdefault("progress", False)
@@ -310,9 +311,9 @@ def file_digests(folder: Path) -> dict[str, str]:
 
 def test_synth_round_trip_accounts_for_every_row_and_value(tmp_path: Path, synth_raw: Path) -> None:
     out = tmp_path / "out"
-    schema_file = "configs/fields/aliccp.yaml"
+    schema_file = "aliccp"
     manifest = run_prepare(
-        synth_raw, out, Path(schema_file), valid_fraction=0.2, rows_per_shard=700, workers=2
+        synth_raw, out, schema_file, valid_fraction=0.2, rows_per_shard=700, workers=2
     )
     schema = load_schema(schema_file)
     rows = {name: read_split(out, name) for name in ("train", "valid", "test")}
@@ -364,7 +365,7 @@ def test_synth_round_trip_accounts_for_every_row_and_value(tmp_path: Path, synth
 
 
 def test_split_rule_by_row_and_by_user(tmp_path: Path, synth_raw: Path) -> None:
-    schema = Path("configs/fields/aliccp.yaml")
+    schema = "aliccp"
     by_row = run_prepare(synth_raw, tmp_path / "r", schema, valid_fraction=0.3, seed=5, workers=2)
     n_train, n_valid = by_row["splits"]["train"]["rows"], by_row["splits"]["valid"]["rows"]
     assert 0.25 < n_valid / (n_train + n_valid) < 0.35
@@ -381,7 +382,7 @@ def test_split_rule_by_row_and_by_user(tmp_path: Path, synth_raw: Path) -> None:
 
 
 def test_shuffled_idempotent_and_independent_of_workers(tmp_path: Path, synth_raw: Path) -> None:
-    schema = Path("configs/fields/aliccp.yaml")
+    schema = "aliccp"
     a, b = tmp_path / "a", tmp_path / "b"
     run_prepare(synth_raw, a, schema, valid_fraction=0.1, rows_per_shard=1000, workers=1)
     run_prepare(synth_raw, b, schema, valid_fraction=0.1, rows_per_shard=1000, workers=2, chunk_mb=0.05)
@@ -406,7 +407,7 @@ def test_shuffled_idempotent_and_independent_of_workers(tmp_path: Path, synth_ra
     ids_c = {s for name in ("train", "valid", "test") for s in read_split(c, name)}
     assert ids_a == ids_c
     # the manifest records source checksums
-    manifest = prep.json.loads((a / "manifest.json").read_text())
+    manifest = PreparedSet.open(a).manifest
     src = manifest["sources"]["sample_skeleton_train.csv"]
     assert src["sha256"] == hashlib.sha256((synth_raw / "sample_skeleton_train.csv").read_bytes()).hexdigest()
 
@@ -516,8 +517,8 @@ def test_synth_prepare_load_round_trip(tmp_path: Path, synth_raw: Path) -> None:
     pytest.importorskip("torch")
     dataset_mod = pytest.importorskip("ctnocvr_rec.data.dataset")
     out = tmp_path / "out"
-    run_prepare(synth_raw, out, Path("configs/fields/aliccp.yaml"), valid_fraction=0.2, rows_per_shard=700)
-    schema = load_schema("configs/fields/aliccp.yaml")
+    run_prepare(synth_raw, out, "aliccp", valid_fraction=0.2, rows_per_shard=700)
+    schema = load_schema("aliccp")
     for split in ("train", "valid", "test"):
         rows = read_split(out, split)
         seen: set[int] = set()

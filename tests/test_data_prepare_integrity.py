@@ -26,7 +26,7 @@ from ctnocvr_rec.cli import main as cli_main
 from ctnocvr_rec.data import prepare as prep
 from ctnocvr_rec.data import rawfiles, rawformat, synth
 
-SCHEMA = Path(__file__).resolve().parents[1] / "configs" / "fields" / "aliccp.yaml"
+SCHEMA = "aliccp"  # the packaged ctnocvr_rec/configs/fields/aliccp.yaml
 BOM = b"\xef\xbb\xbf"
 CHUNK_MB = 32 / 1024  # 32 KiB: the files below span several chunks
 

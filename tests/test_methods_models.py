@@ -58,20 +58,23 @@ def _prediction_losses(out: dict[str, torch.Tensor]) -> dict[str, float]:
             "cvr": bce(out["p_cvr"][clicked], out["conversion"][clicked]).item()}
 
 
-@pytest.mark.parametrize("arch,method", [("esmm", "dcmt")])  # gated export: test_models.py
+@pytest.mark.parametrize("arch,method", [("esmm", "dcmt"), ("mmoe", "escm2_dr")])
 def test_methods_export_for_inference(arch, method):
-    from ctnocvr_rec.models import RankerForInference, export_for_inference
+    """A method's ranker exports through the serving program unchanged (its predict() is generic)."""
+    from ctnocvr_rec.serving.program import ServingProgram, example_inputs, export_float, kjt_to_inputs
 
     torch.manual_seed(0)
     cfg = tiny_model_config(arch, True)
     cfg.method = method
     model = build_model(cfg, tiny_schema(), TINY_SIZES, device=CPU).eval()
+    program = ServingProgram(model).eval()
     batch = SyntheticStream(tiny_schema(), TINY_SIZES, batch_size=16, seed=3).next_batch()
-    wrapper = RankerForInference(model)
-    _, out = model(batch)
-    torch.testing.assert_close(wrapper(batch.sparse_features, batch.weighted_features),
-                               torch.stack([out[c] for c in RankerForInference.columns], dim=1))
-    exported = export_for_inference(model, batch.sparse_features, batch.weighted_features)
-    other = SyntheticStream(tiny_schema(), TINY_SIZES, batch_size=16, seed=4).next_batch()
-    torch.testing.assert_close(exported.module()(other.sparse_features, other.weighted_features),
-                               wrapper(other.sparse_features, other.weighted_features))
+    inputs = kjt_to_inputs(batch.sparse_features, batch.weighted_features, 16)
+    with torch.no_grad():
+        _, out = model(batch)
+        torch.testing.assert_close(program(*inputs), torch.stack(
+            [out[c] for c in ("p_ctr", "p_cvr", "p_ctcvr", "p_ctnocvr")], dim=1))
+        exported = export_float(model, example_inputs(model, batch_size=8)).module()
+        other = SyntheticStream(tiny_schema(), TINY_SIZES, batch_size=16, seed=4).next_batch()
+        other_inputs = kjt_to_inputs(other.sparse_features, other.weighted_features, 16)
+        torch.testing.assert_close(exported(*other_inputs), program(*other_inputs), rtol=0, atol=1e-5)

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from ctnocvr_rec.config import ModelConfig
-from ctnocvr_rec.data.schema import FieldSchema
-from ctnocvr_rec.models import ARCHS, RankerForInference, build_model, export_for_inference
+from ctnocvr_rec.models import ARCHS, build_model
 from ctnocvr_rec.models.testing import TINY_SIZES, SyntheticStream, tiny_model_config, tiny_schema
 
 CPU = torch.device("cpu")
@@ -98,44 +97,6 @@ def test_every_ranker_learns_on_a_synthetic_stream(arch, use_ctnocvr):
         assert torch.isfinite(loss)
     after = held_out_loss()
     assert after < 0.85 * before, (before, after)
-
-
-def test_inference_wrapper_exports_with_torch_export():
-    torch.manual_seed(0)
-    model = build_model(small_cfg("ple", True), tiny_schema(), SIZES, device=CPU).eval()
-    batch = SyntheticStream(tiny_schema(), SIZES, batch_size=16, seed=3).next_batch()
-    wrapper = RankerForInference(model)
-    eager = wrapper(batch.sparse_features, batch.weighted_features)
-    assert eager.shape == (16, 4)
-    _, out = model(batch)
-    torch.testing.assert_close(eager, torch.stack([out[c] for c in RankerForInference.columns], dim=1))
-
-    exported = export_for_inference(model, batch.sparse_features, batch.weighted_features)
-    other = SyntheticStream(tiny_schema(), SIZES, batch_size=16, seed=4).next_batch()
-    # both KJTs carry another number of ids: the dynamic dims of both are exercised
-    assert other.weighted_features.values().numel() != batch.weighted_features.values().numel()
-    torch.testing.assert_close(
-        exported.module()(other.sparse_features, other.weighted_features),
-        wrapper(other.sparse_features, other.weighted_features),
-    )
-    with pytest.raises(ValueError, match="must be the unweighted KJT"):
-        export_for_inference(model, batch.weighted_features, batch.weighted_features)
-
-
-def test_unweighted_schema_exports_without_weighted_features():
-    schema = FieldSchema.from_dict({"fields": [
-        {"name": "u", "group": "user"}, {"name": "i", "group": "item"},
-        {"name": "h", "group": "user", "multi_valued": True}]})
-    sizes = {"u": 9, "i": 11, "h": 13}
-    model = build_model(small_cfg("mmoe", True), schema, sizes, device=CPU).eval()
-    assert model.sparse_arch.weighted_embedding_bag_collection is None
-    batch = SyntheticStream(schema, sizes, batch_size=8, seed=3).next_batch()
-    assert batch.weighted_features is None
-    exported = export_for_inference(model, batch.sparse_features)
-    other = SyntheticStream(schema, sizes, batch_size=8, seed=9).next_batch()
-    torch.testing.assert_close(
-        exported.module()(other.sparse_features, None), RankerForInference(model)(other.sparse_features)
-    )
 
 
 def test_training_forward_is_fx_traceable_for_the_pipeline():

@@ -17,7 +17,7 @@ from ctnocvr_rec.plan import api, render, saved, sharding, tables
 from ctnocvr_rec.plan.report import PlanInfeasibleError, PlanReport
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = str(ROOT / "configs" / "fields" / "aliccp.yaml")
+SCHEMA = "aliccp"  # the packaged field schema
 GIB = 1 << 30
 
 
@@ -30,12 +30,13 @@ def run_config(**plan_fields) -> RunConfig:
 
 
 def small_manifest(tmp_path: Path, rows: int = 1000) -> Path:
-    """A prepared-set manifest with small tables (one row count per field, varied)."""
+    """A prepared-set manifest (no shards) with small tables (one row count per field, varied)."""
+    from ctnocvr_rec.data.prepared import FORMAT, write_manifest
     from ctnocvr_rec.data.schema import load_schema
 
     schema = load_schema(SCHEMA)
     sizes = {spec.name: rows * (i + 1) for i, spec in enumerate(schema)}
-    (tmp_path / "manifest.json").write_text(json.dumps({"num_embeddings": sizes}), encoding="utf-8")
+    write_manifest(tmp_path, {"format": FORMAT, "schema": schema.to_dict(), "num_embeddings": sizes})
     return tmp_path
 
 

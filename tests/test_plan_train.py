@@ -9,22 +9,20 @@ from pathlib import Path
 import pytest
 
 from ctnocvr_rec.config import RunConfig, load_config
+from ctnocvr_rec.data.prepared import PreparedSet
 from ctnocvr_rec.plan import api, saved
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(tmp_path: Path, run_name: str) -> RunConfig:
     from ctnocvr_rec.train.testing import write_tiny_prepared
 
     prepared = tmp_path / "prepared"
-    if not (prepared / "manifest.json").exists():
+    if not PreparedSet.exists(prepared):
         write_tiny_prepared(prepared, splits={"train": 512, "valid": 128, "test": 128}, rows_per_file=256)
     return load_config(
-        ROOT / "configs" / "mmoe.yaml",
+        "mmoe",  # the packaged run config
         [
             f"data.prepared_dir={prepared}",
-            f"data.schema={ROOT / 'configs' / 'fields' / 'aliccp.yaml'}",
             "data.batch_size=64",
             "data.eval_batch_size=128",
             "train.steps=3",

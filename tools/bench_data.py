@@ -291,7 +291,7 @@ def phase_prepare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def phase_naive(args: argparse.Namespace) -> dict[str, Any]:
-    result = naive_prepare(args.raw, args.naive_out, "configs/fields/aliccp.yaml", 0.1, 0, args.naive_rows)
+    result = naive_prepare(args.raw, args.naive_out, "aliccp", 0.1, 0, args.naive_rows)
     result["rows_per_s"] = result["rows"] / result["seconds"]
     result["peak_rss_mb"] = _peak_rss_mb()
     return result

@@ -5,10 +5,10 @@ Usage::
     .venv/bin/python tools/bench_models.py                      # all rankers, paper defaults, 4096 rows
     .venv/bin/python tools/bench_models.py --rows-per-table 20000 --threads 2 --iters 10
     .venv/bin/python tools/bench_models.py --only experts       # wide-expert efficiency only
-    .venv/bin/python tools/bench_models.py --manifest artifacts/data/prepared/manifest.json
+    .venv/bin/python tools/bench_models.py --prepared artifacts/data/prepared
 
 Rankers: paper defaults from ``ModelConfig`` (dim 18, experts of 16 units, towers 300/200/80) on the
-Ali-CCP schema. Table sizes come from ``--manifest`` (a prepared set), else every table gets
+Ali-CCP schema. Table sizes come from ``--prepared`` (a prepared set's manifest), else every table gets
 ``--rows-per-table`` rows. Batches are synthetic (``ctnocvr_rec.models.testing``). Time is the median
 of ``--iters`` timed forward+backward passes (after ``--warmup``) over one batch of ``--batch`` rows.
 No optimiser step is timed.
@@ -50,7 +50,10 @@ def _median_seconds(fn: Callable[[], None], warmup: int, iters: int) -> float:
 def bench_rankers(args: argparse.Namespace) -> list[dict[str, object]]:
     schema = load_schema(args.schema)
     if args.manifest:
-        num_embeddings = {k: int(v) for k, v in json.loads(Path(args.manifest).read_text())["num_embeddings"].items()}
+        from ctnocvr_rec.data.prepared import PreparedSet
+
+        folder = Path(args.manifest)  # the folder, or (as before) its manifest.json
+        num_embeddings = PreparedSet.open(folder.parent if folder.is_file() else folder, schema).table_sizes()
     else:
         num_embeddings = {name: args.rows_per_table for name in schema.names}
     batch = SyntheticStream(schema, num_embeddings, batch_size=args.batch, seed=0).next_batch()
@@ -138,8 +141,9 @@ def bench_wide_experts(args: argparse.Namespace) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["rankers", "experts"], default=None)
-    parser.add_argument("--schema", default="configs/fields/aliccp.yaml")
-    parser.add_argument("--manifest", default="")
+    parser.add_argument("--schema", default="aliccp", help="packaged schema name or YAML path")
+    parser.add_argument("--prepared", "--manifest", dest="manifest", default="",
+                        help="prepared set folder or its manifest.json (table sizes)")
     parser.add_argument("--rows-per-table", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=1)

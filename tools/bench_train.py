@@ -91,8 +91,11 @@ def our_config(root: Path, arch: str, size: str, workload: dict[str, Any]):
     root.mkdir(parents=True, exist_ok=True)
     import yaml
 
+    from ctnocvr_rec.data.prepared import FORMAT, write_manifest
+
     (root / "schema.yaml").write_text(yaml.safe_dump(workload["schema"]))
-    (root / "manifest.json").write_text(json.dumps({"num_embeddings": workload["num_embeddings"]}))
+    write_manifest(root, {"format": FORMAT, "schema": workload["schema"],
+                          "num_embeddings": workload["num_embeddings"]})
     tables = sorted({f.table_name for f in FieldSchema.from_dict(workload["schema"])})
     cfg = RunConfig()
     cfg.data.prepared_dir = str(root)

@@ -27,7 +27,7 @@ ctnocvr data prepare --raw-dir "$data/raw" --out "$data/prepared" --no-progress
 
 echo "== 3/4 train MMoE + CTnoCVR with TorchX on $ranks ranks -> $run"
 rm -rf "$run"
-torchx run -s local_cwd launchers/ctnocvr.py:train --config configs/mmoe_ctnocvr.yaml --j "1x$ranks" \
+torchx run -s local_cwd launchers/ctnocvr.py:train --config mmoe_ctnocvr --j "1x$ranks" \
   -- -o "data.prepared_dir=$data/prepared" --run-dir "$run"
 
 echo "== 4/4 evaluate the last checkpoint (one process, unsharded)"

@@ -11,8 +11,8 @@ csr2csc, per-sample-weight gradients) that unweighted fields need not pay.
 The batch is a ``torchrec.streamable.Pipelineable`` so that
 ``TrainPipelineSparseDist`` can move it and overlap its input distribution.
 
-The CTnoCVR label (paper Sec. 2.2: c = 1 iff click = 1 and conversion = 0) is derived here and only
-here, in :func:`derive_ctnocvr_label`.
+The CTnoCVR label (paper Sec. 2.2: c = 1 iff click = 1 and conversion = 0) is derived by
+:func:`ctnocvr_rec.labels.derive_ctnocvr_label`, its only definition (re-exported here).
 """
 
 from __future__ import annotations
@@ -23,14 +23,9 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
+from ctnocvr_rec.labels import derive_ctnocvr_label
 
-def derive_ctnocvr_label(click: torch.Tensor, conversion: torch.Tensor) -> torch.Tensor:
-    """c = click AND NOT conversion, as float {0, 1} of the same shape (paper Sec. 2.2).
-
-    >>> derive_ctnocvr_label(torch.tensor([0., 1., 1.]), torch.tensor([0., 0., 1.]))
-    tensor([0., 1., 0.])
-    """
-    return ((click > 0.5) & ~(conversion > 0.5)).to(torch.float32)
+__all__ = ["CtnocvrBatch", "derive_ctnocvr_label"]
 
 
 @dataclass

@@ -37,6 +37,15 @@ run sees exactly the batches the interrupted one had not seen yet, in the same o
 An iteration always continues from where the previous one stopped; once the pass is finished
 (``batches_yielded == len``) the next iteration is a fresh pass of the same epoch, so call
 :meth:`set_epoch` between training epochs (it also resets the position).
+
+Epoch plans (elastic resume): a state may also carry ``"plan"``, a list of runs
+``[world, rank, first, end]`` naming *origin batches*: batch ``j`` (``first <= j < end``) of rank
+``rank`` under rule 2 with ``world`` ranks (its rows and, with the row shuffle, its window
+permutation seeded by ``rank`` are exactly those that rank would read). With a plan the rank's
+batches of the epoch are the plan's origin batches in order (``len`` = their count) instead of its
+own contiguous range; the canonical order and resume rules above apply to plan positions. A plan is
+how the untrained rest of an interrupted epoch is split over another number of ranks
+(:mod:`ctnocvr_rec.data.epoch_plan`); :meth:`set_epoch` drops it.
 When the dataset runs inside DataLoader workers, the count lives in the main process: use
 :class:`ResumableDataLoader` (from :func:`make_dataloader`), whose ``state_dict`` does the counting.
 
@@ -78,7 +87,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from ctnocvr_rec.data.batch import CtnocvrBatch
 
 # re-exported: these helpers used to live here (prepared.py keeps them free of torch)
-from ctnocvr_rec.data.prepared import read_manifest, resolve_schema, split_files  # noqa: F401
+from ctnocvr_rec.data.prepared import PreparedSet, read_manifest, resolve_schema, split_files  # noqa: F401
 from ctnocvr_rec.data.schema import FieldSchema, FieldSpec
 
 #: batches per decoded window when rows are not shuffled (fewer, larger numpy calls per batch)
@@ -295,10 +304,11 @@ class ParquetBatchDataset(IterableDataset):
     """Batches of one split of a prepared set, for one rank (see the module doc for the rules).
 
     Args:
-        prepared_dir: folder written by ``ctnocvr data prepare``.
+        prepared_dir: folder written by ``ctnocvr data prepare``, or an opened :class:`PreparedSet`.
         split: ``train`` | ``valid`` | ``test`` (a sub-folder of ``prepared_dir``).
         batch_size: rows per batch ``B``.
-        schema: field schema; default: the one in ``manifest.json``.
+        schema: field schema (a selection of the prepared set's fields); default: the one in
+            ``manifest.json``.
         rank, world_size: this process's rank and the number of ranks.
         shuffle: per-epoch shuffle of row-group order and of rows inside windows.
         seed: shuffle seed (combined with the epoch).
@@ -313,7 +323,7 @@ class ParquetBatchDataset(IterableDataset):
 
     def __init__(
         self,
-        prepared_dir: str | Path,
+        prepared_dir: str | Path | PreparedSet,
         split: str,
         batch_size: int,
         schema: FieldSchema | str | Path | None = None,
@@ -330,10 +340,12 @@ class ParquetBatchDataset(IterableDataset):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
-        self.prepared_dir = str(prepared_dir)
+        prepared = (prepared_dir.select(schema) if schema else prepared_dir) if isinstance(
+            prepared_dir, PreparedSet) else PreparedSet.open(prepared_dir, schema)
+        self.prepared_dir = str(prepared.root)
         self.split = split
         self.batch_size = batch_size
-        self.schema = resolve_schema(prepared_dir, schema)
+        self.schema = prepared.schema
         self.rank = rank
         self.world_size = world_size
         self.shuffle = shuffle
@@ -343,7 +355,7 @@ class ParquetBatchDataset(IterableDataset):
         self.shuffle_window_batches = shuffle_window_batches
         self.drop_remainder = drop_remainder
         self.prefetch_batches = max(1, prefetch_batches)
-        self.files = split_files(prepared_dir, split)
+        self.files = prepared.files(split)
         self.columns = [*ID_COLUMNS, *LABEL_COLUMNS, *feature_columns(self.schema)]
         self.units: list[_Unit] = []
         for i, path in enumerate(self.files):
@@ -359,10 +371,12 @@ class ParquetBatchDataset(IterableDataset):
 
     # ---------------------------------------------------------------- plan of an epoch
 
-    def rank_row_range(self, rank: int | None = None) -> tuple[int, int]:
-        """Row range ``[lo, hi)`` of ``rank`` (default: this one) in the epoch's virtual stream."""
+    def rank_row_range(self, rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+        """Row range ``[lo, hi)`` of ``rank`` (default: this one) in the epoch's virtual stream, under
+        ``world_size`` ranks (default: this dataset's)."""
         r = self.rank if rank is None else rank
-        n, ranks, b = self.num_rows, self.world_size, self.batch_size
+        ranks = self.world_size if world_size is None else world_size
+        n, b = self.num_rows, self.batch_size
         if self.drop_remainder:
             per_rank = (n // (ranks * b)) * b
             return r * per_rank, (r + 1) * per_rank
@@ -378,7 +392,15 @@ class ParquetBatchDataset(IterableDataset):
 
     def __len__(self) -> int:
         """Batches of this rank in one epoch (all of them, regardless of a resume offset)."""
+        if self._plan is not None:
+            return sum(end - first for _, _, first, end in self._plan)
         return self.batch_counts()[self.rank]
+
+    def _origins(self) -> list[tuple[int, int, int]]:
+        """``(world, rank, batch)`` of every batch position of this rank's epoch (see "Epoch plans")."""
+        if self._plan is None:
+            return [(self.world_size, self.rank, j) for j in range(len(self))]
+        return [(w, r, j) for w, r, first, end in self._plan for j in range(first, end)]
 
     def _unit_order(self) -> list[_Unit]:
         if not self.shuffle:
@@ -394,21 +416,28 @@ class ParquetBatchDataset(IterableDataset):
         self._start_batch = 0
         self._batches_yielded = 0
         self._order_workers: int | None = None
+        self._plan: list[list[int]] | None = None
 
-    def state_dict(self) -> dict[str, int]:
-        """``{"epoch", "batches_yielded", "num_workers"}``, counting batches yielded in this process
-        (use :class:`ResumableDataLoader`'s when loading through DataLoader workers)."""
-        return {
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch", "batches_yielded", "num_workers"}`` (+ ``"plan"`` when the epoch follows one),
+        counting batches yielded in this process (use :class:`ResumableDataLoader`'s when loading
+        through DataLoader workers)."""
+        state: dict[str, Any] = {
             "epoch": self.epoch,
             "batches_yielded": self._start_batch + self._batches_yielded,
             "num_workers": self._order_workers or 1,
         }
+        if self._plan is not None:
+            state["plan"] = [list(run) for run in self._plan]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self._start_batch = int(state["batches_yielded"])
         self._batches_yielded = 0
         self._order_workers = int(state.get("num_workers", 1))
+        plan = state.get("plan")
+        self._plan = None if plan is None else [[int(v) for v in run] for run in plan]
 
     # ---------------------------------------------------------------- reading
 
@@ -423,49 +452,55 @@ class ParquetBatchDataset(IterableDataset):
         order_workers = self._order_workers or workers
         if info is None:
             self._start_batch, self._batches_yielded, self._order_workers = start, 0, order_workers
-        lo, hi = self.rank_row_range()
-        # single-process loading decodes with Arrow's thread pool; inside DataLoader workers the
-        # workers already use the cores
         b = self.batch_size
         shuffle_rows = self.shuffle and self.shuffle_window_batches > 0
         # batches are cut from windows of m batches, decoded (and, shuffling, gathered) as a whole
         m = self.shuffle_window_batches if shuffle_rows else _PLAIN_WINDOW_BATCHES
         # the rest of the pass's canonical order, dealt round-robin: the DataLoader asks the workers
         # in turn starting at 0, so the batches come out in that order (see the module doc)
-        mine = canonical_order(n_batches, order_workers)[start:][worker::workers].tolist()
+        # Each position is an origin batch (world, rank, j): rows [lo + j b, ...) of that rank's range
+        # under that world size; without a plan, simply (this world, this rank, position).
+        origins = self._origins()
+        mine = [origins[p] for p in canonical_order(n_batches, order_workers)[start:][worker::workers].tolist()]
+        ranges = {(w, r): self.rank_row_range(r, w) for w, r, _ in mine}
         # single-process loading decodes with Arrow's thread pool; inside DataLoader workers the
         # workers already use the cores. The reader decodes the next row group this worker needs in
         # its own thread while the current one is cut into batches.
         order = self._unit_order()
         reader = _RangeReader(self.files, order, self.columns, use_threads=info is None,
-                              wanted_rows=[(lo + j * b, min(lo + (j + 1) * b, hi)) for j in mine])
+                              wanted_rows=[(ranges[w, r][0] + j * b, min(ranges[w, r][0] + (j + 1) * b, ranges[w, r][1]))
+                                           for w, r, j in mine])
         window: dict[str, Any] = {"index": -1}
         # without the row shuffle, a window is a run of up to m consecutive batches of this worker
         # (never rows of another worker's block, which this worker would decode for nothing)
-        runs: dict[int, tuple[int, int]] = {}  # batch -> (first batch, batches) of its window
+        runs: dict[tuple[int, int, int], tuple[int, int]] = {}  # batch -> (first batch, batches) of its window
         i = 0
         while not shuffle_rows and i < len(mine):
             t = 1
-            while t < m and i + t < len(mine) and mine[i + t] == mine[i] + t:
+            w0, r0, j0 = mine[i]
+            while t < m and i + t < len(mine) and mine[i + t] == (w0, r0, j0 + t):
                 t += 1
-            runs.update((mine[i + q], (mine[i], t)) for q in range(t))
+            runs.update((mine[i + q], (j0, t)) for q in range(t))
             i += t
 
-        def build_batch(j: int) -> CtnocvrBatch:
-            """Batch ``j`` (runs in the prefetch thread only: the reader is not shared)."""
-            first, count = runs[j] if not shuffle_rows else ((j // m) * m, m)
-            if window["index"] != first:
+        def build_batch(origin: tuple[int, int, int]) -> CtnocvrBatch:
+            """Origin batch ``(world, rank, j)`` (runs in the prefetch thread only: the reader is not shared)."""
+            w, r, j = origin
+            lo, hi = ranges[w, r]
+            first, count = runs[origin] if not shuffle_rows else ((j // m) * m, m)
+            if window["index"] != (w, r, first):
                 w_lo = lo + first * b
                 w_hi = min(w_lo + count * b, hi)
                 rows = None
                 if shuffle_rows:
-                    perm = np.random.default_rng([self.seed, self.epoch, self.rank, first // m, 0x52]).permutation(
+                    # seeded by the origin rank: a batch has the same rows whichever rank reads it
+                    perm = np.random.default_rng([self.seed, self.epoch, r, first // m, 0x52]).permutation(
                         w_hi - w_lo)
                     # the permutation picks each batch's rows; taking them in stream order (sorted)
                     # reads memory forwards and the order inside a batch does not matter
                     rows = np.concatenate([np.sort(perm[k:k + b]) for k in range(0, len(perm), b)])
                 window["rows"] = _Rows(reader.read(w_lo, w_hi), self.schema, rows)
-                window["index"] = first
+                window["index"] = (w, r, first)
             k = j - first
             return window["rows"].batch(k * b, min((k + 1) * b, window["rows"].n))
 
@@ -602,22 +637,28 @@ class ResumableDataLoader:
         self._yielded = 0
         self._start = 0
         self._order_workers: int | None = None
+        self._plan: list[list[int]] | None = None  # the epoch plan, if the state carried one
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
-        self._start, self._yielded, self._order_workers = 0, 0, None
+        self._start, self._yielded, self._order_workers, self._plan = 0, 0, None, None
 
-    def state_dict(self) -> dict[str, int]:
-        return {
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
             "epoch": self.dataset.epoch,
             "batches_yielded": self._start + self._yielded,
             "num_workers": self._order_workers or max(1, self.num_workers),
         }
+        if self._plan is not None:
+            state["plan"] = [list(run) for run in self._plan]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.dataset.load_state_dict(state)
         self._start, self._yielded = int(state["batches_yielded"]), 0
         self._order_workers = int(state.get("num_workers", 1))
+        plan = state.get("plan")
+        self._plan = None if plan is None else [[int(v) for v in run] for run in plan]
 
     def __len__(self) -> int:
         """Batches of this rank in one epoch."""
@@ -628,8 +669,11 @@ class ResumableDataLoader:
         if start >= len(self.dataset) or start == 0:
             start, self._order_workers = 0, max(1, self.num_workers)
         self._start, self._yielded = start, 0
-        self.dataset.load_state_dict(
-            {"epoch": self.dataset.epoch, "batches_yielded": start, "num_workers": self._order_workers})
+        position: dict[str, Any] = {"epoch": self.dataset.epoch, "batches_yielded": start,
+                                    "num_workers": self._order_workers}
+        if self._plan is not None:
+            position["plan"] = self._plan
+        self.dataset.load_state_dict(position)
         loader = DataLoader(
             self.dataset,
             batch_size=None,  # the dataset yields whole batches
@@ -644,7 +688,7 @@ class ResumableDataLoader:
 
 
 def make_dataloader(
-    prepared_dir: str | Path,
+    prepared_dir: str | Path | PreparedSet,
     split: str,
     batch_size: int,
     schema: FieldSchema | str | Path | None = None,

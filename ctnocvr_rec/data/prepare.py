@@ -51,8 +51,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
 
+from ctnocvr_rec.data.prepared import FORMAT, PreparedSet, read_manifest, write_manifest
 from ctnocvr_rec.data.rawfiles import (
     bom_length,
     chunk_ranges,
@@ -75,10 +75,10 @@ from ctnocvr_rec.data.rawformat import (
     tokens_equal,
     word_view,
 )
-from ctnocvr_rec.data.schema import FieldSchema, load_schema
+from ctnocvr_rec.data.schema import DEFAULT_SCHEMA, FieldSchema, load_schema
+from ctnocvr_rec.data.shards import FieldValues, shard_table, write_shard
 from ctnocvr_rec.data.vocab import CountAccumulator, FieldVocab, merge_counts
 
-FORMAT = "ctnocvr-prepared/1"
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
 USER_ID_FIELD = "101"
 SKELETON_FILE = "sample_skeleton_{split}.csv"
@@ -95,7 +95,7 @@ class PrepareError(ValueError):
 class PrepareOptions:
     raw_dir: str
     out_dir: str
-    schema: str = "configs/fields/aliccp.yaml"
+    schema: str = DEFAULT_SCHEMA  # packaged field schema name, or a YAML path
     valid_fraction: float = 0.1
     split_by: str = "row"  # row | user
     seed: int = 0
@@ -554,27 +554,6 @@ def _list_parts(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return offsets - offsets[0], array.flatten().to_numpy()
 
 
-#: the non-list columns of a shard, in file order
-SCALAR_COLUMNS = ("sample_id", "request_id", "user_id", "click", "conversion")
-
-
-def _id_type(num_embeddings: int) -> pa.DataType:
-    """int32 when every mapped id of the field fits (always, short of a 2^31-row table): ~25%
-    faster to decode and a third smaller than int64; the loader gives the KJT int64 either way."""
-    return pa.int32() if num_embeddings <= np.iinfo(np.int32).max else pa.int64()
-
-
-def _list_type(value_type: pa.DataType) -> pa.DataType:
-    # non-nullable items: no definition levels to decode per id (the loader reads ~40% faster)
-    return pa.list_(pa.field("element", value_type, nullable=False))
-
-
-def _non_nullable(table: pa.Table) -> pa.Table:
-    """``table`` with every column declared non-nullable (a prepared shard holds no nulls)."""
-    schema = pa.schema([f.with_nullable(False) for f in table.schema])
-    return table.cast(schema)
-
-
 def _pass2_task(task: tuple[int, int]) -> dict[str, dict[str, Any]]:
     """Bucket ``b`` of every scratch file -> one shuffled shard per split present in it.
 
@@ -609,42 +588,25 @@ def _pass2_task(task: tuple[int, int]) -> dict[str, dict[str, Any]]:
         rows = rows[rng.permutation(len(rows))]
         crow = crow_all[rows]
         click = table.column("click").to_numpy()[rows]
-        id_types = {spec.name: _id_type(ctx.vocabs[spec.name].num_embeddings) for spec in ctx.schema}
         buy = table.column("buy").to_numpy()[rows]
-        columns: dict[str, pa.Array] = {
-            "sample_id": pa.array(table.column("sample_id").to_numpy()[rows]),
-            "request_id": pa.array(crow + ctx.request_base),
-            "user_id": pa.array(common.user_id[crow]),
-            "click": pa.array(click),
-            "conversion": pa.array(buy),
+        scalars = {
+            "sample_id": table.column("sample_id").to_numpy()[rows],
+            "request_id": crow + ctx.request_base,
+            "user_id": common.user_id[crow],
+            "click": click,
+            "conversion": buy,
         }
+        fields: dict[str, FieldValues] = {}
         for spec in ctx.schema:
             if spec.is_user:
                 csr = common.slots[ctx.user_slots.names.index(spec.name)].take(crow)
             else:
                 csr = skeleton[spec.name].take(rows)
-            offsets = pa.array(csr.offsets.astype(np.int32))
-            id_type = id_types[spec.name]
-            columns[spec.name] = pa.ListArray.from_arrays(
-                offsets, pa.array(csr.ids.astype(id_type.to_pandas_dtype(), copy=False), id_type),
-                type=_list_type(id_type),
-            )
-            if spec.weighted:
-                assert csr.weights is not None
-                columns[spec.weight_column] = pa.ListArray.from_arrays(
-                    offsets, pa.array(csr.weights, pa.float32()), type=_list_type(pa.float32())
-                )
-        out_table = _non_nullable(pa.table(columns))
+            fields[spec.name] = FieldValues(csr.offsets, csr.ids, csr.weights if spec.weighted else None)
+        num_embeddings = {spec.name: ctx.vocabs[spec.name].num_embeddings for spec in ctx.schema}
         rel = f"{split_name}/part-{bucket:05d}.parquet"
-        pq.write_table(
-            out_table,
-            ctx.out_tmp / rel,
-            compression=ctx.options.compression,
-            row_group_size=65_536,
-            # dictionary pages only for the scalar columns: for the id lists, dictionary decoding
-            # cost the loader ~40% of its read speed (docs in PrepareOptions.compression)
-            use_dictionary=list(SCALAR_COLUMNS),
-        )
+        write_shard(shard_table(scalars, fields, ctx.schema, num_embeddings), ctx.out_tmp / rel,
+                    compression=ctx.options.compression)
         written[split_name] = {
             "file": rel,
             "rows": len(rows),
@@ -912,10 +874,9 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
         raise PrepareError(f"test split incomplete: missing {missing}")
     sources = [raw / n.format(split=s) for s in splits for n in (SKELETON_FILE, COMMON_FILE)]
     fingerprint = _fingerprint(opts, schema, sources)
-    manifest_path = out / "manifest.json"
     if out.exists():
-        if manifest_path.is_file():
-            old = json.loads(manifest_path.read_text())
+        if PreparedSet.exists(out):
+            old = read_manifest(out)
             if old.get("fingerprint") == fingerprint and not opts.force:
                 if opts.progress:
                     print(f"{out}: up to date (same inputs and options); --force rebuilds", file=sys.stderr)
@@ -958,7 +919,7 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
             vocab.save(tmp / "vocab")
         _write_rejects(tmp / "rejects" / "rejects.csv", rejects)
         manifest = _manifest(opts, schema, ctx, report, rejects, checksums.get(), sources, fingerprint)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(tmp, manifest)
         # swap into place: the old folder (ours, it has a manifest) goes only once the new one is complete
         old = temporary_folder(out, "old")
         if out.exists():
@@ -1089,7 +1050,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "common_features_{train,test}.csv (test optional)",
     )
     parser.add_argument("--out", required=True, help="prepared data folder (written atomically)")
-    parser.add_argument("--schema", default=d.schema, help="field schema YAML (default %(default)s)")
+    parser.add_argument("--schema", default=d.schema, help="field schema: packaged name or YAML path (default %(default)s)")
     parser.add_argument(
         "--valid-fraction",
         type=float,

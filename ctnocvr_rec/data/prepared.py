@@ -1,28 +1,46 @@
-"""Light helpers over a prepared set (``ctnocvr data prepare`` output); no torch import.
+"""One handle on a prepared set (``ctnocvr data prepare`` output); no torch import.
 
-A prepared set is ``<prepared_dir>/manifest.json`` plus ``<split>/*.parquet`` shards (design.md,
-"Prepared data set"). These helpers are shared by the loader (``dataset.py``, which needs torch)
-and by commands that must stay fast to import (``stats.py``, ``ctnocvr --help``).
+A prepared set is ``<root>/manifest.json`` plus ``<split>/*.parquet`` shards and ``vocab/`` (design.md,
+"Prepared data set"; shards are written by :mod:`ctnocvr_rec.data.shards`). :class:`PreparedSet` reads
+the manifest and its schema once; the trainer, the planner, ``ctnocvr data stats``, the experiments
+and the test fixtures all go through it instead of reading ``manifest.json`` themselves. It is light
+to import (json, pathlib) so commands that must start fast (``stats``, ``ctnocvr --help``) can use it.
+
+The manifest's schema is the one source of the field list. A caller may pass a schema to *select*
+fields (train on fewer fields than were prepared); every selected field must then be in the
+manifest's schema with the same spec, else :class:`ValueError` names the field and both sources.
+
+Example::
+
+    prepared = PreparedSet.open("artifacts/demo/prepared")
+    prepared.schema.names          # ['101', '121', ...] from manifest.json
+    prepared.num_embeddings["205"] # table rows of field 205
+    prepared.rows("train"), prepared.files("train")[:1]
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ctnocvr_rec.data.schema import FieldSchema, load_schema
 
+MANIFEST_FILE = "manifest.json"
+#: the ``format`` written into every manifest
+FORMAT = "ctnocvr-prepared/1"
+#: split folders in their canonical order (others, if any, follow by name)
+SPLIT_ORDER = ("train", "valid", "test")
+
 
 def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
-    """``<prepared_dir>/manifest.json`` as a dict.
+    """``<prepared_dir>/manifest.json`` as a dict (prefer :meth:`PreparedSet.open`).
 
     Raises ``FileNotFoundError`` when it is missing and ``ValueError`` (file, line) when it is not
     valid JSON or not a JSON object.
     """
-    path = Path(prepared_dir) / "manifest.json"
+    path = Path(prepared_dir) / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a folder written by `ctnocvr data prepare`")
     try:
@@ -34,23 +52,140 @@ def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def write_manifest(root: str | Path, manifest: dict[str, Any]) -> Path:
+    """Write ``<root>/manifest.json`` (indented, trailing newline: byte-stable for equal input)."""
+    path = Path(root) / MANIFEST_FILE
+    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _select_schema(manifest_schema: FieldSchema | None, requested: FieldSchema | None, where: str) -> FieldSchema:
+    if requested is None:
+        if manifest_schema is None:
+            raise ValueError(f"{where}: the manifest holds no schema; pass one (data.schema / --schema)")
+        return manifest_schema
+    if manifest_schema is None:  # a manifest from before schemas were recorded: trust the caller
+        return requested
+    for spec in requested:
+        if spec.name not in manifest_schema.names:
+            raise ValueError(
+                f"{requested.source}: field {spec.name!r} is not in the prepared set's schema ({where}); "
+                f"its fields: {manifest_schema.names}"
+            )
+        if manifest_schema[spec.name] != spec:
+            raise ValueError(
+                f"{requested.source}: field {spec.name!r} differs from the prepared set's ({where}): "
+                f"{spec} vs {manifest_schema[spec.name]} (prepared with another schema?)"
+            )
+    return requested
+
+
+@dataclass(frozen=True)
+class PreparedSet:
+    """A prepared set on disk: its manifest, the schema in use, table sizes, splits and shards.
+
+    Attributes:
+        root: the prepared folder.
+        manifest: ``manifest.json`` as read (not modified).
+        schema: the schema in use: the manifest's, or the caller's selection of its fields.
+        num_embeddings: table rows per field (``manifest["num_embeddings"]``), every prepared field.
+        prepared_schema: the manifest's own schema (None for a manifest without one).
+    """
+
+    root: Path
+    manifest: dict[str, Any]
+    schema: FieldSchema
+    num_embeddings: dict[str, int]
+    prepared_schema: FieldSchema | None = None
+
+    @classmethod
+    def open(cls, root: str | Path, schema: FieldSchema | str | Path | None = None) -> PreparedSet:
+        """Read ``<root>/manifest.json`` once. ``schema``: None/"" = the manifest's; a
+        :class:`FieldSchema`, packaged name or YAML path selects fields (see :meth:`select`)."""
+        root = Path(root)
+        manifest = read_manifest(root)
+        where = str(root / MANIFEST_FILE)
+        tree = manifest.get("schema")
+        prepared_schema = (
+            FieldSchema.from_dict(tree, source=f"{where}:schema")
+            if isinstance(tree, dict) and tree.get("fields") else None
+        )
+        raw_sizes = manifest.get("num_embeddings") or {}
+        if not isinstance(raw_sizes, dict):
+            raise ValueError(f"{where}: 'num_embeddings' must be a mapping field -> rows")
+        try:
+            sizes = {str(k): int(v) for k, v in raw_sizes.items()}
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: 'num_embeddings' values must be integers") from None
+        handle = cls(root, manifest, prepared_schema, sizes, prepared_schema)  # type: ignore[arg-type]
+        return handle.select(schema)
+
+    def select(self, schema: FieldSchema | str | Path | None) -> PreparedSet:
+        """This set with ``schema`` in use: every field of it must be in the manifest's schema with the
+        same spec (``ValueError`` names the field). None/"": the manifest's schema."""
+        requested = schema if isinstance(schema, FieldSchema) else load_schema(schema) if schema else None
+        chosen = _select_schema(self.prepared_schema, requested, str(self.manifest_path))
+        return PreparedSet(self.root, self.manifest, chosen, self.num_embeddings, self.prepared_schema)
+
+    @staticmethod
+    def exists(root: str | Path) -> bool:
+        """Whether ``root`` holds a manifest (a finished ``prepare``)."""
+        return (Path(root) / MANIFEST_FILE).is_file()
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST_FILE
+
+    @property
+    def fingerprint(self) -> str | None:
+        """Hash of the inputs and options the set was prepared from (None for hand-written sets)."""
+        return self.manifest.get("fingerprint")
+
+    @property
+    def splits(self) -> list[str]:
+        """Splits with a shard folder, canonical order (train, valid, test, then others by name)."""
+        present = {p.name for p in self.root.iterdir() if p.is_dir() and any(p.glob("*.parquet"))}
+        return [s for s in SPLIT_ORDER if s in present] + sorted(present - set(SPLIT_ORDER))
+
+    def has_split(self, split: str) -> bool:
+        return (self.root / split).is_dir()
+
+    def rows(self, split: str) -> int:
+        """Rows of ``split`` as recorded in the manifest (0 when it records none)."""
+        return int(((self.manifest.get("splits") or {}).get(split) or {}).get("rows", 0))
+
+    def files(self, split: str) -> list[str]:
+        """Parquet shards of ``split``, sorted by name; ``FileNotFoundError`` when there are none."""
+        return split_files(self.root, split)
+
+    def table_sizes(self) -> dict[str, int]:
+        """``num_embeddings`` of every field of :attr:`schema`; ``ValueError`` naming the manifest
+        when one is missing."""
+        missing = [f.name for f in self.schema if f.name not in self.num_embeddings]
+        if missing:
+            raise ValueError(
+                f"{self.manifest_path}: num_embeddings lacks field(s) {missing} of schema "
+                f"{self.schema.source} (prepared with another schema?)"
+            )
+        return {f.name: self.num_embeddings[f.name] for f in self.schema}
+
+    def vocab(self, field: str) -> Any:
+        """The :class:`~ctnocvr_rec.data.vocab.FieldVocab` of ``field`` (raw id -> table row)."""
+        from ctnocvr_rec.data.vocab import FieldVocab
+
+        folder = self.root / ((self.manifest.get("vocab") or {}).get("folder") or "vocab")
+        return FieldVocab.load(self.schema[field], folder)
+
+
 def resolve_schema(prepared_dir: str | Path, schema: FieldSchema | str | Path | None) -> FieldSchema:
-    """The schema given, else the one recorded in ``<prepared_dir>/manifest.json`` (``"schema"``)."""
-    if isinstance(schema, FieldSchema):
-        return schema
-    if schema is not None:
-        return load_schema(schema)
-    manifest_path = Path(prepared_dir) / "manifest.json"
-    if manifest_path.exists():
-        tree = read_manifest(prepared_dir).get("schema")
-        if isinstance(tree, dict) and tree.get("fields"):
-            return FieldSchema.from_dict(tree, source=f"{manifest_path}:schema")
-    raise ValueError(f"{prepared_dir}: no schema given and manifest.json holds none; pass schema=")
+    """The schema of :meth:`PreparedSet.open` (kept for callers of the old helper)."""
+    return PreparedSet.open(prepared_dir, schema).schema
 
 
 def split_files(prepared_dir: str | Path, split: str) -> list[str]:
-    """Parquet files of ``split``, sorted by name."""
-    files = sorted(glob.glob(os.path.join(str(prepared_dir), split, "*.parquet")))
+    """Parquet files of ``split``, sorted by name (no manifest needed)."""
+    folder = Path(prepared_dir) / split
+    files = sorted(str(p) for p in folder.glob("*.parquet"))
     if not files:
-        raise FileNotFoundError(f"no Parquet files in {os.path.join(str(prepared_dir), split)}")
+        raise FileNotFoundError(f"no Parquet files in {folder}")
     return files

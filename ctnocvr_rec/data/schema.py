@@ -1,6 +1,6 @@
 """Field schema: which Ali-CCP fields exist, their group, arity, weighting and id mapping.
 
-The schema is data (``configs/fields/aliccp.yaml``), not code: readers, loaders and the embedding
+The schema is data (the packaged ``ctnocvr_rec/configs/fields/aliccp.yaml``, named ``aliccp``), not code: readers, loaders and the embedding
 module all iterate over :class:`FieldSchema` instead of naming fields.
 
 Naming conventions used across the package:
@@ -23,11 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctnocvr_rec.resources import resolve
 from ctnocvr_rec.yaml_strict import load_yaml_file
 
 GROUPS = ("user", "item", "combination", "context")
 MAPPINGS = ("vocab", "hash")
 OOV_ID = 0  # vocab mapping: id 0 is the out-of-vocabulary bucket; known ids are 1..V
+#: the packaged schema used where nothing names one (synth, prepare, plan --preset)
+DEFAULT_SCHEMA = "aliccp"
 
 
 class SchemaError(ValueError):
@@ -176,7 +179,13 @@ class FieldSchema:
         return cls(tuple(specs), source=source)
 
 
-def load_schema(path: str | Path) -> FieldSchema:
+def load_schema(ref: str | Path, base_dir: str | Path | None = None) -> FieldSchema:
+    """The field schema ``ref`` names: a YAML file, or a packaged schema name (``"aliccp"``).
+
+    ``base_dir``: folder that a relative ``ref`` is looked up in first (the folder of the config file
+    holding the reference); the rule is :func:`ctnocvr_rec.resources.resolve`.
+    """
+    path = resolve("fields", ref, base_dir)
     tree = load_yaml_file(path) or {}  # YamlError (file:line) on bad YAML / duplicate keys
     if not isinstance(tree, dict):
         raise SchemaError(f"{path}: top level must be a mapping with 'fields'")

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ctnocvr_rec.data.prepared import resolve_schema, split_files
+from ctnocvr_rec.data.prepared import PreparedSet
 from ctnocvr_rec.data.schema import OOV_ID, FieldSchema, FieldSpec
 
 
@@ -129,17 +129,14 @@ def compute_stats(
     prepared_dir: str | Path, splits: list[str], schema: FieldSchema | str | Path | None = None
 ) -> dict[str, Any]:
     """Table 2 + per-field stats of each split, and of all of them together (``"all"``) if several."""
-    schema = resolve_schema(prepared_dir, schema)
-    manifest_path = Path(prepared_dir) / "manifest.json"
-    num_embeddings: dict[str, int] = {}
-    if manifest_path.exists():
-        num_embeddings = json.loads(manifest_path.read_text(encoding="utf-8")).get("num_embeddings", {}) or {}
+    prepared = PreparedSet.open(prepared_dir, schema)
+    schema, num_embeddings = prepared.schema, prepared.num_embeddings
     columns = ["user_id", "click", "conversion", *schema.names]
     total = _SplitAcc()
     out: dict[str, Any] = {"prepared_dir": str(prepared_dir), "splits": {}}
     for split in splits:
         acc = _SplitAcc()
-        for path in split_files(prepared_dir, split):
+        for path in prepared.files(split):
             handle = pq.ParquetFile(path)
             missing = [c for c in columns if c not in handle.schema_arrow.names]
             if missing:
@@ -187,7 +184,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prepared", required=True, help="folder written by `ctnocvr data prepare`")
     parser.add_argument("--split", nargs="+", default=["train"],
                         help="split(s) to describe; several also give their union as 'all' (default: train)")
-    parser.add_argument("--schema", default=None, help="field schema YAML (default: the manifest's)")
+    parser.add_argument("--schema", default=None,
+                        help="fields to describe: packaged schema name or YAML, a selection of the manifest's "
+                        "schema (default: the manifest's)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 

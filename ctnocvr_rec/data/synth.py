@@ -53,7 +53,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ctnocvr_rec.data.schema import FieldSchema, FieldSpec, load_schema
+from ctnocvr_rec.data.schema import DEFAULT_SCHEMA, FieldSchema, FieldSpec, load_schema
 
 SEGMENTS = ("normal", "clickbait", "gem")
 SEGMENT_NORMAL, SEGMENT_CLICKBAIT, SEGMENT_GEM = 0, 1, 2
@@ -101,7 +101,7 @@ class SynthConfig:
     preferred_candidate_share: float = 0.5
     #: share of users missing each optional user attribute (absent fields stay absent in the file)
     missing_attr_share: float = 0.03
-    schema: str = "configs/fields/aliccp.yaml"
+    schema: str = DEFAULT_SCHEMA  # packaged field schema name, or a YAML path
     #: filled in by the generator
     derived: dict[str, Any] = field(default_factory=dict)
 
@@ -821,7 +821,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--segment-cvr-shift", type=float, default=d.segment_cvr_shift)
     parser.add_argument("--mean-request-size", type=float, default=d.mean_request_size)
     parser.add_argument("--history-length", type=float, default=d.history_length)
-    parser.add_argument("--schema", default=d.schema, help="field schema YAML (default %(default)s)")
+    parser.add_argument("--schema", default=d.schema, help="field schema: packaged name or YAML path (default %(default)s)")
     parser.add_argument("--workers", type=int, default=1,
                         help="forked processes rendering blocks; output is byte-identical for any count. "
                         "One process already writes >300k rows/s; more only pay off on idle cores")

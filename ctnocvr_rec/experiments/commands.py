@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ctnocvr_rec import registry  # names only, no torch
 
-DEFAULT_EXPERIMENT = "configs/experiments/synth_preset.yaml"
+DEFAULT_EXPERIMENT = "synth_preset"  # packaged: ctnocvr_rec/configs/experiments/synth_preset.yaml
 
 
 def _command_line() -> str:
@@ -21,7 +21,7 @@ def _command_line() -> str:
 
 
 def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=DEFAULT_EXPERIMENT, help="experiment YAML (default %(default)s)")
+    parser.add_argument("--config", default=DEFAULT_EXPERIMENT, help="experiment YAML file or packaged experiment name (default %(default)s)")
     parser.add_argument("--out", default="", help="output folder (default: the config's out_dir)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the config's)")
     parser.add_argument("--archs", nargs="+", help=f"{' '.join(registry.ARCHS)} (default: the config's)")
@@ -197,7 +197,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     compare.add_argument(
         "--ground-truth", default="", help="folder of ground_truth_<split>.parquet (oracle AUCs)"
     )
-    compare.set_defaults(func=_compare, config="configs/experiments/synth_compare.yaml")
+    compare.set_defaults(func=_compare, config="synth_compare")
 
     sweep = exp_sub.add_parser(
         "sweep", help="one-at-a-time sweeps like Fig. 3 -> sweep.csv + sweep_<key>.png"

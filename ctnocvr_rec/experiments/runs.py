@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ctnocvr_rec.config import RunConfig, save_config
+from ctnocvr_rec.data.prepared import PreparedSet
 from ctnocvr_rec.experiments.spec import ExperimentConfig, build_run_config
 
 RunFn = Callable[[RunConfig, int], dict]
@@ -159,7 +160,7 @@ def run_data_setup(exp: ExperimentConfig, log: Callable[[str], None] | None = No
     """Create the prepared data set with ``exp.data_setup`` commands if its manifest is missing."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     prepared = Path(build_run_config(exp, {}).data.prepared_dir)
-    if (prepared / "manifest.json").is_file() or not exp.data_setup:
+    if PreparedSet.exists(prepared) or not exp.data_setup:
         return
     from ctnocvr_rec.cli import main as cli_main
 
@@ -170,5 +171,5 @@ def run_data_setup(exp: ExperimentConfig, log: Callable[[str], None] | None = No
             raise RuntimeError(
                 f"{exp.source}: data_setup command failed (exit {rc}): ctnocvr {' '.join(argv)}"
             )
-    if not (prepared / "manifest.json").is_file():
+    if not PreparedSet.exists(prepared):
         raise FileNotFoundError(f"{exp.source}: data_setup ran but {prepared}/manifest.json does not exist")

@@ -1,10 +1,11 @@
 """Experiment configuration: one YAML describing a data set, a base run config and the grids.
 
-Layout of ``configs/experiments/<name>.yaml`` (every key optional except ``run``)::
+Layout of an experiment YAML (packaged ones: ``ctnocvr_rec/configs/experiments/<name>.yaml``, named
+by ``--config <name>``; every key optional except ``run``)::
 
     name: synth_preset
     out_dir: runs/experiments/synth_preset     # run folders and reports go below this
-    base_config: ""                            # optional run YAML merged *under* ``run``
+    base_config: ""                            # optional run YAML (or packaged run name) merged *under* ``run``
     data_setup:                                # ctnocvr commands run once if the prepared set is missing
       - [data, synth, --out, artifacts/synth_preset/raw, ...]
       - [data, prepare, ...]
@@ -18,6 +19,12 @@ Layout of ``configs/experiments/<name>.yaml`` (every key optional except ``run``
 
 Keys are checked strictly (a typo is an error naming the valid keys), and the ``run`` tree is
 validated as a :class:`~ctnocvr_rec.config.RunConfig`.
+
+File references (``base_config``, ``run.data.schema``, and ``data.schema`` inside the base config) are
+relative to the folder of the YAML file holding them when the file exists there, else to the working
+directory, else packaged names (:func:`ctnocvr_rec.resources.resolve`). Data and output folders
+(``out_dir``, ``data_setup`` arguments, ``ground_truth``, ``run.data.prepared_dir``) are relative to the
+working directory.
 """
 
 from __future__ import annotations
@@ -33,11 +40,13 @@ from ctnocvr_rec.config import (
     NON_NEGATIVE,
     ConfigError,
     RunConfig,
+    anchor_file_references,
     from_dict,
     load_yaml_mapping,
     parse_override,
     ranged,
 )
+from ctnocvr_rec.resources import resolve
 from ctnocvr_rec.yaml_strict import YamlError
 
 #: the paper's Sec. 3.2 grids
@@ -115,6 +124,11 @@ class ExperimentConfig:
 
 def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load an experiment YAML; ``overrides`` (``key.sub=value``) apply to the ``run`` tree."""
+    if path:
+        try:
+            path = resolve("experiment", path)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
     tree: dict[str, Any] = load_yaml_mapping(path) if path else {}
     if "source" in tree:
         raise ConfigError(f"{path}: 'source' is not a configuration key")
@@ -125,8 +139,14 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
     exp.source = str(path or "<defaults>")
     run_tree: dict[str, Any] = {}
     if exp.base_config:
-        run_tree = load_yaml_mapping(exp.base_config)
-    run_tree = deep_merge(run_tree, exp.run)
+        base_dir = Path(path).parent if path else None
+        try:
+            base_path = resolve("run", exp.base_config, base_dir)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{path}: base_config: {e}") from None
+        run_tree = anchor_file_references(load_yaml_mapping(base_path), base_path.parent)
+    own_run = anchor_file_references(copy.deepcopy(exp.run), Path(path).parent) if path else exp.run
+    run_tree = deep_merge(run_tree, own_run)
     for item in overrides or []:
         try:  # typed and range-checked on its own, so an error names the --set, not the preset
             keys, value = parse_override(item, RunConfig, flag="--set")

@@ -8,8 +8,6 @@ from ctnocvr_rec.models.rankers import (
     GatedRanker,
     MMoE,
     MultiTaskRanker,
-    RankerForInference,
-    export_for_inference,
 )
 from ctnocvr_rec.registry import ARCHS, METHOD_NAMES
 
@@ -22,8 +20,6 @@ __all__ = [
     "PLE",
     "GatedRanker",
     "MultiTaskRanker",
-    "RankerForInference",
     "build_model",
     "build_objective",
-    "export_for_inference",
 ]

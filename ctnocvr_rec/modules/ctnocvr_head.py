@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctnocvr_rec.data.batch import derive_ctnocvr_label
+from ctnocvr_rec.labels import derive_ctnocvr_label
 
 CTNOCVR_MODES = ("none", "derived", "tower")
 LOSS_TERMS = ("ctr", "cvr", "ctnocvr", "ctcvr", "score")

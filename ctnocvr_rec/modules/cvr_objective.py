@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctnocvr_rec.data.batch import derive_ctnocvr_label
+from ctnocvr_rec.labels import derive_ctnocvr_label
 from ctnocvr_rec.modules.ctnocvr_head import CTNOCVR_MODES, CtnocvrHead, bce_from_log_prob, task_probabilities
 
 #: loss terms contributed by the CTnoCVR task (composable with every objective)

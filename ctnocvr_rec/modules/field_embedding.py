@@ -42,7 +42,7 @@ The EBCs are built on the ``meta`` device by default so that the sharding planne
 
 Example::
 
-    schema = load_schema("configs/fields/aliccp.yaml")
+    schema = load_schema("aliccp")
     emb = FieldEmbedding(schema, num_embeddings, embedding_dim=18, device=torch.device("cpu"))
     x = emb(batch.sparse_features, batch.weighted_features)   # [B, 23 * 18]
     parts = emb.split_groups(x)               # {"user": [B, 13*18], "item": [B, 5*18], ...}

@@ -18,7 +18,7 @@ from torch import nn
 from torchrec.distributed.types import ShardingPlan
 
 from ctnocvr_rec.config import RunConfig
-from ctnocvr_rec.data.schema import load_schema
+from ctnocvr_rec.data.schema import DEFAULT_SCHEMA, load_schema
 from ctnocvr_rec.plan import saved, sharding, tables
 from ctnocvr_rec.plan.report import PlanReport, run_plan
 
@@ -66,12 +66,17 @@ def what_if_plan(
     """Build the model's tables on ``meta`` and plan them for ``cluster`` with the trainer's planner.
 
     Table sizes: ``preset`` if given, else ``prepared_dir`` (default ``cfg.data.prepared_dir``).
-    Raises ``PlanInfeasibleError`` (a ValueError) with figures when nothing fits.
+    Schema: the prepared set's (or ``cfg.data.schema``'s selection of it); with a preset,
+    ``cfg.data.schema`` or the packaged default. Raises ``PlanInfeasibleError`` (a ValueError) with
+    figures when nothing fits.
     """
-    schema = load_schema(cfg.data.schema)
-    sizes = tables.resolve_num_embeddings(
-        schema, prepared_dir=None if preset else (prepared_dir or cfg.data.prepared_dir), preset=preset
-    )
+    if preset:
+        schema = load_schema(cfg.data.schema or DEFAULT_SCHEMA)
+        sizes = tables.resolve_num_embeddings(schema, preset=preset)
+    else:
+        prepared = tables.open_prepared(prepared_dir or cfg.data.prepared_dir, cfg.data.schema)
+        schema = prepared.schema
+        sizes = tables.resolve_num_embeddings(schema, prepared_dir=prepared)
     model, kind = tables.build_plannable_model(cfg.model, schema, sizes.num_embeddings)
     shapes = sharding.table_shapes(model)
 

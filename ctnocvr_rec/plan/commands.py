@@ -19,7 +19,7 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     help_text = "embedding sharding plans: per table/rank placement, memory, perf; save/diff"
     p = sub.add_parser("plan", help=help_text, description=help_text)
-    p.add_argument("-c", "--config", help="run config YAML (model dims, optimiser, plan constraints)")
+    p.add_argument("-c", "--config", help="run config: YAML file or packaged name, e.g. mmoe (model dims, optimiser, plan constraints)")
     p.add_argument(
         "-o",
         "--override",
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="prepared data set whose manifest.json gives table sizes "
         "(default: data.prepared_dir of the config)",
     )
-    src.add_argument("--preset", metavar="NAME", help="built-in table sizes, e.g. aliccp-full")
+    src.add_argument("--preset", metavar="NAME", help="built-in table sizes (aliccp-full) or a preset YAML path")
     p.add_argument("--world-size", type=int, default=2, help="number of ranks (default 2)")
     p.add_argument(
         "--local-world-size", type=int, default=None, help="ranks per host (default min(world, 8))"

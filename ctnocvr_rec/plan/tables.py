@@ -4,7 +4,8 @@ The planner must see exactly the module the trainer shards, otherwise a saved pl
 :func:`build_plannable_model` builds the real ranker (``ctnocvr_rec.models.build_model``) on ``meta``.
 
 Table sizes (:func:`resolve_num_embeddings`) come from, in this order: an explicit mapping, a prepared
-set's ``manifest.json["num_embeddings"]``, or a preset YAML (``ctnocvr_rec/presets/<name>.yaml``).
+set's ``manifest.json["num_embeddings"]``, or a preset YAML (packaged:
+``ctnocvr_rec/configs/presets/<name>.yaml``; a path to a preset YAML works too).
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from ctnocvr_rec.config import ModelConfig
-from ctnocvr_rec.data.prepared import read_manifest
+from ctnocvr_rec.data.prepared import PreparedSet
 from ctnocvr_rec.data.schema import FieldSchema
+from ctnocvr_rec.resources import packaged_names, resolve
 from ctnocvr_rec.yaml_strict import load_yaml_file
-
-PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 
 @dataclass
@@ -37,14 +37,13 @@ class TableSizes:
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem.replace("_", "-") for p in PRESET_DIR.glob("*.yaml"))
+    return packaged_names("preset")
 
 
 def load_preset(name: str) -> TableSizes:
-    """Read ``presets/<name>.yaml`` (``aliccp-full`` -> ``aliccp_full.yaml``)."""
-    path = PRESET_DIR / f"{name.replace('-', '_')}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"no preset {name!r} ({path}); presets: {list_presets()}")
+    """Read the packaged ``configs/presets/<name>.yaml`` (``aliccp-full`` -> ``aliccp_full.yaml``) or a
+    preset YAML file."""
+    path = resolve("preset", name)
     tree = load_yaml_file(path) or {}
     if not isinstance(tree, Mapping):
         raise ValueError(f"{path}: top level must be a mapping with 'fields'")
@@ -63,16 +62,22 @@ def load_preset(name: str) -> TableSizes:
     return TableSizes(sizes, source=f"preset {name} ({path.name})", pooling_factors=pooling)
 
 
-def load_manifest_sizes(prepared_dir: str | Path) -> TableSizes:
-    """``num_embeddings`` per field from ``<prepared_dir>/manifest.json``."""
-    path = Path(prepared_dir) / "manifest.json"
-    if not path.is_file():
+def open_prepared(prepared_dir: str | Path, schema: FieldSchema | str | Path | None = None) -> PreparedSet:
+    """:meth:`PreparedSet.open`, with a missing manifest explained for the planner's user."""
+    if not PreparedSet.exists(prepared_dir):
         raise FileNotFoundError(
-            f"{path} does not exist: run `ctnocvr data prepare` first, point --prepared at a prepared set, "
-            f"or use built-in sizes with --preset ({', '.join(list_presets())})"
+            f"{Path(prepared_dir) / 'manifest.json'} does not exist: run `ctnocvr data prepare` first, point "
+            f"--prepared at a prepared set, or use built-in sizes with --preset ({', '.join(list_presets())})"
         )
-    manifest = read_manifest(prepared_dir)
-    raw = manifest.get("num_embeddings")
+    return PreparedSet.open(prepared_dir, schema)
+
+
+def load_manifest_sizes(prepared: str | Path | PreparedSet) -> TableSizes:
+    """``num_embeddings`` per field from a prepared set's ``manifest.json``."""
+    if not isinstance(prepared, PreparedSet):
+        prepared = open_prepared(prepared)
+    path = prepared.manifest_path
+    raw = prepared.manifest.get("num_embeddings")
     if not isinstance(raw, Mapping) or not raw:
         raise ValueError(f"{path}: no 'num_embeddings' mapping")
     sizes = {str(k): _positive_int(v, f"{path}: num_embeddings.{k}") for k, v in raw.items()}
@@ -91,7 +96,7 @@ def _positive_int(value: Any, where: str) -> int:
 
 def resolve_num_embeddings(
     schema: FieldSchema,
-    prepared_dir: str | Path | None = None,
+    prepared_dir: str | Path | PreparedSet | None = None,
     preset: str | None = None,
     explicit: Mapping[str, int] | None = None,
 ) -> TableSizes:

@@ -187,9 +187,9 @@ def evaluate_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = Non
         batches = open_eval_batches(cfg, ctx, split)
         if batches is None:
             raise FileNotFoundError(f"{cfg.data.prepared_dir}: no '{split}' split")
-        from ctnocvr_rec.data.schema import load_schema
+        from ctnocvr_rec.train.data_source import open_prepared
 
-        feature_names = load_schema(cfg.data.schema).feature_names
+        feature_names = open_prepared(cfg).schema.feature_names
         predictions = run_dir / "predictions" / f"{split}.parquet" if save_predictions else None
         metrics = evaluate(ctx, model, batches, feature_names, device, gauc=cfg.eval.gauc,
                            predictions_path=predictions)

@@ -19,7 +19,9 @@ they raise :class:`CheckpointDamagedError` naming the damage. Checkpoints writte
 were recorded load with a warning that they cannot be verified.
 
 A checkpoint written on N ranks loads into an unsharded model in one process
-(:func:`load_model_weights`): DCP reshards the table shards on load.
+(:func:`load_model_weights`): DCP reshards the table shards on load. Training continues from it on
+another world size or plan through :mod:`ctnocvr_rec.train.reshard` (``meta.json`` carries the
+``elastic`` record it needs).
 """
 
 from __future__ import annotations
@@ -230,9 +232,11 @@ def load_checkpoint(
     """
     saved_world = int(info.meta.get("world_size", -1))
     if saved_world != ctx.world_size:
+        # another topology: ctnocvr_rec.train.reshard.resume_resharded maps the state (the trainer
+        # picks it when the world size or the plan differs); this strict path loads bit for bit
         raise ValueError(
-            f"{info.path}: saved on {saved_world} rank(s), this job has {ctx.world_size}; resuming needs the "
-            "same world size (load it on 1 rank for evaluation with `ctnocvr eval --checkpoint`)"
+            f"{info.path}: saved on {saved_world} rank(s), this job has {ctx.world_size}; load it with "
+            "ctnocvr_rec.train.reshard.resume_resharded (as `ctnocvr train --resume` does)"
         )
     state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
     with _load_errors(info.path):

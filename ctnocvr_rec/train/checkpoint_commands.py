@@ -10,6 +10,10 @@ against the sizes and sha256 digests recorded when it was published and lists ea
   to it and say so);
 - 2: no usable checkpoint (all damaged, or none at all).
 
+``ctnocvr checkpoint inspect RUN_DIR [--json]``: per checkpoint the step, world size, plan summary,
+tables and optimiser state present, sizes, data positions and whether it can move to another
+world size (:mod:`ctnocvr_rec.train.checkpoint_inspect`).
+
 Actions are added to :data:`ACTIONS` (one ``add_<action>(subparsers)`` function each).
 """
 
@@ -36,12 +40,29 @@ def add_verify(actions: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_verify)
 
 
+def add_inspect(actions: argparse._SubParsersAction) -> None:
+    p = actions.add_parser("inspect", help="what each checkpoint of a run holds")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by `ctnocvr train`")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the text report")
+    p.add_argument("--all-tables", action="store_true", help="list data-parallel tables one by one too")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from ctnocvr_rec.train.checkpoint_inspect import format_report, inspect_run
+
+    report = inspect_run(args.run_dir)
+    print(json.dumps(report, indent=1) if args.json else format_report(report, args.all_tables))
+    return 0
+
+
 #: the ``ctnocvr checkpoint`` actions, in --help order
-ACTIONS: list[Callable[[argparse._SubParsersAction], None]] = [add_verify]
+ACTIONS: list[Callable[[argparse._SubParsersAction], None]] = [add_verify, add_inspect]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("checkpoint", help="checkpoint tools: verify", description=__doc__,
+    p = sub.add_parser("checkpoint", help="checkpoint tools: verify | inspect", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = p.add_subparsers(dest="checkpoint_action", required=True, metavar="ACTION")
     for add in ACTIONS:

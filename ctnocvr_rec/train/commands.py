@@ -24,7 +24,7 @@ EXIT_RUN_FOLDER_BUSY = 4
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train (and evaluate) a ranker", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-c", "--config", required=True, help="run config YAML (configs/*.yaml)")
+    p.add_argument("-c", "--config", required=True, help="run config: a YAML file or a packaged name (mmoe, mmoe_ctnocvr, esmm, cgc, ple, aliccp_paper_mmoe, ...)")
     # nargs="+": several overrides after one -o, because `torchx run` rejects a repeated option
     p.add_argument("-o", "--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="dotted overrides, one or more per -o, -o repeatable: "

@@ -17,11 +17,17 @@ from typing import Any
 
 from ctnocvr_rec.config import RunConfig
 from ctnocvr_rec.data.batch import CtnocvrBatch
-from ctnocvr_rec.data.prepared import read_manifest
+from ctnocvr_rec.data.prepared import PreparedSet
 from ctnocvr_rec.train.distributed import DistContext
 
 
-def _dataset(cfg: RunConfig, ctx: DistContext, split: str, training: bool) -> Any:
+def open_prepared(cfg: RunConfig) -> PreparedSet:
+    """The prepared set of ``cfg.data`` with the schema in use (manifest's or ``data.schema``)."""
+    return PreparedSet.open(cfg.data.prepared_dir, cfg.data.schema)
+
+
+def _dataset(cfg: RunConfig, ctx: DistContext, split: str, training: bool,
+             prepared: PreparedSet | None = None) -> Any:
     """A resumable loader of this rank's share of ``split``.
 
     Training drops the epoch's remainder so every rank has the same number of full batches (DMP
@@ -31,10 +37,9 @@ def _dataset(cfg: RunConfig, ctx: DistContext, split: str, training: bool) -> An
     from ctnocvr_rec.data.dataset import make_dataloader
 
     return make_dataloader(
-        cfg.data.prepared_dir,
+        prepared or open_prepared(cfg),
         split=split,
         batch_size=cfg.data.batch_size if training else cfg.data.eval_batch_size,
-        schema=cfg.data.schema,
         rank=ctx.rank,
         world_size=ctx.world_size,
         num_workers=cfg.data.num_workers,
@@ -62,10 +67,19 @@ class TrainData:
         self.dataset.set_epoch(epoch)
         if state is not None:
             self.dataset.load_state_dict(state)
+            if int(state["batches_yielded"]) >= len(self.dataset):
+                # saved right after the epoch's last batch: nothing is left of it (the loader itself
+                # would start the epoch over, which is right for evaluation passes, not here)
+                return iter(())
         return iter(self.dataset)
 
     def state_dict(self) -> Any:
         return self.dataset.state_dict()
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the training split (the epoch's virtual stream, before the per-rank split)."""
+        return int(self.dataset.dataset.num_rows)
 
 
 def open_eval_batches(cfg: RunConfig, ctx: DistContext, split: str) -> Iterable[CtnocvrBatch] | None:
@@ -77,7 +91,5 @@ def open_eval_batches(cfg: RunConfig, ctx: DistContext, split: str) -> Iterable[
 
 def estimate_steps_per_epoch(cfg: RunConfig, ctx: DistContext) -> int:
     """Steps of one epoch from the manifest's row count (each rank takes a 1/world share)."""
-    manifest = read_manifest(cfg.data.prepared_dir)
-    splits = manifest.get("splits") or {}
-    rows = int((splits.get(cfg.data.train_split) or {}).get("rows", 0))
+    rows = open_prepared(cfg).rows(cfg.data.train_split)
     return max(1, math.floor(rows / ctx.world_size / cfg.data.batch_size)) if rows else 1

@@ -33,6 +33,7 @@ from ctnocvr_rec import registry
 from ctnocvr_rec.config import RunConfig, save_config, to_dict
 from ctnocvr_rec.data.batch import CtnocvrBatch
 from ctnocvr_rec.train import checkpoint as ckpt
+from ctnocvr_rec.train import reshard
 from ctnocvr_rec.train.data_source import TrainData, estimate_steps_per_epoch, open_eval_batches
 from ctnocvr_rec.train.distributed import DistContext, all_reduce_cpu, barrier, broadcast_from_main
 from ctnocvr_rec.train.evaluate import evaluate, synced_batches
@@ -41,6 +42,7 @@ from ctnocvr_rec.train.metrics import format_metrics_table
 from ctnocvr_rec.train.optim import LRSchedule, build_optimizer
 from ctnocvr_rec.train.runlock import TOKEN_ENV, RunFolderBusyError, RunLock, acquire_run_lock
 from ctnocvr_rec.train.setup import build_sharded_model, describe_plan
+from ctnocvr_rec.train.testing import dump_table_state, log_trained_sample_ids, sample_id_log_dir
 
 
 def unpipelined_sharded_modules(model: torch.nn.Module, pipeline: TrainPipelineSparseDist) -> list[str]:
@@ -81,10 +83,11 @@ class TrainState:
 class TrackedBatches:
     """Wraps the per-epoch batch iterator; remembers the loader state after each handed-out batch."""
 
-    def __init__(self, batches: Iterator[CtnocvrBatch], data: TrainData) -> None:
+    def __init__(self, batches: Iterator[CtnocvrBatch], data: TrainData, keep_ids: bool = False) -> None:
         self._batches = batches
         self._data = data
         self._states: deque[Any] = deque()
+        self._ids: deque[list[int]] | None = deque() if keep_ids else None  # test hook (testing.py)
 
     def __iter__(self) -> TrackedBatches:
         return self
@@ -92,11 +95,18 @@ class TrackedBatches:
     def __next__(self) -> CtnocvrBatch:
         batch = next(self._batches)
         self._states.append(self._data.state_dict())
+        if self._ids is not None:
+            self._ids.append(batch.sample_id.tolist())
         return batch
 
     def pop_trained_state(self) -> Any:
         """Loader state after the batch the pipeline just trained (call once per trained step)."""
         return self._states.popleft()
+
+    def pop_trained_ids(self) -> list[int]:
+        """Sample ids of the batch the pipeline just trained (only with ``keep_ids``)."""
+        assert self._ids is not None
+        return self._ids.popleft()
 
 
 def git_revision() -> str:
@@ -161,6 +171,7 @@ class Trainer:
         self.plan_file = plan_file
         self.resume = resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         self.state = TrainState()
+        self._num_rows = 0  # rows of the training split (set in run; saved in the checkpoints' elastic record)
         self.last_checkpoint: str | None = None
 
     # ----------------------------------------------------------------------------------------
@@ -208,8 +219,10 @@ class Trainer:
 
         resume_from = ckpt.agree_on_checkpoint(ctx, self.run_dir, report) if self.resume else None
         plan_source = self.plan_file
+        plan_why = ""
         if resume_from is not None and not plan_source:
-            plan_source = resume_from.meta.get("plan")  # the plan the checkpoint was sharded with
+            # the checkpoint's own plan (bit-identical resume), or a fresh plan for another topology
+            plan_source, plan_why = reshard.resume_plan(resume_from.meta, ctx.world_size, cfg)
         sharded = build_sharded_model(cfg, ctx, plan_source)
         model = sharded.model
         if ctx.is_main:
@@ -218,19 +231,34 @@ class Trainer:
         feature_names = sharded.schema.feature_names
 
         data = TrainData(cfg, ctx)
+        self._num_rows = data.num_rows
         steps_per_epoch = estimate_steps_per_epoch(cfg, ctx)
         total_steps = cfg.train.steps if cfg.train.steps > 0 else cfg.train.epochs * steps_per_epoch
         schedule = LRSchedule(optimizer, cfg.train.optim, total_steps)
 
+        resharded: reshard.ResumedState | None = None
         if resume_from is not None:
             dense_optimizer.init_state()  # Adam's moments must exist for DCP to load into them
-            rank_state = ckpt.load_checkpoint(ctx, resume_from, model, optimizer)
-            self.state = TrainState(**rank_state["train_state"])
+            if reshard.same_layout(resume_from.meta, ctx.world_size, sharded.plan_json):
+                rank_state = ckpt.load_checkpoint(ctx, resume_from, model, optimizer)
+                self.state = TrainState(**rank_state["train_state"])
+            else:
+                resharded = reshard.resume_resharded(cfg, ctx, resume_from, model, optimizer,
+                                                     sharded.plan_json, data.num_rows)
+                self.state = TrainState(**resharded.train_state)
+                if cfg.train.steps <= 0 and resharded.world_changed:  # epochs-based: steps left depend on the new split
+                    left = steps_per_epoch if resharded.batches_left_in_epoch is None else resharded.batches_left_in_epoch
+                    total_steps = self.state.step + left + max(0, cfg.train.epochs - self.state.epoch - 1) * steps_per_epoch
+                    schedule.total_steps = total_steps
             self.last_checkpoint = str(resume_from.path)
+            dump_table_state(ctx, model, optimizer)  # test hook: no-op unless CTNOCVR_DUMP_AFTER_LOAD is set
 
         logger = RunLogger(self.run_dir, ctx.is_main, total_steps, self.state.step, cfg.train.progress_bar)
         if resume_from is not None:
-            logger.message(f"[train] resumed from {resume_from.path} (step {self.state.step})")
+            logger.message(f"[train] resumed from {resume_from.path} (step {self.state.step})"
+                           + (f"; planned afresh: {plan_why}" if plan_source is None else ""))
+        if resharded is not None:
+            logger.message("\n".join(resharded.report.lines()))
         for message in skipped:
             logger.record("checkpoint", self.state.step, {"message": message})
         logger.message(f"[train] {ctx.world_size} rank(s), {ctx.backend}, device {ctx.device}; plan:\n"
@@ -265,7 +293,8 @@ class Trainer:
         path = ckpt.save_checkpoint(
             self.ctx, self.run_dir, self.state.step, model, optimizer,
             rank_state={"train_state": asdict(self.state)},
-            meta={"plan": plan_json, "epoch": self.state.epoch},
+            meta={"plan": plan_json, "epoch": self.state.epoch,
+                  "elastic": reshard.elastic_record(self.cfg, self._num_rows)},
             keep=self.cfg.train.keep_checkpoints,
         )
         self.last_checkpoint = str(path)
@@ -280,10 +309,11 @@ class Trainer:
         window: dict[str, float] = {}
         window_rows, window_steps, window_t0 = 0, 0, time.perf_counter()
         pipelined_checked = False
+        id_log = sample_id_log_dir()
         done = total_steps > 0 and st.step >= total_steps
         while not done and st.epoch < tc.epochs:
             epoch_batches = data.epoch_batches(st.epoch, st.data_state)
-            tracked = TrackedBatches(epoch_batches, data)
+            tracked = TrackedBatches(epoch_batches, data, keep_ids=id_log is not None)
             synced = synced_batches(ctx, tracked, until="any_done")
             model.train()
             while True:
@@ -310,6 +340,8 @@ class Trainer:
                 st.step += 1
                 st.batches_in_epoch += 1
                 st.data_state = tracked.pop_trained_state()
+                if id_log is not None:
+                    log_trained_sample_ids(id_log, ctx.rank, st.epoch, st.step, tracked.pop_trained_ids())
                 rows = int(outputs["p_ctr"].shape[0]) if "p_ctr" in outputs else cfg.data.batch_size
                 losses = _loss_values(outputs)
                 _check_finite(ctx, st.step, losses, self.last_checkpoint)

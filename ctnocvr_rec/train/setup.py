@@ -15,8 +15,8 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
 
 from ctnocvr_rec.config import RunConfig
-from ctnocvr_rec.data.prepared import read_manifest
-from ctnocvr_rec.data.schema import FieldSchema, load_schema
+from ctnocvr_rec.data.prepared import PreparedSet
+from ctnocvr_rec.data.schema import FieldSchema
 from ctnocvr_rec.train.distributed import DistContext, broadcast_from_main
 from ctnocvr_rec.train.weight_grads import skip_per_sample_weight_grads
 
@@ -34,17 +34,10 @@ class ShardedModel:
 
 
 def model_inputs(cfg: RunConfig) -> tuple[FieldSchema, dict[str, int]]:
-    """Field schema and table sizes of the prepared set named by ``cfg.data``."""
-    manifest = read_manifest(cfg.data.prepared_dir)
-    schema = load_schema(cfg.data.schema)
-    num_embeddings = {str(k): int(v) for k, v in (manifest.get("num_embeddings") or {}).items()}
-    missing = [f.name for f in schema if f.name not in num_embeddings]
-    if missing:
-        raise ValueError(
-            f"{cfg.data.prepared_dir}/manifest.json: num_embeddings lacks field(s) {missing} of schema "
-            f"{cfg.data.schema} (prepared with another schema?)"
-        )
-    return schema, num_embeddings
+    """Field schema (the manifest's, or ``cfg.data.schema``'s selection of it) and table sizes of the
+    prepared set named by ``cfg.data``."""
+    prepared = PreparedSet.open(cfg.data.prepared_dir, cfg.data.schema)
+    return prepared.schema, prepared.table_sizes()
 
 
 def build_unsharded_model(cfg: RunConfig, device: torch.device) -> torch.nn.Module:

@@ -1,0 +1,41 @@
+"""Data flows one way: ``modules/`` (drop-in nn.Modules) imports no other area of the package except
+the leaf modules it needs. Checked on the source (AST), so a lazy import inside a function counts too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ctnocvr_rec"
+#: what modules/ may import from the package: itself, the label leaf, and the field schema
+#: (ctnocvr_rec.data.schema is torch-free and imports nothing from data/ but resources/yaml_strict)
+MODULES_MAY_IMPORT = ("ctnocvr_rec.modules", "ctnocvr_rec.labels", "ctnocvr_rec.data.schema")
+
+
+def package_imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return {n for n in names if n.split(".")[0] == "ctnocvr_rec"}
+
+
+def test_modules_import_only_leaves() -> None:
+    bad = {
+        str(path.relative_to(PACKAGE)): sorted(
+            n for n in package_imports(path) if not n.startswith(MODULES_MAY_IMPORT)
+        )
+        for path in sorted((PACKAGE / "modules").glob("*.py"))
+    }
+    bad = {k: v for k, v in bad.items() if v}
+    assert not bad, f"modules/ imports other package areas: {bad}"
+
+
+def test_label_has_one_definition() -> None:
+    defining = [
+        str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+        if "def derive_ctnocvr_label" in p.read_text(encoding="utf-8")
+    ]
+    assert defining == ["labels.py"]
