@@ -94,12 +94,12 @@ def test_the_trainer_hooks_the_sharded_weighted_tables(tmp_path):
     from ctnocvr_rec.train.distributed import init_distributed, shutdown
     from ctnocvr_rec.train.optim import build_optimizer
     from ctnocvr_rec.train.setup import build_sharded_model
-    from ctnocvr_rec.train.testing import SCHEMA_PATH, _split_table, write_tiny_prepared
+    from ctnocvr_rec.train.testing import SCHEMA_NAME, _split_table, write_tiny_prepared
     from ctnocvr_rec.train.weight_grads import table_batched_embeddings
 
     prepared = write_tiny_prepared(tmp_path / "prepared", {"train": 64, "valid": 8, "test": 8})
     cfg = RunConfig()
-    cfg.data.prepared_dir, cfg.data.schema, cfg.data.batch_size = str(prepared), str(SCHEMA_PATH), 32
+    cfg.data.prepared_dir, cfg.data.schema, cfg.data.batch_size = str(prepared), SCHEMA_NAME, 32
     cfg.train.device = "cpu"
     ctx = init_distributed("cpu")
     try:
@@ -108,7 +108,7 @@ def test_the_trainer_hooks_the_sharded_weighted_tables(tmp_path):
         assert len(tbes) == 2  # one unweighted, one weighted group of tables
         assert all(len(t._forward_pre_hooks) == 1 for t in tbes)
         optimizer, _ = build_optimizer(sharded.model, cfg.train.optim)
-        batches = iter([table_to_batch(_split_table(32, s, 1 + 32 * s, 5), sharded.schema) for s in range(4)])
+        batches = iter([table_to_batch(_split_table(sharded.schema, 32, s, 1 + 32 * s, 5), sharded.schema) for s in range(4)])
         pipeline = TrainPipelineSparseDist(sharded.model, optimizer, ctx.device)
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             pipeline.progress(batches)
