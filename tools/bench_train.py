@@ -1,25 +1,35 @@
 """Training throughput: our TorchRec rankers (1 and N CPU ranks) vs torch-rechub, at two sizes.
 
-    python tools/bench_train.py                       # everything (about 10 minutes on 2 cores)
-    python tools/bench_train.py --sizes paper --models mmoe --ranks 1 --no-parts
+    python tools/bench_train.py                       # everything, both workloads (long: see docs/train.md)
+    python tools/bench_train.py --ids aliccp --sizes paper --models mmoe --ranks 1 2 --no-parts
     python tools/bench_train.py --rechub-path artifacts/bench-site   # where torch-rechub is importable
+    python tools/bench_train.py ... --profile /tmp/prof   # + a torch.profiler table per rank and run
 
-Sizes (batch 4096, 23 single-id fields, embedding 18, towers 200/80, 3 tasks CTR/CVR/CTnoCVR):
+Workloads (--ids, tools/bench_workload.py): ``aliccp`` (default) is Ali-CCP-shaped: the 23 fields of
+the Ali-CCP schema with the table sizes of the ``aliccp-full`` plan preset (9.0 M rows), ids drawn
+per field from a Zipf law fitted on a prepared set (default: a synthetic one made once under
+artifacts/bench-fit; --fit-on DIR for another), hot ids scattered over each table, and per-field list
+lengths drawn from that set (the four weighted 14-day histories carry ~69 ids per row in all);
+``uniform`` is the earlier workload (23 single-id unweighted fields, 20,000 rows each, uniform ids).
+Sizes (batch 4096, embedding 18, towers 200/80, 3 tasks CTR/CVR/CTnoCVR):
   paper: 8 experts of 16 units (CGC/PLE: 4 shared + 4 per task) -- embedding-bound
   wide:  experts 256/128                                     -- compute-bound
 Ours: the real trainer path (model on meta -> planner -> DMP with every table table-wise on the fused
 row-wise Adagrad kernel -> dense Adam -> TrainPipelineSparseDist, glibc allocator tuned as
-`ctnocvr train` does unless --no-tune-allocator), samples/s over all ranks.
+`ctnocvr train` does unless --no-tune-allocator), samples/s over all ranks. The planner is told each
+table's mean ids per row (plan.constraints pooling_factors).
 torch-rechub (optional, PyPI `torch-rechub`; it imports pandas): its MMOE / PLE / ESMM on the same ids
-and dims, plain nn.Embedding + Adam over all parameters, as its own trainer does; measured as shipped
-and with the same allocator tuning ("+malloc"), and the ratio is taken against the faster of the two.
-Not installed -> printed and skipped.
+and dims, plain nn.Embedding + Adam over all parameters, as its own trainer does; multi-valued fields
+go in as its SequenceFeature(pooling="sum") padded with 0 (no weights: it has no weighted pooling),
+an absent single-valued field as the padding id 0. Measured as shipped and with the same allocator
+tuning ("+malloc"), and the ratio is taken against the faster of the two. Not installed -> skipped.
 Also printed: dense FLOPs per sample (forward + backward, torch's FlopCounter), the measured fp32
 matmul rate of this machine ("% of matmul" says how compute-bound a run is), and the two parts of a
-step timed alone: the 23 fused tables (fbgemm's CPU kernel with its row-wise Adagrad update) and the
-dense arch + head + Adam. Their sum bounds a 1-rank step; on N ranks the bound is N x batch per
-(embedding + dense) on one core each, with no communication.
-Every figure is the median of --windows timed windows of --steps steps after --warmup steps.
+step timed alone: the fused tables (fbgemm's CPU kernel with its row-wise Adagrad update, the weighted
+tables in their own TBE) and the dense arch + head + Adam. Their sum bounds a 1-rank step; on N ranks
+the bound is N x batch per (embedding + dense) on one core each, with no communication.
+Every figure is the median of --windows timed windows of --steps steps after --warmup steps (with
+--rounds R, the median over R interleaved repetitions of every run).
 """
 
 from __future__ import annotations
