@@ -68,6 +68,7 @@ def test_two_rank_checkpoint_exports_and_scores_like_the_sharded_model_and_a_one
     step_dir.mkdir(parents=True)
     shutil.copyfile(run2 / "config.yaml", run1 / "config.yaml")
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(step_dir))
+    torch.save({}, step_dir / "rank-0.pt")  # a complete layout (no checksums: loads as "unverified")
     (step_dir / "meta.json").write_text(json.dumps({"step": 4, "world_size": 1}))
 
     sharded = read_sorted(run2 / "predictions" / "test.parquet")  # the 2-rank sharded model's own scores

@@ -192,3 +192,28 @@ class BaseObjective(CvrObjective):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         col = self.columns(logits)
         return self.head(col["ctr"], col["cvr"], col.get("ctnocvr"), click, conversion, ctnocvr)
+
+
+class PropensityObjective(CvrObjective):
+    """A :class:`CvrObjective` whose CVR risk is weighted by inverse propensities (pCTR, clipped).
+
+    Holds the two settings every such method shares (ESCM²-IPS/DR, DCMT) and their CTR term.
+
+    Args:
+        loss_weights, ctnocvr: as :class:`CvrObjective`.
+        propensity_clip: floor of the propensity in the inverse weights, in (0, 1].
+        detach_propensity: stop the gradient through the inverse propensity.
+    """
+
+    def __init__(self, loss_weights: Mapping[str, float], ctnocvr: str = "none", propensity_clip: float = 0.05,
+                 detach_propensity: bool = True) -> None:
+        super().__init__(loss_weights, ctnocvr)
+        inverse_propensity(torch.zeros(1), propensity_clip, detach_propensity)  # validates the clip
+        self.propensity_clip = float(propensity_clip)
+        self.detach_propensity = bool(detach_propensity)
+
+    def ctr_terms(self, ctr_logit: torch.Tensor, click: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"ctr": BCE(click, pCTR)}`` over all exposures when the CTR term is weighted, else ``{}``."""
+        if "ctr" not in self.loss_weights:
+            return {}
+        return {"ctr": F.binary_cross_entropy_with_logits(ctr_logit, click)}

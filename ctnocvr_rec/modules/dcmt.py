@@ -30,10 +30,10 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from ctnocvr_rec.modules.cvr_objective import CvrObjective, ctcvr_bce, inverse_propensity
+from ctnocvr_rec.modules.cvr_objective import PropensityObjective, ctcvr_bce, inverse_propensity
 
 
-class DcmtObjective(CvrObjective):
+class DcmtObjective(PropensityObjective):
     """DCMT: terms ``ctr``, ``cvr_dcmt`` (C1), ``counterfactual`` (C2), ``ctcvr`` (+ CTnoCVR terms).
 
     Args:
@@ -49,20 +49,11 @@ class DcmtObjective(CvrObjective):
     extra_tasks = ("cvr_counterfactual",)
     method_terms = ("ctr", "cvr_dcmt", "counterfactual", "ctcvr")
 
-    def __init__(self, loss_weights: Mapping[str, float], ctnocvr: str = "none", propensity_clip: float = 0.05,
-                 detach_propensity: bool = True) -> None:
-        super().__init__(loss_weights, ctnocvr)
-        inverse_propensity(torch.zeros(1), propensity_clip, detach_propensity)  # validates the clip
-        self.propensity_clip = float(propensity_clip)
-        self.detach_propensity = bool(detach_propensity)
-
     def objective_terms(
         self, col: Mapping[str, torch.Tensor], click: torch.Tensor, conversion: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         a, b, b_cf = col["ctr"], col["cvr"], col["cvr_counterfactual"]
-        terms: dict[str, torch.Tensor] = {}
-        if "ctr" in self.loss_weights:
-            terms["ctr"] = F.binary_cross_entropy_with_logits(a, click)
+        terms = self.ctr_terms(a, click)
         if "cvr_dcmt" in self.loss_weights:
             w_click = inverse_propensity(F.logsigmoid(a), self.propensity_clip, self.detach_propensity)
             w_unclick = inverse_propensity(F.logsigmoid(-a), self.propensity_clip, self.detach_propensity)

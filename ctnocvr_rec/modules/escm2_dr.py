@@ -31,10 +31,10 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from ctnocvr_rec.modules.cvr_objective import CvrObjective, ctcvr_bce, inverse_propensity
+from ctnocvr_rec.modules.cvr_objective import PropensityObjective, ctcvr_bce, inverse_propensity
 
 
-class Escm2DrObjective(CvrObjective):
+class Escm2DrObjective(PropensityObjective):
     """ESCM²-DR: terms ``ctr``, ``cvr_dr`` (D1), ``imputation`` (D2), ``ctcvr`` (+ CTnoCVR terms).
 
     Args:
@@ -49,20 +49,11 @@ class Escm2DrObjective(CvrObjective):
     extra_tasks = ("imputation",)
     method_terms = ("ctr", "cvr_dr", "imputation", "ctcvr")
 
-    def __init__(self, loss_weights: Mapping[str, float], ctnocvr: str = "none", propensity_clip: float = 0.05,
-                 detach_propensity: bool = True) -> None:
-        super().__init__(loss_weights, ctnocvr)
-        inverse_propensity(torch.zeros(1), propensity_clip, detach_propensity)  # validates the clip
-        self.propensity_clip = float(propensity_clip)
-        self.detach_propensity = bool(detach_propensity)
-
     def objective_terms(
         self, col: Mapping[str, torch.Tensor], click: torch.Tensor, conversion: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         a, b = col["ctr"], col["cvr"]
-        terms: dict[str, torch.Tensor] = {}
-        if "ctr" in self.loss_weights:
-            terms["ctr"] = F.binary_cross_entropy_with_logits(a, click)
+        terms = self.ctr_terms(a, click)
         if "cvr_dr" in self.loss_weights or "imputation" in self.loss_weights:
             weight = inverse_propensity(F.logsigmoid(a), self.propensity_clip, self.detach_propensity)
             error = F.binary_cross_entropy_with_logits(b, conversion, reduction="none")  # e, [B]

@@ -36,10 +36,10 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from ctnocvr_rec.modules.cvr_objective import CvrObjective, ctcvr_bce, inverse_propensity
+from ctnocvr_rec.modules.cvr_objective import PropensityObjective, ctcvr_bce, inverse_propensity
 
 
-class Escm2IpsObjective(CvrObjective):
+class Escm2IpsObjective(PropensityObjective):
     """ESCM²-IPS: terms ``ctr`` (E2), ``cvr_ips`` (E3), ``ctcvr`` (E4), + the CTnoCVR terms if composed.
 
     Args:
@@ -54,20 +54,11 @@ class Escm2IpsObjective(CvrObjective):
     name = "escm2_ips"
     method_terms = ("ctr", "cvr_ips", "ctcvr")
 
-    def __init__(self, loss_weights: Mapping[str, float], ctnocvr: str = "none", propensity_clip: float = 0.05,
-                 detach_propensity: bool = True) -> None:
-        super().__init__(loss_weights, ctnocvr)
-        inverse_propensity(torch.zeros(1), propensity_clip, detach_propensity)  # validates the clip
-        self.propensity_clip = float(propensity_clip)
-        self.detach_propensity = bool(detach_propensity)
-
     def objective_terms(
         self, col: Mapping[str, torch.Tensor], click: torch.Tensor, conversion: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         a, b = col["ctr"], col["cvr"]
-        terms: dict[str, torch.Tensor] = {}
-        if "ctr" in self.loss_weights:
-            terms["ctr"] = F.binary_cross_entropy_with_logits(a, click)
+        terms = self.ctr_terms(a, click)
         if "cvr_ips" in self.loss_weights:
             weight = inverse_propensity(F.logsigmoid(a), self.propensity_clip, self.detach_propensity)
             per_row = F.binary_cross_entropy_with_logits(b, conversion, reduction="none")

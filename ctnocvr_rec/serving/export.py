@@ -71,21 +71,16 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None,
     Returns ``(model in eval mode, info)``; ``info`` holds the config, schema, table sizes and the
     checkpoint's path, step and saved world size.
     """
-    from ctnocvr_rec.config import load_config, to_dict
+    from ctnocvr_rec.config import to_dict
     from ctnocvr_rec.data.prepared import PreparedSet
     from ctnocvr_rec.models import build_model
     from ctnocvr_rec.resources import resolve
     from ctnocvr_rec.train import checkpoint as ckpt
+    from ctnocvr_rec.train.api import open_run_checkpoint
 
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: --run-dir must be a folder written by `ctnocvr train`")
-    cfg = load_config(config_path, overrides)
     # verified: a damaged newest checkpoint is skipped (and reported); a damaged named one is refused
-    info = ckpt.verified_checkpoint(checkpoint) if checkpoint else ckpt.newest_intact_checkpoint(run_dir)
-    if info is None:
-        raise FileNotFoundError(f"{run_dir}/checkpoints has no published checkpoint")
+    cfg, info = open_run_checkpoint(run_dir, checkpoint, overrides)
     prepared = Path(cfg.data.prepared_dir)
     # the schema the run trained with ("" = the manifest's); the manifest's copy when the config's
     # path is relative to another working directory

@@ -23,6 +23,7 @@ from ctnocvr_rec.config import RunConfig, save_config
 from ctnocvr_rec.train import divergence
 
 if TYPE_CHECKING:
+    from ctnocvr_rec.train.checkpoint import CheckpointInfo
     from ctnocvr_rec.train.distributed import DistContext
     from ctnocvr_rec.train.loop import NonFiniteLossError
 
@@ -150,6 +151,24 @@ def train_and_evaluate(cfg: RunConfig, nproc: int = 1, resume: bool = False, pla
     return json.loads(metrics_path.read_text(encoding="utf-8"))
 
 
+def open_run_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None,
+                        overrides: list[str] | None = None) -> tuple[RunConfig, CheckpointInfo]:
+    """The saved config of a run folder (with ``overrides``) and the checkpoint to load, verified:
+    the newest intact one (each newer damaged one reported on stderr), or exactly the one named.
+    What eval and export start from."""
+    from ctnocvr_rec.config import load_config
+    from ctnocvr_rec.train import checkpoint as ckpt
+
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: --run-dir must be a folder written by `ctnocvr train`")
+    cfg = load_config(config_path, overrides)
+    info = ckpt.verified_checkpoint(checkpoint) if checkpoint else ckpt.newest_intact_checkpoint(run_dir)
+    if info is None:
+        raise FileNotFoundError(f"{run_dir}/checkpoints has no published checkpoint")
+    return cfg, info
+
+
 def evaluate_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None, split: str = "test",
                         overrides: list[str] | None = None, save_predictions: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint of a run in one process, unsharded (whatever world size it was saved on).
@@ -161,7 +180,6 @@ def evaluate_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = Non
     Writes ``<run_dir>/eval_<split>.json`` (same layout as ``metrics.json``) and, if asked,
     ``<run_dir>/predictions/<split>.parquet``.
     """
-    from ctnocvr_rec.config import load_config
     from ctnocvr_rec.train import checkpoint as ckpt
     from ctnocvr_rec.train.data_source import open_eval_batches
     from ctnocvr_rec.train.distributed import init_distributed, pick_device, shutdown
@@ -170,14 +188,7 @@ def evaluate_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = Non
     from ctnocvr_rec.train.setup import build_unsharded_model
 
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: --run-dir must be a folder written by `ctnocvr train`")
-    cfg = load_config(config_path, overrides)
-    # verified first: the newest intact one (each newer damaged one reported), or exactly the one named
-    info = ckpt.verified_checkpoint(checkpoint) if checkpoint else ckpt.newest_intact_checkpoint(run_dir)
-    if info is None:
-        raise FileNotFoundError(f"{run_dir}/checkpoints has no published checkpoint")
+    cfg, info = open_run_checkpoint(run_dir, checkpoint, overrides)
     started = time.time()
     device = pick_device(cfg.train.device, 0)
     model = build_unsharded_model(cfg, device)
