@@ -8,7 +8,14 @@ Naming conventions used across the package:
 * ``spec.name`` – the Ali-CCP field id (``"101"``, ``"109_14"``), also the Parquet column name;
 * ``spec.weight_column`` – ``"<name>__w"``, the Parquet column of weights of a weighted field;
 * ``spec.feature_name`` – ``"f_<name>"``, the key in the ``KeyedJaggedTensor``;
-* ``spec.table_name`` – ``"t_<name>"`` unless the YAML sets ``table:`` to share a table.
+* ``spec.table_name`` – ``"t_<name>"`` unless the YAML sets ``table:`` to share a table;
+* ``dense.column`` – ``"<name>__d"``, the float32 Parquet column of a dense (numeric) feature.
+
+Dense features (optional ``dense:`` list in the YAML) are numbers, not ids: a prepared set stores
+each as one non-nullable float32 column, already transformed (``log1p`` and/or standardised with the
+mean and standard deviation fitted on the train split; the fitted values are in the manifest under
+``dense_stats``), and the batch carries them as one ``[B, D]`` tensor in :attr:`FieldSchema.dense`
+order. A schema without ``dense:`` is sparse-only, exactly as before.
 
 Weighted vs unweighted features (the batch carries two KJTs, the model two EBCs): a *table* is
 weighted when any field mapped to it is ``weighted: true``; every field of a weighted table goes to
@@ -28,6 +35,7 @@ from ctnocvr_rec.yaml_strict import load_yaml_file
 
 GROUPS = ("user", "item", "combination", "context")
 MAPPINGS = ("vocab", "hash")
+DENSE_TRANSFORMS = ("none", "log1p")
 OOV_ID = 0  # vocab mapping: id 0 is the out-of-vocabulary bucket; known ids are 1..V
 #: the packaged schema used where nothing names one (synth, prepare, plan --preset)
 DEFAULT_SCHEMA = "aliccp"
@@ -67,10 +75,34 @@ class FieldSpec:
 
 
 @dataclass(frozen=True)
+class DenseSpec:
+    """One dense (numeric) feature.
+
+    Attributes:
+        name: the input column / field name (``"D109_14"``).
+        transform: ``none`` or ``log1p`` (``sign(x) * log1p(|x|)``), applied first.
+        standardize: then ``(x - mean) / std`` with mean and std fitted on the train split.
+    """
+
+    name: str
+    transform: str = "none"
+    standardize: bool = False
+
+    @property
+    def column(self) -> str:
+        return f"{self.name}__d"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "transform": self.transform, "standardize": self.standardize}
+
+
+@dataclass(frozen=True)
 class FieldSchema:
     fields: tuple[FieldSpec, ...]
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    #: dense features, batch column order (empty: a sparse-only schema)
+    dense: tuple[DenseSpec, ...] = ()
 
     def __iter__(self) -> Iterator[FieldSpec]:
         return iter(self.fields)
@@ -123,6 +155,10 @@ class FieldSchema:
         return [f for f in self.fields if f.group == group]
 
     @property
+    def dense_names(self) -> list[str]:
+        return [d.name for d in self.dense]
+
+    @property
     def user_fields(self) -> list[FieldSpec]:
         return [f for f in self.fields if f.is_user]
 
@@ -131,7 +167,7 @@ class FieldSchema:
         return [f for f in self.fields if not f.is_user]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        tree: dict[str, Any] = {
             "fields": [
                 {
                     "name": f.name,
@@ -146,6 +182,9 @@ class FieldSchema:
                 for f in self.fields
             ]
         }
+        if self.dense:  # absent for sparse-only schemas: their manifests stay as before
+            tree["dense"] = [d.to_dict() for d in self.dense]
+        return tree
 
     @classmethod
     def from_dict(cls, tree: dict[str, Any], source: str = "") -> FieldSchema:
@@ -172,11 +211,37 @@ class FieldSchema:
             if spec.mapping == "hash" and spec.num_buckets <= 0:
                 raise SchemaError(f"{where} ({spec.name}): mapping 'hash' needs num_buckets > 0")
             specs.append(spec)
-        names = [s.name for s in specs]
+        dense = _dense_specs(tree.get("dense"), source)
+        names = [s.name for s in specs] + [d.name for d in dense]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise SchemaError(f"{source}: duplicate field name(s) {dup}")
-        return cls(tuple(specs), source=source)
+        return cls(tuple(specs), source=source, dense=dense)
+
+
+def _dense_specs(raw: Any, source: str) -> tuple[DenseSpec, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise SchemaError(f"{source}: 'dense' must be a list of {{name, transform, standardize}}")
+    valid = set(DenseSpec.__dataclass_fields__)
+    out = []
+    for i, entry in enumerate(raw):
+        where = f"{source}: dense[{i}]"
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise SchemaError(f"{where}: each dense feature needs a 'name'")
+        unknown = set(entry) - valid
+        if unknown:
+            raise SchemaError(f"{where}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(valid)}")
+        spec = DenseSpec(str(entry["name"]), str(entry.get("transform", "none")), entry.get("standardize", False))
+        if spec.transform not in DENSE_TRANSFORMS:
+            raise SchemaError(f"{where} ({spec.name}): transform {spec.transform!r} not in {DENSE_TRANSFORMS}")
+        if not isinstance(spec.standardize, bool):
+            raise SchemaError(f"{where} ({spec.name}): standardize must be true or false")
+        out.append(spec)
+    return tuple(out)
 
 
 def load_schema(ref: str | Path, base_dir: str | Path | None = None) -> FieldSchema:

@@ -10,7 +10,9 @@ once. Layout 2 (``PrepareOptions.output_options()["layout"]``):
 * per schema field a non-nullable ``list<element: int32 not null>`` of table rows (int64 only for a
   table of more than 2^31 rows), and for a weighted field ``<name>__w`` a ``list<float32 not null>``
   with the same offsets; no dictionary pages on list columns (they cost the loader ~40% of its
-  read speed); every column declared non-nullable (a shard holds no nulls).
+  read speed); every column declared non-nullable (a shard holds no nulls);
+* per dense feature of the schema (``schema.dense``) a float32 column ``<name>__d`` holding the
+  transformed value (schema.py, "Dense features"), after the field columns.
 
 Example::
 
@@ -79,13 +81,20 @@ def shard_table(
     fields: Mapping[str, FieldValues],
     schema: FieldSchema,
     num_embeddings: Mapping[str, int],
+    dense: Mapping[str, np.ndarray] | None = None,
 ) -> pa.Table:
     """The shard of ``n`` rows in layout 2 (module docstring).
 
     ``scalars``: every column of :data:`SCALAR_COLUMNS`, ``[n]`` each; ``fields``: every field of
-    ``schema`` (weights for the weighted ones); ``num_embeddings`` picks each field's id type.
+    ``schema`` (weights for the weighted ones); ``num_embeddings`` picks each field's id type;
+    ``dense``: ``[n]`` transformed values of every dense feature of ``schema`` (by name).
     """
-    missing = [c for c in SCALAR_COLUMNS if c not in scalars] + [s.name for s in schema if s.name not in fields]
+    dense = dense or {}
+    missing = (
+        [c for c in SCALAR_COLUMNS if c not in scalars]
+        + [s.name for s in schema if s.name not in fields]
+        + [d.name for d in schema.dense if d.name not in dense]
+    )
     if missing:
         raise ValueError(f"shard_table: missing column(s) {missing}")
     columns: dict[str, pa.Array] = {
@@ -103,6 +112,11 @@ def shard_table(
             columns[spec.weight_column] = pa.ListArray.from_arrays(
                 offsets, pa.array(np.asarray(values.weights), pa.float32()), type=list_type(pa.float32())
             )
+    for spec in schema.dense:
+        values = np.asarray(dense[spec.name], dtype=np.float32)
+        if not np.isfinite(values).all():
+            raise ValueError(f"shard_table: dense feature {spec.name} has non-finite values")
+        columns[spec.column] = pa.array(values, pa.float32())
     table = pa.table(columns)
     return table.cast(pa.schema([f.with_nullable(False) for f in table.schema]))
 
@@ -130,6 +144,7 @@ def write_split_tables(
     rows_per_file: int,
     row_group_size: int = ROW_GROUP_ROWS,
     compression: str = "lz4",
+    dense_stats: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
     """A small hand-made prepared set: each split's :func:`shard_table` cut into ``part-*.parquet`` of
     ``rows_per_file`` rows, plus a manifest with the schema, table sizes and per-split counts (the keys
@@ -158,5 +173,10 @@ def write_split_tables(
         "num_embeddings": {spec.name: int(num_embeddings[spec.name]) for spec in schema},
         "splits": splits,
     }
+    if schema.dense:
+        # what the stored values went through (schema.py, "Dense features"); identity by default
+        manifest["dense_stats"] = {
+            d.name: dict((dense_stats or {}).get(d.name, {"mean": 0.0, "std": 1.0})) for d in schema.dense
+        }
     write_manifest(root, manifest)
     return manifest
