@@ -100,3 +100,29 @@ def test_shard_layout(tmp_path):
                     {"101": 10, "853": 5})
     with pytest.raises(ValueError, match=r"missing column\(s\) \['conversion'\]"):
         shard_table({k: v for k, v in scalars.items() if k != "conversion"}, fields, schema, {"101": 10, "853": 5})
+
+
+def test_ids_per_row_from_footers_equals_decoded_list_lengths(prepared):
+    """The planner's pooling factors: footers only, yet equal to the decoded mean list length (an
+    empty list counted as one id); a split without shards gives none."""
+    ps = PreparedSet.open(prepared)
+    got = ps.ids_per_row("train")
+    table = pa.concat_tables(pq.read_table(f) for f in ps.files("train"))
+    assert set(got) == set(ps.schema.names)
+    for name in ps.schema.names:
+        lengths = np.asarray(pa.compute.list_value_length(table.column(name)).to_numpy(zero_copy_only=False))
+        assert got[name] == pytest.approx(np.maximum(lengths, 1).mean()), name
+    multi = [s.name for s in ps.schema if s.multi_valued]
+    assert max(got[n] for n in multi) > 1.5  # the fixture's histories really are longer than one id
+    assert ps.ids_per_row("valid") == {}
+
+
+def test_trainer_and_plan_command_use_the_same_pooling_factors(prepared):
+    from ctnocvr_rec.plan.api import pooling_by_table
+    from ctnocvr_rec.plan.tables import load_manifest_sizes
+
+    ps = PreparedSet.open(prepared)
+    sizes = load_manifest_sizes(ps)
+    assert sizes.pooling_factors == ps.ids_per_row("train")
+    by_table = pooling_by_table(ps.schema, sizes.pooling_factors)
+    assert by_table["t_109_14"] == [pytest.approx(ps.ids_per_row()["109_14"])]

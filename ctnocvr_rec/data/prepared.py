@@ -169,6 +169,41 @@ class PreparedSet:
             )
         return {f.name: self.num_embeddings[f.name] for f in self.schema}
 
+    def ids_per_row(self, split: str = "train") -> dict[str, float]:
+        """Mean ids per row of every field of :attr:`schema` over ``split``'s shards (empty when the
+        split has none): the planner's pooling factors, which its cost model uses to balance tables
+        across ranks (a history field carries hundreds of ids per row, a profile field one).
+
+        Read from the Parquet footers alone (no data page is decoded, so it is cheap on any size):
+        a list column chunk records one value per id and one level per empty list, so a row with an
+        empty list counts as one id here.
+        """
+        import pyarrow.parquet as pq
+
+        try:
+            files = self.files(split)
+        except FileNotFoundError:
+            return {}
+        wanted = set(self.schema.names)
+        values: dict[str, int] = {}
+        rows = 0
+        for path in files:
+            meta = pq.ParquetFile(path).metadata
+            rows += meta.num_rows
+            leaf_fields = {}
+            for i in range(meta.num_columns):
+                leaf = meta.schema.column(i).path
+                name = leaf[: -len(".list.element")] if leaf.endswith(".list.element") else None
+                if name in wanted:
+                    leaf_fields[i] = name
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                for i, name in leaf_fields.items():
+                    values[name] = values.get(name, 0) + group.column(i).num_values
+        if not rows:
+            return {}
+        return {name: values[name] / rows for name in self.schema.names if name in values}
+
     def vocab(self, field: str) -> Any:
         """The :class:`~ctnocvr_rec.data.vocab.FieldVocab` of ``field`` (raw id -> table row)."""
         from ctnocvr_rec.data.vocab import FieldVocab

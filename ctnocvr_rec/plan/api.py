@@ -83,7 +83,7 @@ def what_if_plan(
     plan_cfg = copy.deepcopy(cfg.plan)
     for table, entry in (extra_constraints or {}).items():
         plan_cfg.constraints[table] = {**plan_cfg.constraints.get(table, {}), **entry}
-    default_pooling = _pooling_by_table(schema, sizes.pooling_factors)
+    default_pooling = pooling_by_table(schema, sizes.pooling_factors)
 
     topology = sharding.make_topology(
         cluster.world_size,
@@ -104,7 +104,7 @@ def what_if_plan(
     return run_plan(planner, topology, model, sharders, meta)
 
 
-def _pooling_by_table(schema: Any, pooling: dict[str, float]) -> dict[str, list[float]]:
+def pooling_by_table(schema: Any, pooling: dict[str, float]) -> dict[str, list[float]]:
     """Field pooling factors -> per table, one factor per feature (schema order)."""
     out: dict[str, list[float]] = {}
     if not pooling:

@@ -73,7 +73,8 @@ def open_prepared(prepared_dir: str | Path, schema: FieldSchema | str | Path | N
 
 
 def load_manifest_sizes(prepared: str | Path | PreparedSet) -> TableSizes:
-    """``num_embeddings`` per field from a prepared set's ``manifest.json``."""
+    """``num_embeddings`` per field from a prepared set's ``manifest.json``, and its train split's
+    mean ids per row as pooling factors (:meth:`PreparedSet.ids_per_row`)."""
     if not isinstance(prepared, PreparedSet):
         prepared = open_prepared(prepared)
     path = prepared.manifest_path
@@ -81,7 +82,7 @@ def load_manifest_sizes(prepared: str | Path | PreparedSet) -> TableSizes:
     if not isinstance(raw, Mapping) or not raw:
         raise ValueError(f"{path}: no 'num_embeddings' mapping")
     sizes = {str(k): _positive_int(v, f"{path}: num_embeddings.{k}") for k, v in raw.items()}
-    return TableSizes(sizes, source=str(path))
+    return TableSizes(sizes, source=str(path), pooling_factors=prepared.ids_per_row("train"))
 
 
 def _positive_int(value: Any, where: str) -> int:

@@ -52,9 +52,10 @@ def build_sharded_model(cfg: RunConfig, ctx: DistContext, plan_file: str | None 
     """Model on meta, planned for the live topology (or ``plan_file`` enforced), wrapped in DMP."""
     from ctnocvr_rec.models import build_model
     from ctnocvr_rec.plan import saved, sharding
-    from ctnocvr_rec.plan.api import load_enforced_plan
+    from ctnocvr_rec.plan.api import load_enforced_plan, pooling_by_table
 
-    schema, num_embeddings = model_inputs(cfg)
+    prepared = PreparedSet.open(cfg.data.prepared_dir, cfg.data.schema)
+    schema, num_embeddings = prepared.schema, prepared.table_sizes()
     model = build_model(cfg.model, schema, num_embeddings, device=torch.device("meta"))
     sharders = sharding.make_sharders(cfg.train.optim, ctx.device_type)
     topology = sharding.make_topology(
@@ -65,7 +66,13 @@ def build_sharded_model(cfg: RunConfig, ctx: DistContext, plan_file: str | None 
     if plan_file:
         plan = load_enforced_plan(plan_file, model, ctx.world_size, ctx.device_type)
     else:
-        constraints = sharding.make_constraints(cfg.plan, ctx.device_type, list(meta["tables"]))
+        # the train split's ids per row as pooling factors: the planner's cost model balances the
+        # tables over ranks by them (with 1 per field it put the heavy histories together); the same
+        # figures `ctnocvr plan --prepared` uses, so its plan is the one trained
+        pooling = pooling_by_table(schema, prepared.ids_per_row("train"))
+        constraints = sharding.make_constraints(
+            cfg.plan, ctx.device_type, list(meta["tables"]), default_pooling_factors=pooling
+        )
         planner = sharding.build_planner(topology, cfg.data.batch_size, cfg.plan, constraints, module=model)
         if ctx.world_size > 1:
             plan = planner.collective_plan(model, sharders, torch.distributed.group.WORLD)
