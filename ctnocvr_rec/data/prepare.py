@@ -911,16 +911,32 @@ def _manifest(
 # ----------------------------------------------------------------------------------------------
 
 
+RAW_FORMAT = "aliccp-raw"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ctnocvr_rec.data.formats import FORMATS
+
     d = PrepareOptions(raw_dir="", out_dir="")
     parser.add_argument(
+        "--format",
+        choices=(RAW_FORMAT, *FORMATS),
+        default=RAW_FORMAT,
+        help="input format (default %(default)s; docs/formats.md): "
+        + "; ".join([f"{RAW_FORMAT}: the official raw Ali-CCP files (--raw-dir)"]
+                    + [f"{name}: {fmt.help}" for name, fmt in FORMATS.items()]),
+    )
+    parser.add_argument(
         "--raw-dir",
-        required=True,
-        help="folder with sample_skeleton_{train,test}.csv and "
+        help="--format aliccp-raw: folder with sample_skeleton_{train,test}.csv and "
         "common_features_{train,test}.csv (test optional)",
     )
     parser.add_argument("--out", required=True, help="prepared data folder (written atomically)")
-    parser.add_argument("--schema", default=d.schema, help="field schema: packaged name or YAML path (default %(default)s)")
+    parser.add_argument(
+        "--schema",
+        default=None,
+        help=f"field schema: packaged name or YAML path (default: the format's; {RAW_FORMAT}: {d.schema})",
+    )
     parser.add_argument(
         "--valid-fraction",
         type=float,
@@ -959,13 +975,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "split and its top reject reasons)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for name, fmt in FORMATS.items():
+        fmt.add_arguments(parser.add_argument_group(f"--format {name}"))
 
 
 def run(args: argparse.Namespace) -> int:
+    fmt_name = getattr(args, "format", RAW_FORMAT)
+    if fmt_name != RAW_FORMAT:
+        return _run_format(args, fmt_name)
+    if not args.raw_dir:
+        raise PrepareError(f"--format {RAW_FORMAT} needs --raw-dir FOLDER")
+    given = [f"--{n}" for n in ("train", "valid", "test") if getattr(args, n, None)]
+    if given:
+        raise PrepareError(f"{', '.join(given)}: not options of --format {RAW_FORMAT} (it reads --raw-dir)")
     opts = PrepareOptions(
         raw_dir=args.raw_dir,
         out_dir=args.out,
-        schema=args.schema,
+        schema=args.schema or DEFAULT_SCHEMA,
         valid_fraction=args.valid_fraction,
         split_by=args.split_by,
         seed=args.seed,
@@ -983,12 +1009,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_format(args: argparse.Namespace, fmt_name: str) -> int:
+    """``--format NAME`` other than aliccp-raw: the reader of that format feeds the writer."""
+    from ctnocvr_rec.data.formats import FORMATS
+    from ctnocvr_rec.data.writer import WriterOptions, write_prepared
+
+    if args.raw_dir:
+        raise PrepareError(f"--raw-dir: only for --format {RAW_FORMAT} (--format {fmt_name} reads files)")
+    fmt = FORMATS[fmt_name]
+    source = fmt.open(args)
+    opts = WriterOptions(
+        out_dir=args.out,
+        valid_fraction=args.valid_fraction,
+        split_by=args.split_by,
+        seed=args.seed,
+        rows_per_shard=args.rows_per_shard,
+        strict=args.strict,
+        allow_empty_split=args.allow_empty_split,
+        force=args.force,
+        progress=not args.no_progress,
+        compression=args.compression,
+    )
+    manifest = write_prepared(source, opts, fmt_name, fmt.options(args))
+    print(summary(manifest))
+    return 0
+
+
 def summary(manifest: dict[str, Any]) -> str:
     """Human-readable summary: rows per split and the rows_in = written + rejected balance."""
     r = manifest["rejects"]
     lines = [
         f"rows_in {r['rows_in']:,} = rows_written {r['rows_written']:,} + rows_rejected {r['rows_rejected']:,}"
-        f" (common-features lines rejected: {r['common_rows_rejected']:,})"
+        + (f" (common-features lines rejected: {r['common_rows_rejected']:,})" if "common_rows_rejected" in r else "")
     ]
     for name, s in manifest["splits"].items():
         lines.append(

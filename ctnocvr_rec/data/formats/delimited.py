@@ -177,7 +177,7 @@ class _ChunkParser:
         good_lines = np.delete(nonblank, bad_index)
         rejects = [
             Reject(self.display, row_base + int(nonblank[n - 1]) + 1, Reason.WRONG_COLUMN_COUNT,
-                   f"line {row_base + int(nonblank[n - 1]) + 2}: {why}",
+                   why,
                    raw_text(data[starts[nonblank[n - 1]]:ends[nonblank[n - 1]]].decode("utf-8", "replace")))
             for n, why in sorted(invalid)
         ]
