@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=tuple(FORMATS),
         default=RAW_FORMAT,
         help="input format (default %(default)s; docs/formats.md): "
-        + "; ".join(f"{name}: {fmt.help}" for name, fmt in FORMATS.items()),
+        + "; ".join(f"{name}: {getattr(fmt, 'help', '')}" for name, fmt in FORMATS.items()),
     )
     parser.add_argument("--out", required=True, help="prepared data folder (written atomically)")
     parser.add_argument(
@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             compression=args.compression,
         )
-        manifest = write_prepared(source, opts, name, fmt.options(args))
+        options = getattr(fmt, "options", None)  # optional: the format options that change the output
+        manifest = write_prepared(source, opts, name, options(args) if options else {})
     print(summary(manifest))
     return 0
 
