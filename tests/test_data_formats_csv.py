@@ -299,3 +299,17 @@ def test_registry_lists_the_formats():
     assert {"aliccp-rechub-csv", "aliccp-aitm-csv"} <= set(FORMATS)
     for name, fmt in FORMATS.items():
         assert fmt.name == name and fmt.help
+
+
+def test_pandas_default_index_column_is_ignored(tmp_path):
+    """``df.to_csv(path)`` without ``index=False``: the header starts with an empty name."""
+    rows = make_rows(30, 13, AITM_HEADER)
+    path = write_csv(tmp_path / "ctr_cvr.train", AITM_HEADER, rows, index_column="")
+    assert path.read_text().startswith(",click,purchase,101,")
+    out = tmp_path / "p"
+    assert prepare(out, "aliccp-aitm-csv", "--train", str(path), "--valid-fraction", "0") == 0
+    m = PreparedSet.open(out).manifest
+    assert m["input"]["files"][str(path)]["ignored_columns"] == [""]
+    back = read_back(out)
+    assert [(r["click"], r["conversion"]) for _, r in sorted(back.items())] == [
+        (int(r["click"]), int(r["purchase"])) for r in rows]
