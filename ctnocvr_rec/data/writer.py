@@ -2,7 +2,7 @@
 any input format -> shuffled Parquet shards + vocabulary + manifest + rejects.
 
 Used by every ``ctnocvr data prepare --format NAME`` except ``aliccp-raw`` (whose joins need their own
-pipeline, :mod:`ctnocvr_rec.data.prepare`; both follow :mod:`ctnocvr_rec.data.writer_rules`). Two
+pipeline, :mod:`ctnocvr_rec.data.formats.aliccp_raw`; both follow :mod:`ctnocvr_rec.data.writer_rules`). Two
 passes, memory bounded by one reader chunk plus one output shard:
 
 1. **Pass 1** (reader chunks in file order): reader rejects, then the writer's own checks (labels in
