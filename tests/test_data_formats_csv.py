@@ -328,3 +328,30 @@ def test_a_stray_quote_costs_one_row(tmp_path):
         got = [(int(r["row"]), r["reason"], r["detail"]) for r in csv.DictReader(f)]
     assert got == [(2, "non_numeric", "field 124: '\"7'"), (4, "non_numeric", "field 124: '\"7\"'")]
     assert PreparedSet.open(out).manifest["rejects"]["rows_written"] == 12
+
+
+def test_split_by_user_seed_and_force(tmp_path):
+    rows = make_rows(600, 15, AITM_HEADER)
+    for i, row in enumerate(rows):
+        row["101"] = str(i % 40)  # 40 users, 15 rows each
+    path = write_csv(tmp_path / "t.csv", AITM_HEADER, rows)
+    out = tmp_path / "p"
+    assert prepare(out, "aliccp-aitm-csv", "--train", str(path), "--split-by", "user", "--valid-fraction", "0.3") == 0
+    back = read_back(out)
+    split_of_user: dict[int, set] = {}
+    for row in back.values():
+        split_of_user.setdefault(row["user_id"], set()).add(row["split"])
+    assert all(len(s) == 1 for s in split_of_user.values())  # a user's rows stay together
+    valid_users = {u for u, s in split_of_user.items() if s == {"valid"}}
+    assert 3 <= len(valid_users) <= 25
+    assert PreparedSet.open(out).manifest["split_rule"]["by"] == "user"
+    # another seed: another split and another shuffle; --force rebuilds an up-to-date set
+    other = tmp_path / "q"
+    assert prepare(other, "aliccp-aitm-csv", "--train", str(path), "--split-by", "user", "--valid-fraction", "0.3",
+                   "--seed", "5") == 0
+    assert {r["user_id"] for r in read_back(other).values() if r["split"] == "valid"} != valid_users
+    before = (out / "manifest.json").stat().st_mtime_ns
+    assert prepare(out, "aliccp-aitm-csv", "--train", str(path), "--split-by", "user", "--valid-fraction", "0.3",
+                   "--force") == 0
+    assert (out / "manifest.json").stat().st_mtime_ns != before
+    assert read_back(out) == back  # same inputs and options: the same rows in the same shards
