@@ -208,6 +208,10 @@ def _name(r: _Reader, node: yaml.Node, where: str) -> str:
 
 def _sparse(r: _Reader, node: yaml.Node, index: int, defaults: dict[str, Any]) -> SparseBinding:
     where = f"fields[{index}]"
+    if isinstance(node, yaml.MappingNode):  # name the field in every message, unknown keys included
+        names = [v.value for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == "name"
+                 and isinstance(v, yaml.ScalarNode)]
+        where += f" ({names[0]})" if names else ""
     keys = r.mapping(node, where, _FIELD_KEYS)
     if "name" not in keys:
         raise r.fail(node, where, "needs 'name' (and 'group', here or in 'defaults')")

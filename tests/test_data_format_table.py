@@ -1,0 +1,416 @@
+"""The ``table`` input format's reader: table schema YAML, Parquet / CSV decoding, rejects with file:row,
+open-time checks (missing columns, unusable Parquet types), bounded chunks."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ctnocvr_rec.data.formats import table as table_format
+from ctnocvr_rec.data.formats.base import PrepareError, RawRows, stable_id_hash
+from ctnocvr_rec.data.formats.table import TableFormat
+from ctnocvr_rec.data.formats.table_schema import TableSchemaError, load_table_schema
+
+SCHEMA = """\
+labels: {click: clk, conversion: buy, conversion_requires_click: true}
+user_id: {column: uid, id_type: string}
+request_id: req
+fields:
+  - {name: user, column: uid, group: user, id_type: string}
+  - {name: tags, group: item, multi_valued: true, weighted: true, weight_column: tag_w,
+     mapping: hash, num_buckets: 64, allow_missing: true}
+  - {name: cat, group: item, multi_valued: true, min_count: 2}
+  - {name: shop, group: item}
+dense:
+  - {name: price, transform: log1p, standardize: true}
+  - qty
+"""
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def _open(tmp_path: Path, schema_text: str, train: list[Path], **splits: list[Path]) -> table_format.TableSource:
+    schema = _write(tmp_path / "schema.yaml", schema_text)
+    args = argparse.Namespace(table_schema=str(schema), train=[str(p) for p in train],
+                              valid=[str(p) for p in splits.get("valid", [])] or None,
+                              test=[str(p) for p in splits.get("test", [])] or None)
+    return TableFormat().open(args)
+
+
+def _read_all(source: table_format.TableSource, split: str = "train") -> list[RawRows]:
+    return list(source.read(split))
+
+
+def _rows(n: int, seed: int = 0) -> dict[str, list]:
+    """``n`` random good rows as Python values (uid text, tags/cat lists, weights, floats)."""
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list] = {k: [] for k in ("clk", "buy", "uid", "req", "tags", "tag_w", "cat", "shop", "price",
+                                             "qty")}
+    for _ in range(n):
+        click = int(rng.integers(0, 2))
+        rows["clk"].append(click)
+        rows["buy"].append(int(click and rng.integers(0, 2)))
+        rows["uid"].append(f"user-{rng.integers(0, 5)}")
+        rows["req"].append(int(rng.integers(0, 1 << 40)))
+        k = int(rng.integers(0, 4))
+        rows["tags"].append([int(x) for x in rng.integers(-5, 1 << 35, size=k)])
+        rows["tag_w"].append([float(x) for x in rng.integers(1, 8, size=k) / 4])
+        rows["cat"].append([int(x) for x in rng.integers(0, 9, size=int(rng.integers(1, 3)))])
+        rows["shop"].append(int(rng.integers(0, 1000)))
+        rows["price"].append(float(rng.integers(0, 10_000)) / 8)
+        rows["qty"].append(float(rng.integers(-3, 3)))
+    return rows
+
+
+def _parquet(path: Path, rows: dict[str, list]) -> Path:
+    pq.write_table(pa.table({
+        **{k: rows[k] for k in ("clk", "buy", "uid", "req", "shop", "price", "qty")},
+        "tags": pa.array(rows["tags"], pa.list_(pa.int64())),
+        "tag_w": pa.array(rows["tag_w"], pa.list_(pa.float32())),
+        "cat": pa.array(rows["cat"], pa.list_(pa.int32())),
+    }), path, row_group_size=7)
+    return path
+
+
+def _csv_cell(value, sep="|") -> str:
+    return sep.join(str(v) for v in value) if isinstance(value, list) else str(value)
+
+
+def _csv(path: Path, rows: dict[str, list], delimiter=",", sep="|") -> Path:
+    cols = list(rows)
+    lines = [delimiter.join(cols)]
+    for i in range(len(rows["clk"])):
+        lines.append(delimiter.join(_csv_cell(rows[c][i], sep) for c in cols))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _concat(chunks: list[RawRows]) -> dict:
+    """The chunks of one file as plain arrays (offsets rebased), for equality checks."""
+    out = {"rows": np.concatenate([c.rows for c in chunks]), "click": np.concatenate([c.click for c in chunks]),
+           "conversion": np.concatenate([c.conversion for c in chunks]),
+           "user_id": None if chunks[0].user_id is None else np.concatenate([c.user_id for c in chunks]),
+           "request_id": None if chunks[0].request_id is None else np.concatenate([c.request_id for c in chunks])}
+    for name in chunks[0].sparse:
+        out[name + ".len"] = np.concatenate([np.diff(c.sparse[name].offsets) for c in chunks])
+        out[name + ".ids"] = np.concatenate([c.sparse[name].ids for c in chunks])
+        if chunks[0].sparse[name].weights is not None:
+            out[name + ".w"] = np.concatenate([c.sparse[name].weights for c in chunks])
+    for name in chunks[0].dense:
+        out[name] = np.concatenate([c.dense[name] for c in chunks])
+    return out
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Good rows: Parquet and CSV give the same RawRows, values exact
+# ---------------------------------------------------------------------------------------------
+
+
+def test_parquet_and_csv_give_the_same_raw_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(table_format, "BATCH_ROWS", 16)  # several chunks per file
+    rows = _rows(50)
+    pq_file, csv_file = _parquet(tmp_path / "a.parquet", rows), _csv(tmp_path / "a.csv", rows)
+    source = _open(tmp_path, SCHEMA, [pq_file, csv_file])
+    chunks = _read_all(source)
+    by_file = {f: [c for c in chunks if c.file == str(f)] for f in (pq_file, csv_file)}
+    assert [len(c.rows) for c in by_file[pq_file]] == [16, 16, 16, 2]
+    assert all(not c.rejects for c in chunks)
+    from_pq, from_csv = _concat(by_file[pq_file]), _concat(by_file[csv_file])
+    _assert_same(from_pq, from_csv)
+    # the values are the input's, exactly
+    np.testing.assert_array_equal(from_pq["rows"], np.arange(1, 51))
+    np.testing.assert_array_equal(from_pq["click"], rows["clk"])
+    np.testing.assert_array_equal(from_pq["conversion"], rows["buy"])
+    np.testing.assert_array_equal(from_pq["request_id"], rows["req"])
+    np.testing.assert_array_equal(from_pq["user_id"], stable_id_hash(pa.array(rows["uid"])))
+    np.testing.assert_array_equal(from_pq["user.ids"], from_pq["user_id"])
+    np.testing.assert_array_equal(from_pq["tags.ids"], [t for r in rows["tags"] for t in r])
+    np.testing.assert_array_equal(from_pq["tags.len"], [len(r) for r in rows["tags"]])
+    np.testing.assert_array_equal(from_pq["tags.w"], np.float32([w for r in rows["tag_w"] for w in r]))
+    np.testing.assert_array_equal(from_pq["cat.ids"], [t for r in rows["cat"] for t in r])
+    np.testing.assert_array_equal(from_pq["shop.ids"], rows["shop"])
+    np.testing.assert_array_equal(from_pq["shop.len"], np.ones(50))
+    np.testing.assert_array_equal(from_pq["price"], rows["price"])  # raw: the writer transforms
+    assert from_pq["price"].dtype == np.float64 and from_pq["tags.w"].dtype == np.float32
+    assert from_pq["user_id"].dtype == np.int64 and from_pq["tags.ids"].dtype == np.int64
+
+
+def test_the_field_schema_comes_from_the_yaml(tmp_path):
+    rows = _rows(3)
+    schema = _open(tmp_path, SCHEMA, [_parquet(tmp_path / "a.parquet", rows)]).schema
+    assert schema.names == ["user", "tags", "cat", "shop"]
+    assert schema["tags"].multi_valued and schema["tags"].weighted and schema["tags"].mapping == "hash"
+    assert schema["tags"].num_buckets == 64 and schema["cat"].min_count == 2 and schema["user"].group == "user"
+    assert [(d.name, d.transform, d.standardize) for d in schema.dense] == [
+        ("price", "log1p", True), ("qty", "none", False)]
+
+
+def test_id_weight_pairs_in_text_and_a_custom_delimiter(tmp_path):
+    rows = _rows(20, seed=3)
+    pairs = {k: v for k, v in rows.items() if k != "tag_w"}
+    pairs["tags"] = [";".join(f"{t}={w}" for t, w in zip(ts, ws)) for ts, ws in zip(rows["tags"], rows["tag_w"])]
+    text = "\t".join(pairs) + "\n" + "\n".join(
+        "\t".join(str(pairs[c][i]) if c != "cat" else ";".join(map(str, pairs[c][i])) for c in pairs)
+        for i in range(20)) + "\n"
+    (tmp_path / "p.tsv").write_text(text, encoding="utf-8")
+    schema = SCHEMA.replace("weight_column: tag_w,", "") + 'csv: {delimiter: "\\t", list_delimiter: ";", ' \
+                                                           'weight_delimiter: "="}\n'
+    from_pairs = _concat(_read_all(_open(tmp_path, schema, [tmp_path / "p.tsv"])))
+    reference = _concat(_read_all(_open(tmp_path, SCHEMA, [_parquet(tmp_path / "a.parquet", rows)])))
+    _assert_same(from_pairs, reference)
+
+
+def test_string_ids_hash_their_text_whatever_the_column_type(tmp_path):
+    schema = """\
+    labels: {click: c, conversion: v}
+    fields: [{name: item, group: item, id_type: string}, {name: kw, group: item, multi_valued: true,
+              id_type: string}]
+    """
+    pq.write_table(pa.table({"c": [1, 0], "v": [1, 0], "item": [123, -4],
+                             "kw": pa.array([["a", "b"], ["123"]])}), tmp_path / "a.parquet")
+    (tmp_path / "a.csv").write_text("c,v,item,kw\n1,1, 123 ,a|b\n0,0,-4,123\n", encoding="utf-8")
+    from_pq, from_csv = (_concat(_read_all(_open(tmp_path, textwrap.dedent(schema), [tmp_path / f])))
+                         for f in ("a.parquet", "a.csv"))
+    del from_pq["rows"], from_csv["rows"]
+    np.testing.assert_array_equal(from_pq["item.ids"], stable_id_hash(pa.array(["123", "-4"])))
+    np.testing.assert_array_equal(from_pq["kw.ids"], stable_id_hash(pa.array(["a", "b", "123"])))
+    np.testing.assert_array_equal(from_pq["kw.ids"][2], from_pq["item.ids"][0])  # 123 and "123": one id
+    for key in from_pq:
+        if key not in ("user_id", "request_id"):
+            np.testing.assert_array_equal(from_pq[key], from_csv[key], err_msg=key)
+
+
+def test_missing_allowed_gives_zero_ids_and_no_user_column_gives_none(tmp_path):
+    schema = """\
+    labels: {click: c, conversion: v}
+    fields: [{name: kw, group: item, multi_valued: true, allow_missing: true}]
+    """
+    (tmp_path / "a.csv").write_text("c,v,kw\n1,0,\n0,0,4|5\n", encoding="utf-8")
+    [chunk] = _read_all(_open(tmp_path, textwrap.dedent(schema), [tmp_path / "a.csv"]))
+    assert chunk.user_id is None and chunk.request_id is None and not chunk.rejects
+    np.testing.assert_array_equal(chunk.sparse["kw"].offsets, [0, 0, 2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad rows: each rejected with file, row (CSV: line) and reason; the rest kept
+# ---------------------------------------------------------------------------------------------
+
+BAD_CSV = """\
+clk,buy,uid,req,tags,tag_w,cat,shop,price,qty
+1,0,u1,5,7|9,0.5|2,1|2,3,10.5,1
+x,0,u2,6,8,1,3,4,2,1
+1,2,u2,6,8,1,3,4,2,1
+,0,u2,6,8,1,3,4,2,1
+1,0,,6,8,1,3,4,2,1
+1,0,u2,6,8|,1|1,3,4,2,1
+1,0,u2,6,8,,3,4,2,1
+1,0,u2,6,8|9,1,3,4,2,1
+1,0,u2,6,8,one,3,4,2,1
+1,0,u2,6,8,1,3.5,4,2,1
+1,0,u2,6,8,1,3,99999999999999999999,2,1
+1,0,u2,6,8,1,3,4,abc,1
+1,0,u2,6,8,1,3,4,2,
+1,0,u2,6
+1,0,u2,z6,8,1,3,4,2,1
+
+0,0,u3,7,,,5,6,1e3,-2
+"""
+
+BAD_EXPECTED = [  # (row, reason, words in the detail)
+    (2, "bad_label", "line 3: column 'clk': 'x' is not 0 or 1"),
+    (3, "bad_label", "column 'buy': '2' is not 0 or 1"),
+    (4, "missing_value", "column 'clk' is empty"),
+    (5, "missing_value", "column 'uid' is empty"),
+    (6, "bad_list", "column 'tags' (field tags): '8|' has an empty item"),
+    (7, "bad_weight", "weight column 'tag_w' (field tags) is empty"),
+    (8, "bad_weight", "field tags: 2 id(s) in 'tags' but 1 weight(s) in 'tag_w'"),
+    (9, "bad_weight", "weight column 'tag_w' (field tags): 'one' is not numeric"),
+    (10, "bad_id", "column 'cat' (field cat): '3.5' is not an integer id"),
+    (11, "bad_id", "column 'shop' (field shop): '99999999999999999999' is not an integer id"),
+    (12, "non_numeric", "column 'price': 'abc' is not a number"),
+    (13, "missing_value", "line 14: column 'qty' is empty"),
+    (14, "wrong_column_count", "line 15: 4 cells, the header has 10"),
+    (15, "bad_id", "column 'req': 'z6' is not an integer id"),
+    (16, "missing_value", "line 17: column 'clk' is empty"),  # a blank line is a row of empty cells
+]
+
+
+@pytest.mark.parametrize("batch_rows", [4, 65_536])
+def test_each_bad_row_is_rejected_with_file_row_and_reason(tmp_path, monkeypatch, batch_rows):
+    monkeypatch.setattr(table_format, "BATCH_ROWS", batch_rows)
+    path = _write(tmp_path / "bad.csv", BAD_CSV)
+    chunks = _read_all(_open(tmp_path, SCHEMA, [path]))
+    rejects = [r for c in chunks for r in c.rejects]
+    assert all(r.file == str(path) for r in rejects)
+    got = [(r.row, r.reason) for r in rejects]
+    assert got == [(row, reason) for row, reason, _ in BAD_EXPECTED]
+    for r, (_, _, words) in zip(rejects, BAD_EXPECTED):
+        assert words in r.detail, (r, words)
+        assert r.detail.startswith(f"line {r.row + 1}: ")
+    assert "clk='x'" in rejects[0].raw and rejects[-3].raw == "1,0,u2,6"
+    kept = np.concatenate([c.rows for c in chunks])
+    np.testing.assert_array_equal(kept, [1, 17])  # the two good rows (the last one after the blank line)
+    assert len(kept) + len(rejects) == 17  # every data row accounted for
+    last = [c for c in chunks if len(c.rows)][-1]
+    assert last.dense["price"][-1] == 1000.0 and last.dense["qty"][-1] == -2.0
+    assert np.diff(last.sparse["tags"].offsets)[-1] == 0  # empty tags allowed here
+
+
+def test_parquet_bad_values_name_the_row(tmp_path):
+    schema = """\
+    labels: {click: c, conversion: v}
+    user_id: u
+    fields: [{name: kw, group: item, multi_valued: true}, {name: big, group: item}]
+    dense: [x]
+    """
+    pq.write_table(pa.table({
+        "c": pa.array([1, 1, None, 1, 1, 1, 1], pa.int8()),
+        "v": [0, 0, 0, 0, 0, 0, 0],
+        "u": pa.array([1, 2, 3, None, 5, 6, 7], pa.int64()),
+        "kw": pa.array([[1], [1, None], [1], [1], None, [], [2]], pa.list_(pa.int64())),
+        "big": pa.array([1, 2, 3, 4, 5, 6, 2**64 - 1], pa.uint64()),
+        "x": [0.5, 1.0, 1.0, 1.0, 1.0, float("nan"), 1.0],
+    }), tmp_path / "a.parquet", row_group_size=3)
+    chunks = _read_all(_open(tmp_path, textwrap.dedent(schema), [tmp_path / "a.parquet"]))
+    rejects = [(r.row, r.reason) for c in chunks for r in c.rejects]
+    assert rejects == [(2, "bad_list"), (3, "missing_value"), (4, "missing_value"), (5, "missing_value"),
+                       (7, "bad_id")]
+    assert not any(r.detail.startswith("line") for c in chunks for r in c.rejects)  # Parquet: rows
+    kept = _concat(chunks)
+    np.testing.assert_array_equal(kept["rows"], [1, 6])
+    np.testing.assert_array_equal(kept["kw.len"], [1, 0])  # an empty list is a value: zero ids
+    assert np.isnan(kept["x"][1])  # NaN passes as missing: the writer rejects it (non-finite)
+
+
+# ---------------------------------------------------------------------------------------------
+# Open-time errors: before any row is read
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_missing_column_is_an_error_naming_file_and_column(tmp_path):
+    rows = _rows(4)
+    good = _parquet(tmp_path / "a.parquet", rows)
+    no_price = {k: v for k, v in rows.items() if k != "price"}
+    bad_csv = _csv(tmp_path / "b.csv", no_price)
+    with pytest.raises(PrepareError, match=r"b\.csv: missing column\(s\) \['price'\]"):
+        _open(tmp_path, SCHEMA, [good], test=[bad_csv])
+    pq.write_table(pa.table({k: v for k, v in rows.items() if k not in ("shop", "tag_w")}), tmp_path / "c.parquet")
+    with pytest.raises(PrepareError, match=r"c\.parquet: missing column\(s\) \['tag_w', 'shop'\]"):
+        _open(tmp_path, SCHEMA, [good, tmp_path / "c.parquet"])
+
+
+@pytest.mark.parametrize("column,array,words", [
+    ("shop", pa.array([1.5] * 4), "field shop needs integer or text ids (a float is not an id)"),
+    ("cat", pa.array([[1.0]] * 4), "field cat needs integer or text ids"),
+    ("shop", pa.array([[1]] * 4), "field shop is single-valued but the column is a list"),
+    ("price", pa.array([[1.0]] * 4), "a dense column must hold numbers or text"),
+    ("clk", pa.array([[1]] * 4), "a label column"),
+    ("req", pa.array([1.0] * 4), "an id column must hold integers or text"),
+    ("tag_w", pa.array([[True]] * 4), "a weight column must hold numbers"),
+])
+def test_an_unusable_parquet_type_names_file_column_and_type(tmp_path, column, array, words):
+    rows = _rows(4)
+    path = _parquet(tmp_path / "a.parquet", rows)
+    table = pq.read_table(path)
+    table = table.set_column(table.schema.get_field_index(column), column, array)
+    pq.write_table(table, path)
+    with pytest.raises(PrepareError) as err:
+        _open(tmp_path, SCHEMA, [path])
+    message = str(err.value)
+    stored_type = pq.read_schema(path).field(column).type
+    assert f"a.parquet: column {column!r} has type {stored_type}: " in message and words in message
+
+
+def test_paths_globs_and_extensions(tmp_path):
+    rows = _rows(3)
+    for name in ("p2.parquet", "p1.parquet"):
+        _parquet(tmp_path / name, rows)
+    source = _open(tmp_path, SCHEMA, [Path(str(tmp_path / "p*.parquet"))], test=[tmp_path / "p2.parquet"])
+    assert source.files() == {"train": [tmp_path / "p1.parquet", tmp_path / "p2.parquet"],
+                              "test": [tmp_path / "p2.parquet"]}
+    assert [c.file for c in source.read("train")] == [str(tmp_path / "p1.parquet"), str(tmp_path / "p2.parquet")]
+    with pytest.raises(PrepareError, match=r"--valid .*q\*\.parquet: the pattern matches no file"):
+        _open(tmp_path, SCHEMA, [tmp_path / "p1.parquet"], valid=[Path(str(tmp_path / "q*.parquet"))])
+    with pytest.raises(PrepareError, match=r"--train .*nope\.csv: no such file"):
+        _open(tmp_path, SCHEMA, [tmp_path / "nope.csv"])
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(PrepareError, match=r"x\.json: cannot tell the file type"):
+        _open(tmp_path, SCHEMA, [tmp_path / "x.json"])
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(PrepareError, match=r"empty\.csv: empty file: a CSV input needs a header row"):
+        _open(tmp_path, SCHEMA, [tmp_path / "empty.csv"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The table schema YAML: strict, file:line
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,line,words", [
+    ("labels: {click: c, conversion: v}\nfields:\n  - {name: a, group: item}\nfeilds: []\n", 4,
+     "table schema: unknown key 'feilds'"),
+    ("labels: {click: c, conversion: v}\nfields:\n  - {name: a, group: item,\n     multivalued: true}\n", 4,
+     "fields[0] (a): unknown key 'multivalued'"),
+    ("labels: {click: c, conversion: v}\nfields:\n  - {name: a, group: item}\n  - {name: b, group: item,"
+     " min_count: two}\n", 4, "fields[1] (b).min_count: must be a int, got 'two'"),
+    ("labels: {click: c, conversion: v}\nfields:\n  - {name: a, group: items}\n", 3,
+     "fields[0] (a).group: 'items' is not one of"),
+    ("labels: {click: c, conversion: v}\nfields:\n  - {name: a, group: item, multi_valued: 'yes'}\n", 3,
+     "multi_valued: must be a bool"),
+    ("labels: {click: c, conversion: v}\nfields:\n  - {name: a, group: item, mapping: hash}\n", 3,
+     "mapping 'hash' needs num_buckets > 0"),
+    ("labels: {click: c}\nfields:\n  - {name: a, group: item}\n", 1, "labels: needs 'conversion'"),
+    ("labels: {click: c, conversion: v,\n  conversion_requires_click: false}\nfields: [{name: a, group: item}]\n",
+     2, "labels.conversion_requires_click: False is not one of [True]"),
+    ("labels: {click: c, conversion: v}\nfields:\n  - {name: a, group: item}\ndense:\n  - {name: a}\n", 1,
+     "duplicate name(s) ['a']"),
+    ("labels: {click: c, conversion: v}\nfields:\n  - {name: user_id, group: user}\n", 3,
+     "name 'user_id' must match"),
+    ("labels: {click: c, conversion: v}\nfields:\n  - {name: a, group: item}\ndense:\n  - {name: d, transform: log}\n",
+     5, "dense[0] (d).transform: 'log' is not one of"),
+    ("labels: {click: c, conversion: v}\ncsv: {delimiter: ';;'}\nfields:\n  - {name: a, group: item}\n", 2,
+     "csv.delimiter: must be one character"),
+    ("labels: {click: c, conversion: v}\nfields:\n  - {name: a, group: item}\nuser_id: {col: u}\n", 4,
+     "user_id: unknown key 'col'"),
+    ("labels: {click: c, conversion: v}\nfields:\n  - {name: a, group: item, weight_column: w}\n", 3,
+     "only a 'weighted: true' field has weights"),
+    ("labels: {click: c, conversion: v}\nfields:\n  - {name: a, group: item}\n  - {name: a, group: item}\n", 3,
+     "fields:"),  # a duplicate *YAML key* is yaml_strict's; a duplicate field name is ours
+])
+def test_schema_errors_name_file_and_line(tmp_path, text, line, words):
+    path = _write(tmp_path / "s.yaml", text)
+    with pytest.raises(TableSchemaError) as err:
+        load_table_schema(path)
+    message = str(err.value)
+    if words == "fields:":
+        assert message.startswith(f"{path}:1: fields/dense: duplicate name(s) ['a']")
+        return
+    assert message.startswith(f"{path}:{line}: "), message
+    assert words in message, message
+
+
+def test_yaml_syntax_and_duplicate_keys_are_errors_with_a_line(tmp_path):
+    path = _write(tmp_path / "s.yaml", "labels: {click: c, conversion: v}\nfields: []\nfields: [1]\n")
+    with pytest.raises(ValueError, match=r"s\.yaml:3:1: duplicate key 'fields' \(first at line 2\)"):
+        load_table_schema(path)
+    args = argparse.Namespace(table_schema=str(path), train=["x.csv"], valid=None, test=None)
+    with pytest.raises(PrepareError, match=r"s\.yaml:3:1: duplicate key"):
+        TableFormat().open(args)
+    args.table_schema = None
+    with pytest.raises(PrepareError, match="needs --table-schema"):
+        TableFormat().open(args)
