@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ctnocvr_rec.data.formats import FORMATS
 from ctnocvr_rec.data.formats import table as table_format
 from ctnocvr_rec.data.formats.base import PrepareError, RawRows, stable_id_hash
 from ctnocvr_rec.data.formats.table import TableFormat
@@ -129,6 +130,7 @@ def test_parquet_and_csv_give_the_same_raw_rows(tmp_path, monkeypatch):
     chunks = _read_all(source)
     by_file = {f: [c for c in chunks if c.file == str(f)] for f in (pq_file, csv_file)}
     assert [len(c.rows) for c in by_file[pq_file]] == [16, 16, 16, 2]
+    assert {c.header_lines for c in by_file[pq_file]} == {0} and {c.header_lines for c in by_file[csv_file]} == {1}
     assert all(not c.rejects for c in chunks)
     from_pq, from_csv = _concat(by_file[pq_file]), _concat(by_file[csv_file])
     _assert_same(from_pq, from_csv)
@@ -137,7 +139,7 @@ def test_parquet_and_csv_give_the_same_raw_rows(tmp_path, monkeypatch):
     np.testing.assert_array_equal(from_pq["click"], rows["clk"])
     np.testing.assert_array_equal(from_pq["conversion"], rows["buy"])
     np.testing.assert_array_equal(from_pq["request_id"], rows["req"])
-    np.testing.assert_array_equal(from_pq["user_id"], stable_id_hash(pa.array(rows["uid"])))
+    np.testing.assert_array_equal(from_pq["user_id"], stable_id_hash(rows["uid"]))
     np.testing.assert_array_equal(from_pq["user.ids"], from_pq["user_id"])
     np.testing.assert_array_equal(from_pq["tags.ids"], [t for r in rows["tags"] for t in r])
     np.testing.assert_array_equal(from_pq["tags.len"], [len(r) for r in rows["tags"]])
@@ -148,6 +150,10 @@ def test_parquet_and_csv_give_the_same_raw_rows(tmp_path, monkeypatch):
     np.testing.assert_array_equal(from_pq["price"], rows["price"])  # raw: the writer transforms
     assert from_pq["price"].dtype == np.float64 and from_pq["tags.w"].dtype == np.float32
     assert from_pq["user_id"].dtype == np.int64 and from_pq["tags.ids"].dtype == np.int64
+
+
+def test_registered_as_table():
+    assert FORMATS["table"] is table_format.FORMAT and table_format.FORMAT.name == "table"
 
 
 def test_the_field_schema_comes_from_the_yaml(tmp_path):
@@ -187,8 +193,8 @@ def test_string_ids_hash_their_text_whatever_the_column_type(tmp_path):
     from_pq, from_csv = (_concat(_read_all(_open(tmp_path, textwrap.dedent(schema), [tmp_path / f])))
                          for f in ("a.parquet", "a.csv"))
     del from_pq["rows"], from_csv["rows"]
-    np.testing.assert_array_equal(from_pq["item.ids"], stable_id_hash(pa.array(["123", "-4"])))
-    np.testing.assert_array_equal(from_pq["kw.ids"], stable_id_hash(pa.array(["a", "b", "123"])))
+    np.testing.assert_array_equal(from_pq["item.ids"], stable_id_hash(["123", "-4"]))
+    np.testing.assert_array_equal(from_pq["kw.ids"], stable_id_hash(["a", "b", "123"]))
     np.testing.assert_array_equal(from_pq["kw.ids"][2], from_pq["item.ids"][0])  # 123 and "123": one id
     for key in from_pq:
         if key not in ("user_id", "request_id"):
@@ -242,8 +248,7 @@ BAD_EXPECTED = [  # (row, reason, words in the detail)
     (9, "bad_weight", "weight column 'tag_w' (field tags): 'one' is not numeric"),
     (10, "bad_id", "column 'cat' (field cat): '3.5' is not an integer id"),
     (11, "bad_id", "column 'shop' (field shop): '99999999999999999999' is not an integer id"),
-    (12, "non_numeric", "column 'price': 'abc' is not a number"),
-    (13, "missing_value", "line 14: column 'qty' is empty"),
+    (12, "bad_dense_value", "column 'price': 'abc' is not a number"),
     (14, "wrong_column_count", "line 15: 4 cells, the header has 10"),
     (15, "bad_id", "column 'req': 'z6' is not an integer id"),
     (16, "missing_value", "line 17: column 'clk' is empty"),  # a blank line is a row of empty cells
@@ -263,12 +268,14 @@ def test_each_bad_row_is_rejected_with_file_row_and_reason(tmp_path, monkeypatch
         assert words in r.detail, (r, words)
         assert r.detail.startswith(f"line {r.row + 1}: ")
     assert "clk='x'" in rejects[0].raw and rejects[-3].raw == "1,0,u2,6"
-    kept = np.concatenate([c.rows for c in chunks])
-    np.testing.assert_array_equal(kept, [1, 17])  # the two good rows (the last one after the blank line)
-    assert len(kept) + len(rejects) == 17  # every data row accounted for
-    last = [c for c in chunks if len(c.rows)][-1]
-    assert last.dense["price"][-1] == 1000.0 and last.dense["qty"][-1] == -2.0
-    assert np.diff(last.sparse["tags"].offsets)[-1] == 0  # empty tags allowed here
+    kept = _concat([c for c in chunks if len(c.rows)])
+    # the good rows (the last one after the blank line) and row 13, whose empty dense value is passed
+    # on as NaN: the writer rejects it (dense_not_finite), as it does a NaN in Parquet
+    np.testing.assert_array_equal(kept["rows"], [1, 13, 17])
+    assert np.isnan(kept["qty"][1]) and kept["price"][2] == 1000.0 and kept["qty"][2] == -2.0
+    assert len(kept["rows"]) + len(rejects) == 17  # every data row accounted for
+    np.testing.assert_array_equal(kept["tags.len"], [2, 1, 0])  # empty tags allowed here
+    np.testing.assert_array_equal(kept["tags.w"], np.float32([0.5, 2, 1]))
 
 
 def test_parquet_bad_values_name_the_row(tmp_path):

@@ -26,6 +26,7 @@ import argparse
 import glob
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,15 +34,21 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ctnocvr_rec.data.formats import table_decode as decode
-from ctnocvr_rec.data.formats.base import PrepareError, RawRows, Reject
+from ctnocvr_rec.data.formats.base import (
+    MAX_CHUNK_ROWS,
+    PrepareError,
+    RawRows,
+    Reject,
+    add_split_file_arguments,
+    raw_text,
+)
 from ctnocvr_rec.data.formats.table_schema import TableSchema, TableSchemaError, load_table_schema
 from ctnocvr_rec.data.schema import FieldSchema
-from ctnocvr_rec.yaml_strict import YamlError
+from ctnocvr_rec.yaml_strict import YamlError, load_yaml_file
 
 #: rows per RawRows chunk (a Parquet batch; CSV blocks are cut to it)
-BATCH_ROWS = 65_536
+BATCH_ROWS = min(65_536, MAX_CHUNK_ROWS)
 CSV_BLOCK_BYTES = 4 << 20
-RAW_LIMIT = 300  # characters of a rejected row kept in rejects.csv
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv", ".tsv")
 COMPRESSED_SUFFIXES = (".gz", ".bz2")
@@ -193,7 +200,7 @@ def _batches_csv(path: Path, table: TableSchema, columns: list[str], bad_lines: 
         skipped.add(data_row)
         bad_lines.append(Reject(str(path), data_row, decode.WRONG_COLUMN_COUNT,
                                 f"line {row.number}: {row.actual_columns} cells, the header has {expected_cells}",
-                                row.text[:RAW_LIMIT]))
+                                raw_text(row.text)))
         return "skip"
 
     reader = pacsv.open_csv(
@@ -219,7 +226,7 @@ def _batches_csv(path: Path, table: TableSchema, columns: list[str], bad_lines: 
 
 def _raw(batch: pa.RecordBatch, i: int) -> str:
     cells = batch.slice(i, 1).to_pylist()[0]
-    return "; ".join(f"{k}={v!r}" for k, v in cells.items())[:RAW_LIMIT]
+    return raw_text("; ".join(f"{k}={v!r}" for k, v in cells.items()))
 
 
 def decode_batch(path: str, batch: pa.RecordBatch, rows: np.ndarray, table: TableSchema,
@@ -253,6 +260,7 @@ def decode_batch(path: str, batch: pa.RecordBatch, rows: np.ndarray, table: Tabl
         user_id=None if user is None else user[keep],
         request_id=None if request is None else request[keep],
         rejects=rejects,
+        header_lines=header_lines,
     )
 
 
@@ -309,15 +317,17 @@ class TableFormat:
     """The ``table`` input format (registry entry ``FORMATS["table"]``)."""
 
     name = "table"
+    help = "any Parquet / CSV files (--train/--valid/--test: files or globs) + --table-schema YAML"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("--format table")
-        group.add_argument("--table-schema", metavar="YAML",
-                           help="table: the YAML mapping input columns to labels, ids, fields and dense features")
-        for split in SPLITS:
-            group.add_argument(f"--{split}", nargs="+", metavar="PATH", default=None,
-                               help=f"table: {split} file(s) or glob(s), Parquet or CSV by extension"
-                                    + (" (required)" if split == "train" else ""))
+        add_split_file_arguments(parser)  # --table: these may also be globs ('logs/*.parquet')
+        parser.add_argument("--table-schema", metavar="YAML", default=None,
+                            help="--format table: the YAML that maps input columns to the labels, user / request "
+                                 "ids, sparse fields and dense features (docs/formats.md)")
+
+    def options(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The table schema as written (it decides the output; recorded in the manifest)."""
+        return {"table_schema": load_yaml_file(args.table_schema)}
 
     def open(self, args: argparse.Namespace) -> TableSource:
         if not getattr(args, "table_schema", None):
@@ -333,3 +343,6 @@ class TableFormat:
             for path in paths:
                 check_file(path, table)
         return TableSource(table, split_files)
+
+
+FORMAT = TableFormat()

@@ -8,8 +8,9 @@ per *flagged* row to word its reject).
 
 Reasons (rejects.csv ``reason``): ``missing_value``, ``bad_label`` (not 0/1), ``bad_id`` (not an
 integer id, or out of int64), ``bad_list`` (a null or empty item inside a list), ``bad_weight`` (a
-missing / non-numeric weight, or not one weight per id), ``non_numeric`` (a dense value that is not a
-number; a Parquet NaN passes and the writer rejects it as non-finite).
+missing / non-numeric weight, or not one weight per id), ``bad_dense_value`` (a dense value that is
+not a number). A missing dense value (null, empty text) is passed on as NaN, like a Parquet NaN: the
+writer rejects it (``dense_not_finite``).
 """
 
 from __future__ import annotations
@@ -20,17 +21,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ctnocvr_rec.data.formats.base import stable_id_hash
+from ctnocvr_rec.data.formats.base import Reason, stable_id_hash
 from ctnocvr_rec.data.formats.table_schema import CsvOptions, SparseBinding
 from ctnocvr_rec.data.shards import FieldValues
 
 MISSING_VALUE = "missing_value"
-BAD_LABEL = "bad_label"
+BAD_LABEL = Reason.BAD_LABEL
 BAD_ID = "bad_id"
 BAD_LIST = "bad_list"
 BAD_WEIGHT = "bad_weight"
-NON_NUMERIC = "non_numeric"
-WRONG_COLUMN_COUNT = "wrong_column_count"
+BAD_DENSE = Reason.BAD_DENSE
+WRONG_COLUMN_COUNT = Reason.WRONG_COLUMN_COUNT
 
 _INT_TEXT = r"^[+-]?[0-9]+$"
 _NUMBER_TEXT = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
@@ -100,7 +101,7 @@ def _element_ids(values: pa.Array, id_type: str) -> tuple[np.ndarray, np.ndarray
     """``(int64 ids, bad)`` of the (non-null) items of one field."""
     if id_type == "string":
         text = values.cast(pa.string()) if not is_text(values.type) else _trimmed(values)
-        return stable_id_hash(text), np.zeros(len(values), bool)
+        return stable_id_hash(text.to_pylist()), np.zeros(len(values), bool)
     if pa.types.is_integer(values.type):
         bad = np.zeros(len(values), bool)
         if pa.types.is_uint64(values.type):
@@ -137,12 +138,10 @@ def labels(arr: pa.Array, column: str, problems: Problems) -> np.ndarray:
 
 
 def dense(arr: pa.Array, column: str, problems: Problems) -> np.ndarray:
-    """float64 ``[n]`` raw dense values; flags missing and non-numeric text."""
+    """float64 ``[n]`` raw dense values (missing: NaN, for the writer to reject); flags non-numeric text."""
     arr = _unwrap(arr)
     values, bad = numbers(arr)
-    missing = _missing(arr)
-    problems.flag(missing, MISSING_VALUE, lambda i: f"column {column!r} is empty")
-    problems.flag(bad, NON_NUMERIC, lambda i: f"column {column!r}: {_show(arr[i].as_py())} is not a number")
+    problems.flag(bad, BAD_DENSE, lambda i: f"column {column!r}: {_show(arr[i].as_py())} is not a number")
     return values
 
 
