@@ -215,12 +215,14 @@ def _batches_csv(path: Path, table: TableSchema, columns: list[str], bad_lines: 
     for batch in reader:
         for start in range(0, batch.num_rows, BATCH_ROWS):
             part = batch.slice(start, BATCH_ROWS)
-            numbers = np.empty(part.num_rows, np.int64)
-            for i in range(part.num_rows):  # one step per row, but only an int compare unless skipped
-                while next_row in skipped:
-                    next_row += 1
-                numbers[i] = next_row
-                next_row += 1
+            # the next part.num_rows data-row numbers that are not skipped lines (the handler has
+            # seen every malformed line of this block before the block is returned)
+            ahead = np.array(sorted(r for r in skipped if r >= next_row), np.int64)
+            numbers = np.setdiff1d(np.arange(next_row, next_row + part.num_rows + len(ahead)), ahead)
+            numbers = numbers[: part.num_rows]
+            if len(numbers):
+                next_row = int(numbers[-1]) + 1
+            skipped.difference_update(ahead[ahead < next_row].tolist())  # keep the set small
             yield part, numbers
 
 

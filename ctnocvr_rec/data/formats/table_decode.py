@@ -101,7 +101,10 @@ def _element_ids(values: pa.Array, id_type: str) -> tuple[np.ndarray, np.ndarray
     """``(int64 ids, bad)`` of the (non-null) items of one field."""
     if id_type == "string":
         text = values.cast(pa.string()) if not is_text(values.type) else _trimmed(values)
-        return stable_id_hash(text.to_pylist()), np.zeros(len(values), bool)
+        # each distinct text hashed once (ids repeat: users, categories)
+        distinct = pc.dictionary_encode(text)
+        hashed = stable_id_hash(distinct.dictionary.to_pylist())
+        return hashed[distinct.indices.to_numpy(zero_copy_only=False)], np.zeros(len(values), bool)
     if pa.types.is_integer(values.type):
         bad = np.zeros(len(values), bool)
         if pa.types.is_uint64(values.type):
