@@ -32,18 +32,13 @@ is skipped (``--force`` rebuilds). A split given as input that ends up empty is 
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import json
 import math
 import multiprocessing
 import os
 import shutil
-import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +47,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from ctnocvr_rec.data.prepared import FORMAT, PreparedSet, read_manifest, write_manifest
+from ctnocvr_rec.data.formats.base import PrepareError, raw_text
+from ctnocvr_rec.data.prepared import FORMAT, write_manifest
 from ctnocvr_rec.data.rawfiles import (
     bom_length,
     chunk_ranges,
@@ -77,18 +73,28 @@ from ctnocvr_rec.data.rawformat import (
 )
 from ctnocvr_rec.data.schema import DEFAULT_SCHEMA, FieldSchema, load_schema
 from ctnocvr_rec.data.shards import FieldValues, shard_table, write_shard
-from ctnocvr_rec.data.vocab import CountAccumulator, FieldVocab, merge_counts
+from ctnocvr_rec.data.vocab import CountAccumulator, FieldVocab, count_ids, merge_counts
+from ctnocvr_rec.data.writer_rules import (
+    BUCKET_STREAM,
+    SPLIT_CODES,
+    SPLIT_STREAM,
+    Checksums,
+    check_no_empty_split,
+    check_options,
+    existing_output,
+    fingerprint,
+    output_options,
+    progress_bar,
+    publish,
+    raise_first,
+    seeded_unit,
+    write_rejects,
+)
 
-SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
 USER_ID_FIELD = "101"
 SKELETON_FILE = "sample_skeleton_{split}.csv"
 COMMON_FILE = "common_features_{split}.csv"
 MIN_BUCKETS = 4  # so that pass 2 keeps several cores busy even on a small split (fixed: output must not depend on cores)
-RAW_LINE_LIMIT = 300  # characters of the raw line kept in rejects.csv
-
-
-class PrepareError(ValueError):
-    """Bad input under ``--strict`` or an unusable input/output folder (message names file and line)."""
 
 
 @dataclass
@@ -116,38 +122,7 @@ class PrepareOptions:
 
     def output_options(self) -> dict[str, Any]:
         """The options that change the output (fingerprint + manifest)."""
-        return {
-            "valid_fraction": self.valid_fraction,
-            "split_by": self.split_by,
-            "seed": self.seed,
-            "rows_per_shard": self.rows_per_shard,
-            "compression": self.compression,
-            # shard layout: 2 = non-nullable id lists, int32 ids where they fit, no dictionary pages
-            # on list columns (a changed layout must not count as up to date)
-            "layout": 2,
-        }
-
-
-# ----------------------------------------------------------------------------------------------
-# Seeded hashing (split and shuffle rules)
-# ----------------------------------------------------------------------------------------------
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def seeded_unit(values: np.ndarray, seed: int, stream: int) -> np.ndarray:
-    """Uniform [0, 1) float64 per value, a pure function of (value, seed, stream)."""
-    salt = _splitmix64(np.array([seed * 1_000_003 + stream], np.int64))[0]
-    h = _splitmix64(values.astype(np.int64).view(np.uint64) ^ salt)
-    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
-SPLIT_STREAM, BUCKET_STREAM = 1, 2
+        return output_options(self)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,10 +208,7 @@ def _chunk_bytes(opts: PrepareOptions) -> int:
 
 def _line_text(raw: bytes) -> str:
     # control bytes shown escaped: a rejects.csv row stays one physical line
-    text = raw.decode("utf-8", "replace").translate(
-        {0: "\\x00", 1: "\\x01", 2: "\\x02", 3: "\\x03", 10: "\\n", 13: "\\r"}
-    )
-    return text[:RAW_LINE_LIMIT] + ("..." if len(text) > RAW_LINE_LIMIT else "")
+    return raw_text(raw.decode("utf-8", "replace"))
 
 
 def _key_of_line(raw: bytes, kind: FileKind) -> bytes | None:
@@ -310,14 +282,14 @@ def load_common(path: Path, ctx: _Context, pool: Any, progress: bool) -> CommonT
     key_bytes: list[np.ndarray] = []
     line_offsets: list[np.ndarray] = []
     key_base = 0
-    with _bar(os.path.getsize(path), f"common   {path.name}", progress) as bar:
+    with progress_bar(os.path.getsize(path), f"common   {path.name}", progress) as bar:
         for (start, end), part in zip(ranges, _imap(pool, _common_task, tasks)):
             for line, reason, detail, raw, hashes in part.rejects:
                 rejects.append((path.name, line_base + line + 1, reason, detail, raw))
                 if hashes is not None:
                     rejected_keys.setdefault(hashes, (line_base + line + 1, reason))
             if ctx.options.strict and part.rejects:
-                _raise_first(rejects, ctx.options.raw_dir)
+                raise_first(rejects, ctx.options.raw_dir)
             lines.append(part.chunk.line + line_base + 1)
             parts.append(part.chunk)
             key_offsets.append(part.key_offsets[:-1] + key_base)
@@ -378,7 +350,7 @@ def load_common(path: Path, ctx: _Context, pool: Any, progress: bool) -> CommonT
                 )
             )
         if ctx.options.strict:
-            _raise_first(rejects, ctx.options.raw_dir)
+            raise_first(rejects, ctx.options.raw_dir)
         keep = np.ones(len(line), bool)
         keep[dups] = False
         rows = np.flatnonzero(keep)
@@ -428,16 +400,6 @@ class _Pass1Result:
     common_refs: tuple[np.ndarray, np.ndarray]  # (common rows, train-split row counts)
     ignored: dict[str, int]
     fast_lines: int
-
-
-def _count_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique ids and their counts (a bincount when the id range is small, else a sort)."""
-    if len(ids) and int(ids.min()) >= 0 and int(ids.max()) < 4 * len(ids) + 65_536:
-        counts = np.bincount(ids)
-        present = np.flatnonzero(counts)
-        return present.astype(np.int64), counts[present].astype(np.int64)
-    uniq, counts = np.unique(ids, return_counts=True)
-    return uniq, counts.astype(np.int64)
 
 
 def _scratch_file(ctx: _Context, chunk_index: int) -> Path:
@@ -532,7 +494,7 @@ def _pass1_task(task: tuple[int, int, int]) -> _Pass1Result:
     if ctx.split_tag == "train":
         for s in slots:
             value_is_train = np.repeat(is_train, s.lengths)
-            counts.append(_count_ids(s.ids[value_is_train]))
+            counts.append(count_ids(s.ids[value_is_train]))
         refs = np.unique(crow[is_train], return_counts=True)
     rows_by_split = {
         name: int((split == code).sum()) for name, code in SPLIT_CODES.items() if (split == code).any()
@@ -621,72 +583,16 @@ def _pass2_task(task: tuple[int, int]) -> dict[str, dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------
 
 
-class _NullBar:
-    def __enter__(self) -> _NullBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def update(self, n: int) -> None:
-        pass
-
-
-def _bar(total: int, desc: str, enabled: bool, unit: str = "B") -> Any:
-    if not enabled:
-        return _NullBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", file=sys.stderr, leave=False)
-
-
 def _imap(pool: Any, fn: Any, tasks: list[Any]) -> Iterator[Any]:
     if pool is None:
         return map(fn, tasks)
     return pool.imap(fn, tasks)
 
 
-def _raise_first(rejects: Iterable[tuple[str, int, str, str, str]], folder: str) -> None:
-    """--strict: the first reject (by line) as ``FILE:LINE: reason (field ...)``."""
-    file, line, reason, detail, _ = min(rejects, key=lambda r: r[1])
-    raise PrepareError(f"{Path(folder) / file}:{line}: {reason} ({detail})")
-
-
 def _fork_pool(workers: int) -> Any:
     if workers <= 1:
         return None
     return multiprocessing.get_context("fork").Pool(workers)
-
-
-class _Checksums:
-    """sha256 of the source files, computed in a background thread (hashlib releases the GIL)."""
-
-    def __init__(self, paths: list[Path]) -> None:
-        self.result: dict[str, str] = {}
-        self.thread = threading.Thread(target=self._run, args=(paths,), daemon=True)
-        self.thread.start()
-
-    def _run(self, paths: list[Path]) -> None:
-        for path in paths:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                while block := f.read(4 << 20):
-                    h.update(block)
-            self.result[path.name] = h.hexdigest()
-
-    def get(self) -> dict[str, str]:
-        self.thread.join()
-        return self.result
-
-
-def _fingerprint(opts: PrepareOptions, schema: FieldSchema, sources: list[Path]) -> str:
-    tree = {
-        "format": FORMAT,
-        "options": opts.output_options(),
-        "schema": schema.to_dict(),
-        "sources": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sources],
-    }
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 
 def _estimate_rows(path: Path) -> int:
@@ -744,14 +650,14 @@ def _process_split(
     _CTX = ctx
     pool = _fork_pool(opts.workers)
     try:
-        with _bar(skeleton_path.stat().st_size, f"skeleton {skeleton_path.name}", opts.progress) as bar:
+        with progress_bar(skeleton_path.stat().st_size, f"skeleton {skeleton_path.name}", opts.progress) as bar:
             for (start, end), res in zip(ranges, _imap(pool, _pass1_task, tasks)):
                 for line, reason, detail, raw_text in res.rejects:
                     skeleton_rejects.append(
                         (skeleton_path.name, line_base + line + 1, reason, detail, raw_text)
                     )
                 if opts.strict and res.rejects:
-                    _raise_first(skeleton_rejects, opts.raw_dir)
+                    raise_first(skeleton_rejects, opts.raw_dir)
                 for counter, (ids, counts) in zip(counters, res.counts):
                     counter.add(ids, counts)
                 refs.append(res.common_refs)
@@ -796,7 +702,7 @@ def _process_split(
     _CTX = ctx
     pool = _fork_pool(opts.workers)
     try:
-        with _bar(ctx.buckets, f"shards   {split_tag}", opts.progress, unit="bucket") as bar:
+        with progress_bar(ctx.buckets, f"shards   {split_tag}", opts.progress, unit="bucket") as bar:
             for written in _imap(pool, _pass2_task, [(b, len(ranges)) for b in range(ctx.buckets)]):
                 for split_name, info in written.items():
                     files.setdefault(split_name, []).append(info)
@@ -840,21 +746,9 @@ def _process_split(
     _CTX = None
 
 
-def _write_rejects(path: Path, rejects: list[tuple[str, int, str, str, str]]) -> None:
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["file", "line", "reason", "detail", "raw"])
-        writer.writerows(rejects)
-
-
 def prepare(opts: PrepareOptions) -> dict[str, Any]:
     """Run the whole preparation; returns the manifest (also written to ``<out>/manifest.json``)."""
-    if not 0.0 <= opts.valid_fraction < 1.0:
-        raise PrepareError(f"--valid-fraction must be in [0, 1), got {opts.valid_fraction}")
-    if opts.split_by not in ("row", "user"):
-        raise PrepareError(f"--split-by must be row or user, got {opts.split_by!r}")
-    if opts.rows_per_shard < 1:
-        raise PrepareError("--rows-per-shard must be >= 1")
+    check_options(opts)
     if opts.workers <= 0:
         opts.workers = os.cpu_count() or 1
     raw = Path(opts.raw_dir)
@@ -873,20 +767,14 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
         missing = [str(p) for p in test_files if not p.is_file()]
         raise PrepareError(f"test split incomplete: missing {missing}")
     sources = [raw / n.format(split=s) for s in splits for n in (SKELETON_FILE, COMMON_FILE)]
-    fingerprint = _fingerprint(opts, schema, sources)
-    if out.exists():
-        if PreparedSet.exists(out):
-            old = read_manifest(out)
-            if old.get("fingerprint") == fingerprint and not opts.force:
-                if opts.progress:
-                    print(f"{out}: up to date (same inputs and options); --force rebuilds", file=sys.stderr)
-                return old
-        elif any(out.iterdir()):
-            raise PrepareError(f"{out}: exists, is not empty and holds no manifest.json; not overwriting it")
+    fingerprint_ = fingerprint(opts.output_options(), schema, sources)
+    old = existing_output(out, fingerprint_, opts.force, opts.progress)
+    if old is not None:
+        return old
 
     t0 = time.perf_counter()
     remove_stale_temporaries(out)
-    checksums = _Checksums(sources)
+    checksums = Checksums(sources)
     tmp = temporary_folder(out, "tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -917,16 +805,10 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
                 (tmp / split_name).rmdir()
         for vocab in ctx.vocabs.values():
             vocab.save(tmp / "vocab")
-        _write_rejects(tmp / "rejects" / "rejects.csv", rejects)
-        manifest = _manifest(opts, schema, ctx, report, rejects, checksums.get(), sources, fingerprint)
+        write_rejects(tmp / "rejects" / "rejects.csv", rejects)
+        manifest = _manifest(opts, schema, ctx, report, rejects, checksums.get(), sources, fingerprint_)
         write_manifest(tmp, manifest)
-        # swap into place: the old folder (ours, it has a manifest) goes only once the new one is complete
-        old = temporary_folder(out, "old")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        if old.exists():
-            shutil.rmtree(old)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -945,24 +827,12 @@ def _check_no_empty_split(
     rows: an empty skeleton file or every row rejected (``--allow-empty-split`` accepts it). The valid
     split is carved at random from train and may legitimately be empty on a tiny train file.
     """
-    problems = []
+    inputs = {}
     for name in official:
         skeleton = report["files"][name]["skeleton"]
-        if skeleton["rows_written"]:
-            continue
-        reasons = Counter(r[2] for r in rejects if r[0] == skeleton["file"])
-        top = ", ".join(f"{reason} {count:,}" for reason, count in reasons.most_common(3))
-        path = Path(opts.raw_dir) / skeleton["file"]
-        if skeleton["rows_in"]:
-            text = f"split {name} is empty: all {skeleton['rows_in']:,} rows of {path} rejected (top reasons: {top})"
-        else:
-            text = f"split {name} is empty: {path} has no rows"
-        first = min((r for r in rejects if r[0] == skeleton["file"]), key=lambda r: r[1], default=None)
-        if first is not None:
-            text += f"; first: line {first[1]}: {first[2]} ({first[3]})"
-        problems.append(text)
-    if problems:
-        raise PrepareError("; ".join(problems) + ". Pass --allow-empty-split to write it anyway.")
+        path = str(Path(opts.raw_dir) / skeleton["file"])
+        inputs[name] = [(path, skeleton["file"], skeleton["rows_in"], skeleton["rows_written"])]
+    check_no_empty_split(inputs, rejects, unit="line")
 
 
 def _manifest(
@@ -1041,16 +911,32 @@ def _manifest(
 # ----------------------------------------------------------------------------------------------
 
 
+RAW_FORMAT = "aliccp-raw"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ctnocvr_rec.data.formats import FORMATS
+
     d = PrepareOptions(raw_dir="", out_dir="")
     parser.add_argument(
+        "--format",
+        choices=(RAW_FORMAT, *FORMATS),
+        default=RAW_FORMAT,
+        help="input format (default %(default)s; docs/formats.md): "
+        + "; ".join([f"{RAW_FORMAT}: the official raw Ali-CCP files (--raw-dir)"]
+                    + [f"{name}: {fmt.help}" for name, fmt in FORMATS.items()]),
+    )
+    parser.add_argument(
         "--raw-dir",
-        required=True,
-        help="folder with sample_skeleton_{train,test}.csv and "
+        help="--format aliccp-raw: folder with sample_skeleton_{train,test}.csv and "
         "common_features_{train,test}.csv (test optional)",
     )
     parser.add_argument("--out", required=True, help="prepared data folder (written atomically)")
-    parser.add_argument("--schema", default=d.schema, help="field schema: packaged name or YAML path (default %(default)s)")
+    parser.add_argument(
+        "--schema",
+        default=None,
+        help=f"field schema: packaged name or YAML path (default: the format's; {RAW_FORMAT}: {d.schema})",
+    )
     parser.add_argument(
         "--valid-fraction",
         type=float,
@@ -1089,13 +975,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "split and its top reject reasons)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for name, fmt in FORMATS.items():
+        fmt.add_arguments(parser.add_argument_group(f"--format {name}"))
 
 
 def run(args: argparse.Namespace) -> int:
+    fmt_name = getattr(args, "format", RAW_FORMAT)
+    if fmt_name != RAW_FORMAT:
+        return _run_format(args, fmt_name)
+    if not args.raw_dir:
+        raise PrepareError(f"--format {RAW_FORMAT} needs --raw-dir FOLDER")
+    given = [f"--{n}" for n in ("train", "valid", "test") if getattr(args, n, None)]
+    if given:
+        raise PrepareError(f"{', '.join(given)}: not options of --format {RAW_FORMAT} (it reads --raw-dir)")
     opts = PrepareOptions(
         raw_dir=args.raw_dir,
         out_dir=args.out,
-        schema=args.schema,
+        schema=args.schema or DEFAULT_SCHEMA,
         valid_fraction=args.valid_fraction,
         split_by=args.split_by,
         seed=args.seed,
@@ -1113,12 +1009,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_format(args: argparse.Namespace, fmt_name: str) -> int:
+    """``--format NAME`` other than aliccp-raw: the reader of that format feeds the writer."""
+    from ctnocvr_rec.data.formats import FORMATS
+    from ctnocvr_rec.data.writer import WriterOptions, write_prepared
+
+    if args.raw_dir:
+        raise PrepareError(f"--raw-dir: only for --format {RAW_FORMAT} (--format {fmt_name} reads files)")
+    fmt = FORMATS[fmt_name]
+    source = fmt.open(args)
+    opts = WriterOptions(
+        out_dir=args.out,
+        valid_fraction=args.valid_fraction,
+        split_by=args.split_by,
+        seed=args.seed,
+        rows_per_shard=args.rows_per_shard,
+        strict=args.strict,
+        allow_empty_split=args.allow_empty_split,
+        force=args.force,
+        progress=not args.no_progress,
+        compression=args.compression,
+    )
+    manifest = write_prepared(source, opts, fmt_name, fmt.options(args))
+    print(summary(manifest))
+    return 0
+
+
 def summary(manifest: dict[str, Any]) -> str:
     """Human-readable summary: rows per split and the rows_in = written + rejected balance."""
     r = manifest["rejects"]
     lines = [
         f"rows_in {r['rows_in']:,} = rows_written {r['rows_written']:,} + rows_rejected {r['rows_rejected']:,}"
-        f" (common-features lines rejected: {r['common_rows_rejected']:,})"
+        + (f" (common-features lines rejected: {r['common_rows_rejected']:,})" if "common_rows_rejected" in r else "")
     ]
     for name, s in manifest["splits"].items():
         lines.append(

@@ -45,6 +45,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ctnocvr_rec.data.formats.base import Reason
+
 SKELETON_COLUMNS = ("sample_id", "click", "buy", "common_feature_index", "feature_num", "feature_list")
 COMMON_COLUMNS = ("common_feature_index", "feature_num", "feature_list")
 ITEM_SEP, FIELD_SEP, VALUE_SEP = 1, 2, 3  # \x01 between items, \x02 after the field, \x03 before the value
@@ -52,20 +54,6 @@ ITEM_SEP, FIELD_SEP, VALUE_SEP = 1, 2, 3  # \x01 between items, \x02 after the f
 MAX_INT_DIGITS = 18  # fits int64 without overflow checks
 _FAST_INT_DIGITS = 16  # two SWAR words; 17-18 digit ints are flagged and read by parse_line
 PAD = 16  # zero bytes before and after a chunk so 8-byte windows never leave the buffer
-
-
-class Reason:
-    """Reject reasons (the strings written to rejects.csv and the manifest)."""
-
-    WRONG_COLUMN_COUNT = "wrong_column_count"
-    NON_NUMERIC = "non_numeric"
-    BAD_KEY = "bad_common_feature_index"
-    MALFORMED_ITEM = "malformed_feature_item"
-    FEATURE_NUM_MISMATCH = "feature_num_mismatch"
-    BAD_LABEL = "bad_label"
-    INVALID_LABEL_PAIR = "invalid_label_pair"
-    UNKNOWN_COMMON = "unknown_common_feature_index"
-    DUPLICATE_COMMON = "duplicate_common_feature_index"
 
 
 @dataclass(frozen=True)

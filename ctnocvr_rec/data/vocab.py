@@ -38,6 +38,16 @@ def merge_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray
     return uniq, np.bincount(inverse, weights=counts, minlength=len(uniq)).astype(np.int64)
 
 
+def count_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique ids and their counts (a bincount when the id range is small, else a sort)."""
+    if len(ids) and int(ids.min()) >= 0 and int(ids.max()) < 4 * len(ids) + 65_536:
+        counts = np.bincount(ids)
+        present = np.flatnonzero(counts)
+        return present.astype(np.int64), counts[present].astype(np.int64)
+    uniq, counts = np.unique(ids, return_counts=True)
+    return uniq, counts.astype(np.int64)
+
+
 class CountAccumulator:
     """Streaming id counter: keeps per-chunk ``np.unique`` results and compacts them now and then."""
 

@@ -14,6 +14,8 @@ from ctnocvr_rec.data.formats.base import InputFormat
 
 #: reader modules, one line per format (module name inside this package)
 _MODULES = (
+    "aliccp_rechub_csv",
+    "aliccp_aitm_csv",
     "table",
 )
 
