@@ -278,6 +278,30 @@ def test_each_bad_row_is_rejected_with_file_row_and_reason(tmp_path, monkeypatch
     np.testing.assert_array_equal(kept["tags.w"], np.float32([0.5, 2, 1]))
 
 
+def test_a_cell_that_is_not_utf8_rejects_its_row_only(tmp_path):
+    rows = _rows(3)
+    path = _csv(tmp_path / "a.csv", rows)
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b"user-", b"us\xffer-", 1)
+    path.write_bytes(b"\n".join(lines))
+    chunks = _read_all(_open(tmp_path, SCHEMA, [path]))
+    [reject] = [r for c in chunks for r in c.rejects]
+    assert (reject.row, reject.reason) == (2, "bad_encoding")
+    assert reject.detail.startswith("line 3: column 'uid': not UTF-8 text (b'us\\xffer-")
+    np.testing.assert_array_equal(_concat(chunks)["rows"], [1, 3])
+
+
+def test_a_csv_error_beyond_one_row_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(table_format, "CSV_BLOCK_BYTES", 64)
+    rows = _rows(3)
+    path = _csv(tmp_path / "a.csv", rows)
+    text = path.read_text().splitlines()
+    text[2] = text[2].replace("user-", '"user-', 1)  # an open quote running past the block
+    path.write_text("\n".join(text + ["x" * 200]) + "\n")
+    with pytest.raises(PrepareError, match=r"a\.csv: unreadable CSV from data row \d+ \(line \d+\) on: "):
+        _read_all(_open(tmp_path, SCHEMA, [path]))
+
+
 def test_parquet_bad_values_name_the_row(tmp_path):
     schema = """\
     labels: {click: c, conversion: v}
