@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import glob
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,9 +170,6 @@ def _csv_header(path: Path, table: TableSchema) -> list[str]:
         if "Empty CSV file" in str(e):
             raise PrepareError(f"{path}: empty file: a CSV input needs a header row") from None
         raise PrepareError(f"{path}: cannot read the CSV header: {e}") from None
-    if not names:
-        with pacsv.open_csv(path, parse_options=pacsv.ParseOptions(delimiter=table.csv.delimiter)) as r:
-            names = r.schema.names
     return names
 
 
@@ -208,11 +205,12 @@ def _batches_csv(path: Path, table: TableSchema, columns: list[str], bad_lines: 
         read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False),
         parse_options=pacsv.ParseOptions(delimiter=table.csv.delimiter, ignore_empty_lines=False,
                                          invalid_row_handler=on_invalid),
-        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns},
+        # binary, not string: a cell that is not UTF-8 rejects its row instead of failing the file
+        convert_options=pacsv.ConvertOptions(column_types={c: pa.binary() for c in columns},
                                              include_columns=columns, strings_can_be_null=False),
     )
     next_row = 1
-    for batch in reader:
+    for batch in _guarded(reader, path, lambda: next_row):  # noqa: B023 (late binding wanted: the row now)
         for start in range(0, batch.num_rows, BATCH_ROWS):
             part = batch.slice(start, BATCH_ROWS)
             # the next part.num_rows data-row numbers that are not skipped lines (the handler has
@@ -224,6 +222,20 @@ def _batches_csv(path: Path, table: TableSchema, columns: list[str], bad_lines: 
                 next_row = int(numbers[-1]) + 1
             skipped.difference_update(ahead[ahead < next_row].tolist())  # keep the set small
             yield part, numbers
+
+
+def _guarded(batches: Iterator[pa.RecordBatch], path: Path, next_row: Callable[[], int]) \
+        -> Iterator[pa.RecordBatch]:
+    """``batches``, a CSV error that cannot be kept to one row made a PrepareError naming the file."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except pa.ArrowInvalid as e:
+            raise PrepareError(f"{path}: unreadable CSV from data row {next_row()} "
+                               f"(line {next_row() + 1}) on: {e}") from None
+        yield batch
 
 
 def _raw(batch: pa.RecordBatch, i: int) -> str:
@@ -238,6 +250,7 @@ def decode_batch(path: str, batch: pa.RecordBatch, rows: np.ndarray, table: Tabl
     ``header_lines``: CSV 1 (a reject's detail then starts with its line, ``row + 1``), Parquet 0.
     """
     problems = decode.Problems(batch.num_rows)
+    batch = decode.as_text(batch, problems)
     click = decode.labels(batch.column(table.click), table.click, problems)
     conversion = decode.labels(batch.column(table.conversion), table.conversion, problems)
     user = table.user_id and decode.row_ids(batch.column(table.user_id.column), table.user_id.column,

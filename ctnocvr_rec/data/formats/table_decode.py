@@ -9,7 +9,7 @@ per *flagged* row to word its reject).
 Reasons (rejects.csv ``reason``): ``missing_value``, ``bad_label`` (not 0/1), ``bad_id`` (not an
 integer id, or out of int64), ``bad_list`` (a null or empty item inside a list), ``bad_weight`` (a
 missing / non-numeric weight, or not one weight per id), ``bad_dense_value`` (a dense value that is
-not a number). A missing dense value (null, empty text) is passed on as NaN, like a Parquet NaN: the
+not a number), ``bad_encoding`` (a CSV cell that is not UTF-8 text). A missing dense value (null, empty text) is passed on as NaN, like a Parquet NaN: the
 writer rejects it (``dense_not_finite``).
 """
 
@@ -31,6 +31,7 @@ BAD_ID = "bad_id"
 BAD_LIST = "bad_list"
 BAD_WEIGHT = "bad_weight"
 BAD_DENSE = Reason.BAD_DENSE
+BAD_ENCODING = "bad_encoding"
 WRONG_COLUMN_COUNT = Reason.WRONG_COLUMN_COUNT
 
 _INT_TEXT = r"^[+-]?[0-9]+$"
@@ -51,6 +52,31 @@ class Problems:
         for i in index[~self.bad[index]]:
             self.entries[int(i)] = (reason, detail(int(i)))
         self.bad[index] = True
+
+
+def as_text(batch: pa.RecordBatch, problems: Problems) -> pa.RecordBatch:
+    """``batch`` with its binary columns (CSV cells) as UTF-8 text; rows with a cell that is not UTF-8
+    are flagged (their cells decoded with ``\\x..`` escapes, for the reject's raw text)."""
+    columns = []
+    for name, arr in zip(batch.schema.names, batch.columns):
+        if pa.types.is_binary(arr.type):
+            try:
+                arr = arr.cast(pa.string())
+            except pa.ArrowInvalid:  # find the bad cells the slow way (only in a batch that has one)
+                cells = arr.to_pylist()
+                bad = np.zeros(len(cells), bool)
+                text = []
+                for i, cell in enumerate(cells):
+                    try:
+                        text.append(cell.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        bad[i] = True
+                        text.append(cell.decode("utf-8", errors="backslashreplace"))
+                arr = pa.array(text, pa.string())
+                problems.flag(bad, BAD_ENCODING, lambda i, n=name, c=cells: f"column {n!r}: not UTF-8 text "
+                                                                            f"({_show(c[i])})")
+        columns.append(arr)
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
 
 def _unwrap(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
