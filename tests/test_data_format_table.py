@@ -445,6 +445,9 @@ def test_yaml_syntax_and_duplicate_keys_are_errors_with_a_line(tmp_path):
     args.table_schema = None
     with pytest.raises(PrepareError, match="needs --table-schema"):
         TableFormat().open(args)
+    args.table_schema, args.schema = str(path), "aliccp"
+    with pytest.raises(PrepareError, match="--schema: not used by --format table"):
+        TableFormat().open(args)
 
 
 # ---------------------------------------------------------------------------------------------

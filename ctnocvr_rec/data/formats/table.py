@@ -349,6 +349,8 @@ class TableFormat:
             raise PrepareError("--format table needs --table-schema YAML (docs/formats-table.md)")
         if not getattr(args, "train", None):
             raise PrepareError("--format table needs --train PATH... (Parquet or CSV files or globs)")
+        if getattr(args, "schema", None):
+            raise PrepareError("--schema: not used by --format table (its fields come from --table-schema)")
         try:
             table = load_table_schema(args.table_schema)
         except (TableSchemaError, YamlError) as e:
