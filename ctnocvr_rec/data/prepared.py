@@ -144,7 +144,10 @@ class PreparedSet:
     @property
     def splits(self) -> list[str]:
         """Splits with a shard folder, canonical order (train, valid, test, then others by name)."""
-        present = {p.name for p in self.root.iterdir() if p.is_dir() and any(p.glob("*.parquet"))}
+        vocab = (self.manifest.get("vocab") or {}).get("folder") or "vocab"  # its files are Parquet too
+        present = {
+            p.name for p in self.root.iterdir() if p.is_dir() and p.name != vocab and any(p.glob("*.parquet"))
+        }
         return [s for s in SPLIT_ORDER if s in present] + sorted(present - set(SPLIT_ORDER))
 
     def has_split(self, split: str) -> bool:
