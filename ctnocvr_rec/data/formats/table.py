@@ -338,7 +338,7 @@ class TableFormat:
         add_split_file_arguments(parser)  # --table: these may also be globs ('logs/*.parquet')
         parser.add_argument("--table-schema", metavar="YAML", default=None,
                             help="--format table: the YAML that maps input columns to the labels, user / request "
-                                 "ids, sparse fields and dense features (docs/formats.md)")
+                                 "ids, sparse fields and dense features (docs/formats-table.md)")
 
     def options(self, args: argparse.Namespace) -> dict[str, Any]:
         """The table schema as written (it decides the output; recorded in the manifest)."""
