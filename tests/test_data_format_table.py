@@ -201,6 +201,35 @@ def test_string_ids_hash_their_text_whatever_the_column_type(tmp_path):
             np.testing.assert_array_equal(from_pq[key], from_csv[key], err_msg=key)
 
 
+def test_dictionary_columns_text_ints_bool_labels_and_a_shared_table(tmp_path):
+    schema = """\
+    labels: {click: c, conversion: v}
+    user_id: {column: u, id_type: string}
+    fields:
+      - {name: item, group: item, table: items}
+      - {name: last_item, group: user, table: items}
+      - {name: u, group: user, id_type: string}
+    dense: [{name: x, column: x_text}]
+    """
+    pq.write_table(pa.table({
+        "c": [True, False], "v": pa.array([1.0, 0.0]),
+        "u": pa.array(["ann", "bo"]).dictionary_encode(),  # a pandas categorical
+        "item": pa.array([" 42", "-7"]), "last_item": pa.array([42, 8], pa.int16()),
+        "x_text": [" 2.5e1", "-.5"],
+    }), tmp_path / "a.parquet")
+    source = _open(tmp_path, textwrap.dedent(schema), [tmp_path / "a.parquet"])
+    assert source.schema["item"].table_name == source.schema["last_item"].table_name == "items"
+    [chunk] = _read_all(source)
+    assert not chunk.rejects
+    np.testing.assert_array_equal(chunk.click, [1, 0])
+    np.testing.assert_array_equal(chunk.conversion, [1, 0])
+    np.testing.assert_array_equal(chunk.sparse["item"].ids, [42, -7])
+    np.testing.assert_array_equal(chunk.sparse["last_item"].ids, [42, 8])
+    np.testing.assert_array_equal(chunk.user_id, stable_id_hash(["ann", "bo"]))
+    np.testing.assert_array_equal(chunk.sparse["u"].ids, chunk.user_id)
+    np.testing.assert_array_equal(chunk.dense["x"], [25.0, -0.5])
+
+
 def test_missing_allowed_gives_zero_ids_and_no_user_column_gives_none(tmp_path):
     schema = """\
     labels: {click: c, conversion: v}
