@@ -533,3 +533,6 @@ def test_the_documented_example_reads_the_same_from_csv_and_parquet(tmp_path):
     np.testing.assert_array_equal(a["tags.w"], np.float32([1, 0.5, 1, 2, 0.25, 1, 1, 1]))
     np.testing.assert_array_equal(a["request_id"], [101, 101, 102, 102, 103, 104])
     assert TableFormat().options(args)["table_schema"]["labels"]["click"] == "clicked"
+    described = source.describe()["files"]
+    assert described[str(test)] == {"kind": "parquet", "ignored_columns": []}
+    assert described[str(tmp_path / "shop" / "train-0.csv")]["kind"] == "csv"

@@ -154,6 +154,10 @@ def test_counts_and_rejects(prepared):
     with open(root / "prepared" / "rejects" / "rejects.csv", encoding="utf-8") as f:
         rows = list(csv.reader(f))[1:]
     assert [(file, int(row), reason) for file, row, reason, *_ in rows] == inputs["rejects"]
+    described = manifest["input"]["files"]
+    assert described[str(root / "in" / "train-a.csv")] == {"kind": "csv", "ignored_columns": ["region"]}
+    assert described[str(root / "in" / "test.parquet")]["kind"] == "parquet"
+    assert manifest["input"]["options"]["table_schema"]["user_id"] == {"column": "user", "id_type": "string"}
     by_reason = r["by_file_and_reason"][str(root / "in" / "train-a.csv")]
     assert sum(by_reason.values()) == len(BAD_LINES)
 

@@ -138,8 +138,9 @@ def _roles(table: TableSchema) -> list[tuple[str, str]]:
     return roles
 
 
-def check_file(path: Path, table: TableSchema) -> None:
-    """PrepareError naming ``path`` and the column when the file cannot give what ``table`` reads."""
+def check_file(path: Path, table: TableSchema) -> list[str]:
+    """The file's column names; PrepareError naming ``path`` and the column when the file cannot give
+    what ``table`` reads."""
     if file_kind(path) == "parquet":
         try:
             schema = pq.read_schema(path)
@@ -157,6 +158,7 @@ def check_file(path: Path, table: TableSchema) -> None:
             problem = _type_problem(schema.field(column).type, role, table)
             if problem:
                 raise PrepareError(f"{path}: column {column!r} has type {schema.field(column).type}: {problem}")
+    return names
 
 
 def _csv_header(path: Path, table: TableSchema) -> list[str]:
@@ -315,10 +317,19 @@ def _empty_rows(path: str, table: TableSchema) -> RawRows:
 class TableSource:
     """An opened ``table`` input: the schema built from the YAML and the checked files per split."""
 
-    def __init__(self, table: TableSchema, split_files: dict[str, list[Path]]) -> None:
+    def __init__(self, table: TableSchema, split_files: dict[str, list[Path]],
+                 columns: dict[Path, list[str]] | None = None) -> None:
         self.table = table
         self.schema: FieldSchema = table.field_schema
         self._files = split_files
+        self._columns = columns or {}
+
+    def describe(self) -> dict[str, Any]:
+        """Manifest facts: per file its kind and the columns the table schema does not read."""
+        used = set(self.table.required_columns())
+        return {"files": {str(path): {"kind": file_kind(path),
+                                      "ignored_columns": [c for c in self._columns.get(path, []) if c not in used]}
+                          for paths in self._files.values() for path in paths}}
 
     def files(self) -> dict[str, list[Path]]:
         return {split: list(paths) for split, paths in self._files.items()}
@@ -356,10 +367,8 @@ class TableFormat:
         except (TableSchemaError, YamlError) as e:
             raise PrepareError(str(e)) from None
         split_files = {s: expand(getattr(args, s), s) for s in SPLITS if getattr(args, s, None)}
-        for paths in split_files.values():
-            for path in paths:
-                check_file(path, table)
-        return TableSource(table, split_files)
+        columns = {path: check_file(path, table) for paths in split_files.values() for path in paths}
+        return TableSource(table, split_files, columns)
 
 
 FORMAT = TableFormat()
