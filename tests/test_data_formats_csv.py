@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ctnocvr_rec.cli import main as cli_main
+from ctnocvr_rec.data.dense import ExactMoments
 from ctnocvr_rec.data.formats import FORMATS
 from ctnocvr_rec.data.formats.aliccp_aitm_csv import SPARSE_COLUMNS as AITM_SPARSE
 from ctnocvr_rec.data.formats.aliccp_rechub_csv import DENSE_COLUMNS, SPARSE_COLUMNS
@@ -19,7 +20,6 @@ from ctnocvr_rec.data.formats.base import stable_id_hash
 from ctnocvr_rec.data.prepared import PreparedSet
 from ctnocvr_rec.data.schema import load_schema
 from ctnocvr_rec.data.vocab import FieldVocab
-from ctnocvr_rec.data.writer import ExactMoments
 
 RECHUB_HEADER = ["click", "purchase", *SPARSE_COLUMNS, *DENSE_COLUMNS]
 AITM_HEADER = ["click", "purchase", *AITM_SPARSE]

@@ -11,7 +11,7 @@ import importlib
 
 SUBCOMMANDS = [
     ("synth", "ctnocvr_rec.data.synth", "write synthetic Ali-CCP raw files with ground truth"),
-    ("prepare", "ctnocvr_rec.data.prepare", "raw Ali-CCP csv -> Parquet shards + vocabulary + manifest"),
+    ("prepare", "ctnocvr_rec.data.prepare", "input files (--format, default the raw Ali-CCP csv) -> Parquet shards + vocabulary + manifest"),
     ("stats", "ctnocvr_rec.data.stats", "print the paper's Table 2 for a prepared set"),
 ]
 

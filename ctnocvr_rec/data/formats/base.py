@@ -128,7 +128,7 @@ class InputFormat(Protocol):
     """A registered input format (``ctnocvr data prepare --format NAME``)."""
 
     name: str
-    #: one line for ``--help``
+    #: one line for ``--help`` (optional)
     help: str
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -141,8 +141,11 @@ class InputFormat(Protocol):
         ...
 
     def options(self, args: argparse.Namespace) -> dict[str, Any]:
-        """The format options that change the output (fingerprint and manifest), JSON-able."""
+        """Optional: the format options that change the output (fingerprint and manifest), JSON-able."""
         ...
+
+    # Optional: ``prepare(args) -> manifest`` for a format that runs its own pipeline instead of
+    # handing rows to the writer (only ``aliccp-raw``: its common-features join).
 
 
 def add_split_file_arguments(parser: argparse.ArgumentParser | Any) -> None:
