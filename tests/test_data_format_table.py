@@ -374,6 +374,19 @@ def test_a_missing_column_is_an_error_naming_file_and_column(tmp_path):
         _open(tmp_path, SCHEMA, [good, tmp_path / "c.parquet"])
 
 
+def test_a_column_named_twice_is_an_error_and_bom_crlf_are_fine(tmp_path):
+    rows = _rows(2)
+    path = _csv(tmp_path / "a.csv", rows)
+    text = path.read_text()
+    (tmp_path / "b.csv").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    a, b = (_concat(_read_all(_open(tmp_path, SCHEMA, [tmp_path / f]))) for f in ("a.csv", "b.csv"))
+    _assert_same(a, b)
+    header, rest = text.split("\n", 1)
+    (tmp_path / "c.csv").write_text(header + ",uid\n" + rest.replace("\n", ",x\n"))
+    with pytest.raises(PrepareError, match=r"c\.csv: column\(s\) \['uid'\] appear more than once"):
+        _open(tmp_path, SCHEMA, [tmp_path / "c.csv"])
+
+
 @pytest.mark.parametrize("column,array,words", [
     ("shop", pa.array([1.5] * 4), "field shop needs integer or text ids (a float is not an id)"),
     ("cat", pa.array([[1.0]] * 4), "field cat needs integer or text ids"),

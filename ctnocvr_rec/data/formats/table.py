@@ -153,6 +153,9 @@ def check_file(path: Path, table: TableSchema) -> list[str]:
     if missing:
         raise PrepareError(f"{path}: missing column(s) {missing} that {table.source} reads; "
                            f"the file has {names[:40]}")
+    twice = [c for c in table.required_columns() if names.count(c) > 1]
+    if twice:
+        raise PrepareError(f"{path}: column(s) {twice} appear more than once in the file (which one is meant?)")
     if file_kind(path) == "parquet":
         for column, role in _roles(table):
             problem = _type_problem(schema.field(column).type, role, table)
