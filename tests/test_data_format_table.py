@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _table_example import write_doc_example
 
 from ctnocvr_rec.data.formats import FORMATS
 from ctnocvr_rec.data.formats import table as table_format
@@ -495,41 +496,6 @@ def test_yaml_syntax_and_duplicate_keys_are_errors_with_a_line(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The worked example of docs/formats-table.md is real
 # ---------------------------------------------------------------------------------------------
-
-DOC = Path(__file__).resolve().parents[1] / "docs" / "formats-table.md"
-
-
-def doc_block(marker: str) -> str:
-    """The fenced block after ``<!-- marker -->`` in the table format's docs."""
-    text = DOC.read_text(encoding="utf-8")
-    after = text.split(f"<!-- {marker} -->", 1)[1]
-    return after.split("```", 2)[1].split("\n", 1)[1]
-
-
-def write_doc_example(folder: Path) -> tuple[Path, Path, Path]:
-    """The docs' ``shop.yaml``, its train CSV and the Parquet test file the docs describe (same rows)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    schema = _write(folder / "shop.yaml", doc_block("table-example-yaml"))
-    train = _write(folder / "train-0.csv", doc_block("table-example-csv"))
-    cols = {}
-    lines = doc_block("table-example-csv").strip().splitlines()
-    header = lines[0].split(",")
-    for i, name in enumerate(header):
-        cols[name] = [line.split(",")[i] for line in lines[1:]]
-    pq.write_table(pa.table({
-        "clicked": pa.array([int(v) for v in cols["clicked"]], pa.int8()),
-        "bought": pa.array([v == "1" for v in cols["bought"]]),
-        "user": cols["user"],
-        "pageview": [int(v) for v in cols["pageview"]],
-        "category": [int(v) for v in cols["category"]],
-        "shop": pa.array([int(v) for v in cols["shop"]], pa.int32()),
-        "keywords": pa.array([v.split("|") if v else None for v in cols["keywords"]], pa.list_(pa.string())),
-        "tags": cols["tags"],
-        "price": [float(v) for v in cols["price"]],
-        "age": [int(v) for v in cols["age"]],
-    }), folder / "test.parquet")
-    return schema, train, folder / "test.parquet"
-
 
 def test_the_documented_example_reads_the_same_from_csv_and_parquet(tmp_path):
     schema, train, test = write_doc_example(tmp_path / "shop")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from _table_example import doc_block, write_doc_example
 
 from ctnocvr_rec.cli import main as cli_main
 from ctnocvr_rec.config import load_config
@@ -245,3 +247,17 @@ def test_train_eval_and_gauc_groups_by_the_user_column(prepared):
     assert b["metrics"]["auc_ctr"] == a["metrics"]["auc_ctr"]
     assert b["metrics"]["gauc_ctr"] != a["metrics"]["gauc_ctr"]
     assert np.isfinite(a["metrics"]["gauc_ctr"]) and np.isfinite(b["metrics"]["gauc_ctr"])
+
+
+def test_the_documented_command_runs(tmp_path, monkeypatch):
+    """docs/formats-table.md's command, on its example files, from the folder the docs assume."""
+    schema, _, _ = write_doc_example(tmp_path / "logs")
+    schema.rename(tmp_path / "shop.yaml")
+    command = doc_block("table-example-command").replace("\\\n", " ")
+    argv = shlex.split(command)
+    assert argv[:3] == ["ctnocvr", "data", "prepare"]
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(argv[1:] + ["--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "data" / "prepared" / "shop" / "manifest.json").read_text())
+    assert manifest["rejects"]["rows_in"] == 12 and manifest["splits"]["test"]["rows"] == 6
+    assert set(manifest["dense_stats"]) == {"price", "age"}
