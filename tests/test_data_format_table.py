@@ -9,9 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 from _table_example import write_doc_example
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ctnocvr_rec.data.formats import FORMATS
 from ctnocvr_rec.data.formats import table as table_format
@@ -515,3 +518,46 @@ def test_the_documented_example_reads_the_same_from_csv_and_parquet(tmp_path):
     described = source.describe()["files"]
     assert described[str(test)] == {"kind": "parquet", "ignored_columns": []}
     assert described[str(tmp_path / "shop" / "train-0.csv")]["kind"] == "csv"
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: any text ids and numbers read the same from Parquet and from a CSV writer's output
+# ---------------------------------------------------------------------------------------------
+
+_ID_TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zs", "Zl", "Zp"), blacklist_characters="|:"),
+                   min_size=1, max_size=8)
+_ROW = st.tuples(
+    st.booleans(), _ID_TEXT, st.lists(_ID_TEXT, max_size=3),
+    st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False, allow_infinity=False, width=64),
+)
+
+
+@settings(max_examples=15, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(rows=st.lists(_ROW, min_size=1, max_size=12))
+def test_property_parquet_and_csv_agree(tmp_path_factory, rows):
+    """Strings with quotes, commas, non-ASCII letters; int64 extremes; any finite float (CSV text
+    written by pyarrow, which quotes what needs it)."""
+    folder = tmp_path_factory.mktemp("prop")
+    schema = """\
+    labels: {click: c, conversion: v}
+    user_id: {column: u, id_type: string}
+    fields:
+      - {name: kw, group: item, multi_valued: true, id_type: string, allow_missing: true}
+      - {name: big, group: item}
+    dense: [x]
+    """
+    table = pa.table({
+        "c": pa.array([int(r[0]) for r in rows], pa.int8()), "v": pa.array([0] * len(rows), pa.int8()),
+        "u": [r[1] for r in rows], "kw": pa.array([r[2] for r in rows], pa.list_(pa.string())),
+        "big": pa.array([r[3] for r in rows], pa.int64()), "x": [r[4] for r in rows],
+    })
+    pq.write_table(table, folder / "a.parquet")
+    text_table = table.set_column(3, "kw", pa.array(["|".join(r[2]) for r in rows]))
+    pacsv.write_csv(text_table, folder / "a.csv")
+    from_pq, from_csv = (_concat(_read_all(_open(folder, textwrap.dedent(schema), [folder / f])))
+                         for f in ("a.parquet", "a.csv"))
+    _assert_same(from_pq, from_csv)
+    np.testing.assert_array_equal(from_pq["user_id"], stable_id_hash([r[1] for r in rows]))
+    np.testing.assert_array_equal(from_pq["big.ids"], [r[3] for r in rows])
+    np.testing.assert_array_equal(from_pq["x"], [r[4] for r in rows])
