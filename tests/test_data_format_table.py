@@ -13,7 +13,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 from _table_example import write_doc_example
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from ctnocvr_rec.data.formats import FORMATS
@@ -533,6 +533,7 @@ _ROW = st.tuples(
 
 
 @settings(max_examples=15, deadline=None, database=None,
+          phases=[Phase.explicit, Phase.generate],  # no shrinking: the failing example is printed anyway
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(rows=st.lists(_ROW, min_size=1, max_size=12))
 def test_property_parquet_and_csv_agree(tmp_path_factory, rows):
