@@ -299,3 +299,32 @@ def test_registry_lists_the_formats():
     assert {"aliccp-rechub-csv", "aliccp-aitm-csv"} <= set(FORMATS)
     for name, fmt in FORMATS.items():
         assert fmt.name == name and fmt.help
+
+
+def test_pandas_default_index_column_is_ignored(tmp_path):
+    """``df.to_csv(path)`` without ``index=False``: the header starts with an empty name."""
+    rows = make_rows(30, 13, AITM_HEADER)
+    path = write_csv(tmp_path / "ctr_cvr.train", AITM_HEADER, rows, index_column="")
+    assert path.read_text().startswith(",click,purchase,101,")
+    out = tmp_path / "p"
+    assert prepare(out, "aliccp-aitm-csv", "--train", str(path), "--valid-fraction", "0") == 0
+    m = PreparedSet.open(out).manifest
+    assert m["input"]["files"][str(path)]["ignored_columns"] == [""]
+    back = read_back(out)
+    assert [(r["click"], r["conversion"]) for _, r in sorted(back.items())] == [
+        (int(r["click"]), int(r["purchase"])) for r in rows]
+
+
+def test_a_stray_quote_costs_one_row(tmp_path):
+    rows = make_rows(12, 14, AITM_HEADER)
+    cells = [rows[0][h] for h in AITM_HEADER]
+    path = write_csv(tmp_path / "t.csv", AITM_HEADER, rows, raw_lines={
+        2: ",".join(cells[:5] + ['"7'] + cells[6:]),  # an unbalanced quote: must not swallow row 3
+        4: ",".join(cells[:5] + ['"7"'] + cells[6:]),
+    })
+    out = tmp_path / "p"
+    assert prepare(out, "aliccp-aitm-csv", "--train", str(path)) == 0
+    with open(out / "rejects" / "rejects.csv", newline="", encoding="utf-8") as f:
+        got = [(int(r["row"]), r["reason"], r["detail"]) for r in csv.DictReader(f)]
+    assert got == [(2, "non_numeric", "field 124: '\"7'"), (4, "non_numeric", "field 124: '\"7\"'")]
+    assert PreparedSet.open(out).manifest["rejects"]["rows_written"] == 12

@@ -1,4 +1,4 @@
-"""End to end per community CSV format: prepare -> train a few steps -> eval, through the CLI.
+"""End to end per community CSV format: prepare -> stats -> plan -> train a few steps -> eval (CLI).
 
 Dense features: the rechub set carries 8 ``__d`` columns; the run trains on whatever the batch
 carries (sparse fields, and the dense tensor once the loader reads it) and must stay finite.
@@ -27,6 +27,7 @@ def test_prepare_train_eval(tmp_path, monkeypatch, capfd, fmt, header):
         ["data", "prepare", "--format", fmt, "--train", "train.csv", "--test", "test.csv", "--out", "prepared",
          "--no-progress", "--rows-per-shard", "400"],
         ["data", "stats", "--prepared", "prepared", "--split", "train", "test"],
+        ["plan", "-c", "mmoe", "--prepared", "prepared", "--world-size", "2", "--device", "cpu"],
         ["train", "-c", "mmoe", "-o", "data.prepared_dir=prepared", "train.run_dir=run", "train.steps=4",
          "train.device=cpu", "train.progress_bar=false", "train.checkpoint_every_steps=0",
          "data.batch_size=64", "data.eval_batch_size=256"],
@@ -35,7 +36,7 @@ def test_prepare_train_eval(tmp_path, monkeypatch, capfd, fmt, header):
     for argv in run:
         assert cli_main(argv) == 0, argv
     out = capfd.readouterr().out
-    assert "Table 2" in out
+    assert "Table 2" in out and "Imbalance across ranks" in out  # stats and the plan from the manifest
     prepared = PreparedSet.open("prepared")
     assert prepared.rows("test") == 300 and prepared.rows("train") + prepared.rows("valid") == 900
     trained = json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))

@@ -2,7 +2,7 @@
 any input format -> shuffled Parquet shards + vocabulary + manifest + rejects.
 
 Used by every ``ctnocvr data prepare --format NAME`` except ``aliccp-raw`` (whose joins need their own
-pipeline, :mod:`ctnocvr_rec.data.prepare`; both follow :mod:`ctnocvr_rec.data.writer_rules`). Two
+pipeline, :mod:`ctnocvr_rec.data.formats.aliccp_raw`; both follow :mod:`ctnocvr_rec.data.writer_rules`). Two
 passes, memory bounded by one reader chunk plus one output shard:
 
 1. **Pass 1** (reader chunks in file order): reader rejects, then the writer's own checks (labels in
@@ -42,6 +42,7 @@ from ctnocvr_rec.data.dense import ExactMoments, dense_transform
 from ctnocvr_rec.data.formats.base import InputSource, PrepareError, RawRows, Reason, Reject, raw_text
 from ctnocvr_rec.data.prepared import FORMAT, write_manifest
 from ctnocvr_rec.data.rawfiles import remove_stale_temporaries, temporary_folder
+from ctnocvr_rec.data.rawformat import csr_gather_index
 from ctnocvr_rec.data.schema import FieldSchema
 from ctnocvr_rec.data.shards import FieldValues, shard_table, write_shard
 from ctnocvr_rec.data.vocab import CountAccumulator, FieldVocab, count_ids
@@ -170,24 +171,29 @@ def _writer_rejects(chunk: RawRows, schema: FieldSchema) -> tuple[np.ndarray, li
     return bad, rejects
 
 
-def _spill(state: _State, code: int, columns: dict[str, pa.Array], order: np.ndarray) -> None:
-    table = pa.table({k: v.take(pa.array(order)) for k, v in columns.items()}).combine_chunks()
-    index = len(state.scratch_files[code])
-    path = state.scratch / f"split{code}-{index:06d}.arrow"
+def _spill(state: _State, code: int, scalars: dict[str, np.ndarray], fields: dict[str, FieldValues],
+           dense: dict[str, np.ndarray], rows: np.ndarray) -> None:
+    """Rows ``rows`` (chunk positions, in their scratch order) of split ``code`` to a new scratch file."""
+    columns: dict[str, pa.Array] = {name: pa.array(values[rows]) for name, values in scalars.items()}
+    for spec in state.schema:
+        values = fields[spec.name]
+        offsets, index = csr_gather_index(np.asarray(values.offsets, np.int64), rows)
+        arrow_offsets = pa.array(offsets)
+        columns[spec.name] = pa.LargeListArray.from_arrays(
+            arrow_offsets, pa.array(np.asarray(values.ids, np.int64)[index]))
+        if spec.weighted:
+            if values.weights is None:
+                raise PrepareError(f"field {spec.name} is weighted in the schema but the reader gave no weights")
+            columns[spec.weight_column] = pa.LargeListArray.from_arrays(
+                arrow_offsets, pa.array(np.asarray(values.weights, np.float32)[index]))
+    for spec in state.schema.dense:
+        columns[spec.column] = pa.array(dense[spec.name][rows])
+    table = pa.table(columns)
+    path = state.scratch / f"split{code}-{len(state.scratch_files[code]):06d}.arrow"
     with ipc.new_file(path, table.schema) as writer:
-        for batch in table.to_batches():
-            writer.write_batch(batch)
+        writer.write_table(table)
     state.scratch_files[code].append(path)
-    state.rows[code] += len(order)
-
-
-def _list_column(values: FieldValues, take: np.ndarray | None = None) -> tuple[pa.Array, pa.Array | None]:
-    offsets = pa.array(np.asarray(values.offsets, np.int64))
-    ids = pa.LargeListArray.from_arrays(offsets, pa.array(np.asarray(values.ids, np.int64)))
-    weights = None
-    if values.weights is not None:
-        weights = pa.LargeListArray.from_arrays(offsets, pa.array(np.asarray(values.weights, np.float32)))
-    return ids, weights
+    state.rows[code] += len(rows)
 
 
 def _pass1_chunk(state: _State, split_in: str, chunk: RawRows) -> None:
@@ -231,39 +237,28 @@ def _pass1_chunk(state: _State, split_in: str, chunk: RawRows) -> None:
     else:
         split = np.full(n, SPLIT_CODES[split_in], np.int8)
     u = seeded_unit(sample_id, opts.seed, BUCKET_STREAM)  # shuffle bucket: floor(u * B)
-
-    columns: dict[str, pa.Array] = {
-        "u": pa.array(u),
-        "sample_id": pa.array(sample_id),
-        "click": pa.array(np.asarray(chunk.click, np.int8)[keep]),
-        "conversion": pa.array(np.asarray(chunk.conversion, np.int8)[keep]),
-        "user_id": pa.array(user_id),
-        "request_id": pa.array(request_id),
+    # chunk-position arrays: the kept rows' values are gathered once per split, sorted by u
+    scalars = {
+        "u": np.zeros(len(chunk)), "sample_id": np.zeros(len(chunk), np.int64),
+        "click": np.asarray(chunk.click, np.int8), "conversion": np.asarray(chunk.conversion, np.int8),
+        "user_id": np.full(len(chunk), -1, np.int64), "request_id": np.full(len(chunk), -1, np.int64),
     }
-    is_train = split == SPLIT_CODES["train"]
-    kept_take = pa.array(keep)
-    for spec in schema:
-        values = chunk.sparse[spec.name]
-        ids, weights = _list_column(values)
-        ids = ids.take(kept_take)
-        columns[spec.name] = ids
-        if spec.weighted:
-            if weights is None:
-                raise PrepareError(f"{chunk.file}: field {spec.name} is weighted in the schema but the reader "
-                                   "gave no weights")
-            columns[spec.weight_column] = weights.take(kept_take)
-        if is_train.any():
-            lengths = np.diff(np.asarray(ids.offsets))
-            flat = ids.flatten().to_numpy()
-            state.counters[spec.name].add(*count_ids(flat[np.repeat(is_train, lengths)]))
+    scalars["u"][keep], scalars["sample_id"][keep] = u, sample_id
+    scalars["user_id"][keep], scalars["request_id"][keep] = user_id, request_id
+    train_rows = keep[split == SPLIT_CODES["train"]]
+    if len(train_rows):
+        for spec in schema:
+            values = chunk.sparse[spec.name]
+            index = csr_gather_index(np.asarray(values.offsets, np.int64), train_rows)[1]
+            state.counters[spec.name].add(*count_ids(np.asarray(values.ids, np.int64)[index]))
+    dense = {}
     for spec in schema.dense:
-        values = dense_transform(np.asarray(chunk.dense[spec.name], np.float64)[keep], spec.transform)
-        columns[spec.column] = pa.array(values)
-        if spec.standardize and is_train.any():
-            state.moments[spec.name].add(values[is_train], spec.name)
+        dense[spec.name] = dense_transform(np.asarray(chunk.dense[spec.name], np.float64), spec.transform)
+        if spec.standardize and len(train_rows):
+            state.moments[spec.name].add(dense[spec.name][train_rows], spec.name)
     for code in np.unique(split).tolist():
         mine = np.flatnonzero(split == code)
-        _spill(state, int(code), columns, mine[np.argsort(u[mine], kind="stable")])
+        _spill(state, int(code), scalars, chunk.sparse, dense, keep[mine[np.argsort(u[mine], kind="stable")]])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,25 +310,18 @@ def _write_split(
             sample_id = table.column("sample_id").to_numpy()
             rows = np.argsort(sample_id, kind="stable")  # undo the chunking: file order
             rows = rows[np.random.default_rng([state.opts.seed, code, b]).permutation(len(rows))]
-            take = pa.array(rows)
-            table = table.take(take)
-            click = table.column("click").to_numpy()
-            conversion = table.column("conversion").to_numpy()
-            scalars = {
-                "sample_id": table.column("sample_id").to_numpy(),
-                "request_id": table.column("request_id").to_numpy(),
-                "user_id": table.column("user_id").to_numpy(),
-                "click": click,
-                "conversion": conversion,
-            }
+            scalars = {name: table.column(name).to_numpy()[rows]
+                       for name in ("sample_id", "request_id", "user_id", "click", "conversion")}
+            click, conversion = scalars["click"], scalars["conversion"]
             fields = {}
             for spec in schema:
                 offsets, ids = _list_parts(table.column(spec.name))
-                weights = _list_parts(table.column(spec.weight_column))[1] if spec.weighted else None
-                fields[spec.name] = FieldValues(offsets, vocabs[spec.name].map(ids), weights)
+                offsets, index = csr_gather_index(offsets, rows)
+                weights = _list_parts(table.column(spec.weight_column))[1][index] if spec.weighted else None
+                fields[spec.name] = FieldValues(offsets, vocabs[spec.name].map(ids[index]), weights)
             dense = {}
             for spec in schema.dense:
-                values = table.column(spec.column).to_numpy()
+                values = table.column(spec.column).to_numpy()[rows]
                 stats = dense_stats[spec.name]
                 if spec.standardize:
                     values = (values - stats["mean"]) / stats["std"]

@@ -2,7 +2,7 @@
 the fingerprint (skip-if-unchanged), source checksums, ``rejects.csv``, ``--strict``, the empty-split
 check, the output-folder checks and the atomic publish. One definition each, used by the
 format-neutral writer (:mod:`ctnocvr_rec.data.writer`) and the raw Ali-CCP pipeline
-(:mod:`ctnocvr_rec.data.prepare`). Layout of a prepared set: ``docs/design.md``.
+(:mod:`ctnocvr_rec.data.formats.aliccp_raw`). Layout of a prepared set: ``docs/design.md``.
 
 Reject records are tuples ``(file, row, reason, detail, raw)``; ``row`` is a line number for the raw
 files and a data row (header not counted) for the other formats.

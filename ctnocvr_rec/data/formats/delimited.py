@@ -14,6 +14,9 @@ Rules (docs/formats.md, "CSV rules"):
   an id that is not an integer (``x``, ``3.5``, empty), a label not in {0, 1}, a dense value that is
   not a number. Empty dense values and ``nan`` are read as NaN and rejected by the writer.
 * Row numbers are data rows: row 1 is the line after the header (line = row + 1).
+* No quoting: values are numbers; a quote character is an ordinary character (``"3"`` is rejected as
+  non-numeric instead of joining lines). A lone carriage return inside a line stops the run with an
+  error naming the rows (it would shift every later row number).
 """
 
 from __future__ import annotations
@@ -163,7 +166,10 @@ class _ChunkParser:
         table = pacsv.read_csv(
             io.BytesIO(data),
             read_options=pacsv.ReadOptions(use_threads=False, column_names=self.column_names, block_size=len(data) + 1),
-            parse_options=pacsv.ParseOptions(delimiter=self.layout.delimiter, invalid_row_handler=on_invalid),
+            # no quoting: these files hold numbers only, and a stray quote must cost one row, not
+            # join lines (a quoted number is then a non-numeric reject)
+            parse_options=pacsv.ParseOptions(delimiter=self.layout.delimiter, quote_char=False,
+                                             invalid_row_handler=on_invalid),
             convert_options=pacsv.ConvertOptions(
                 column_types=types, include_columns=self.used, strings_can_be_null=False,
                 quoted_strings_can_be_null=False),
