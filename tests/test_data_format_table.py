@@ -324,6 +324,25 @@ def test_a_cell_that_is_not_utf8_rejects_its_row_only(tmp_path):
     np.testing.assert_array_equal(_concat(chunks)["rows"], [1, 3])
 
 
+def test_quoting_off_a_stray_quote_costs_one_row(tmp_path):
+    text = 'c,v,name\n1,0,"ann\n0,0,bo\n1,1,"x, y"\n'
+    (tmp_path / "a.csv").write_text(text, encoding="utf-8")
+    schema = """\
+    labels: {click: c, conversion: v}
+    fields: [{name: name, group: user, id_type: string}]
+    %s
+    """
+    quoted = _read_all(_open(tmp_path, textwrap.dedent(schema % ""), [tmp_path / "a.csv"]))
+    # standard CSV: the open quote runs to the next one, joining lines 2-4 into one bad row
+    assert sum(len(c) for c in quoted) + sum(len(c.rejects) for c in quoted) < 3
+    unquoted = _read_all(_open(tmp_path, textwrap.dedent(schema % "csv: {quoting: false}"), [tmp_path / "a.csv"]))
+    kept = _concat([c for c in unquoted if len(c)])
+    np.testing.assert_array_equal(kept["rows"], [1, 2])
+    np.testing.assert_array_equal(kept["name.ids"], stable_id_hash(['"ann', "bo"]))
+    [reject] = [r for c in unquoted for r in c.rejects]  # "x, y" is two cells without quoting
+    assert (reject.row, reject.reason) == (3, "wrong_column_count")
+
+
 def test_a_csv_error_beyond_one_row_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(table_format, "CSV_BLOCK_BYTES", 64)
     rows = _rows(3)

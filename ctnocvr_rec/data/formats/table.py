@@ -168,6 +168,7 @@ def _csv_header(path: Path, table: TableSchema) -> list[str]:
     try:
         reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 16, use_threads=False),
                                 parse_options=pacsv.ParseOptions(delimiter=table.csv.delimiter,
+                                                                 quote_char='"' if table.csv.quoting else False,
                                                                  invalid_row_handler=lambda row: "skip"),
                                 convert_options=pacsv.ConvertOptions(column_types={}, include_columns=[]))
         names = reader.schema.names
@@ -209,6 +210,7 @@ def _batches_csv(path: Path, table: TableSchema, columns: list[str], bad_lines: 
         path,
         read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False),
         parse_options=pacsv.ParseOptions(delimiter=table.csv.delimiter, ignore_empty_lines=False,
+                                         quote_char='"' if table.csv.quoting else False,
                                          invalid_row_handler=on_invalid),
         # binary, not string: a cell that is not UTF-8 rejects its row instead of failing the file
         convert_options=pacsv.ConvertOptions(column_types={c: pa.binary() for c in columns},

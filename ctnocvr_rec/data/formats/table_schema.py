@@ -85,11 +85,14 @@ class DenseBinding:
 @dataclass(frozen=True)
 class CsvOptions:
     """How CSV inputs are split: ``delimiter`` between columns, ``list_delimiter`` between the ids of a
-    multi-valued cell, ``weight_delimiter`` between an id and its weight (``7:0.5|9:2``)."""
+    multi-valued cell, ``weight_delimiter`` between an id and its weight (``7:0.5|9:2``); ``quoting``:
+    ``"a, b"`` is one cell (standard CSV). Without it a ``"`` is an ordinary character, so a stray
+    quote costs one row instead of joining the lines up to the next quote."""
 
     delimiter: str = ","
     list_delimiter: str = "|"
     weight_delimiter: str = ":"
+    quoting: bool = True
 
 
 @dataclass(frozen=True)
@@ -278,8 +281,10 @@ def _labels(r: _Reader, node: yaml.Node) -> tuple[str, str]:
 
 
 def _csv(r: _Reader, node: yaml.Node) -> CsvOptions:
-    keys = r.mapping(node, "csv", ("delimiter", "list_delimiter", "weight_delimiter"))
-    values: dict[str, str] = {}
+    keys = r.mapping(node, "csv", ("delimiter", "list_delimiter", "weight_delimiter", "quoting"))
+    values: dict[str, Any] = {}
+    if "quoting" in keys:
+        values["quoting"] = r.value(keys.pop("quoting"), "csv.quoting", bool)
     for key, value_node in keys.items():
         value = r.value(value_node, f"csv.{key}", str)
         if len(value) != 1 or value in "\n\r\"":
