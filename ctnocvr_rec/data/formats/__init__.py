@@ -18,6 +18,7 @@ _MODULES = (
     "aliccp_raw",
     "aliccp_rechub_csv",
     "aliccp_aitm_csv",
+    "table",
 )
 
 _registry: dict[str, Any] | None = None
