@@ -34,7 +34,7 @@ Dense features (``serving.json["dense_features"]``: ``name, column, transform, s
 std`` each, from the prepared set's schema and ``dense_stats``): a raw value goes through
 :func:`ctnocvr_rec.data.dense.transform_dense` with these settings, the function ``data prepare``
 stored the training values with, so it reaches the model exactly as a training value did
-(:meth:`ServingContract.transform_dense`).
+(:meth:`ServingContract.dense_for_model`).
 
 This module needs numpy and pyarrow only (no torch; from ``ctnocvr_rec`` only the numpy-only
 ``data/dense.py``, the one definition of the dense transform).
@@ -180,7 +180,7 @@ class ServingContract:
     def dense_names(self) -> list[str]:
         return [d.name for d in self.dense]
 
-    def transform_dense(self, name: str, raw: np.ndarray) -> np.ndarray:
+    def dense_for_model(self, name: str, raw: np.ndarray) -> np.ndarray:
         """Raw values ``[B]`` of dense input ``name`` -> float32 ``[B]`` as the model saw them in training."""
         for d in self.dense:
             if d.name == name:

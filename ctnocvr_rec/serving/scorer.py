@@ -211,7 +211,7 @@ class Scorer:
         for k, name in enumerate(names):
             if kind == "raw":
                 try:
-                    out[:, k] = self.contract.transform_dense(name, matrix[:, k])
+                    out[:, k] = self.contract.dense_for_model(name, matrix[:, k])
                 except ValueError as e:
                     raise ValueError(f"dense feature {name!r}: {e}") from None
             else:
