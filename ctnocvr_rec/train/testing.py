@@ -13,8 +13,9 @@ Hooks (off unless their environment variable is set; the trainer calls them):
 * ``CTNOCVR_LOG_SAMPLE_IDS=<dir>``: every rank appends one JSON line per trained batch to
   ``<dir>/rank-<r>.jsonl``: ``{"epoch", "step", "ids": [sample ids]}`` (which rows a run trained).
 * ``CTNOCVR_DUMP_AFTER_LOAD=<dir>``: right after a resume has loaded a checkpoint, every rank writes
-  ``<dir>/rank-<r>.pt``: ``{"model": {key: [(offsets, tensor)]}, "optim": {key: [(offsets, tensor)]}}``
-  with its local shards of every embedding table's weight and fused optimiser state.
+  ``<dir>/rank-<r>.pt``: ``{"model": {key: [(offsets, tensor)]}, "optim": {key: [(offsets, tensor)]},
+  "dense": {key: tensor}}`` with its local shards of every embedding table's weight and fused optimiser
+  state, and the dense-feature arch's parameters.
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def _local_pieces(value: Any) -> list[tuple[list[int], Any]]:
 
 
 def dump_table_state(ctx: Any, model: Any, optimizer: Any) -> None:
-    """``CTNOCVR_DUMP_AFTER_LOAD`` hook: this rank's shards of the tables and their fused optimiser state."""
+    """``CTNOCVR_DUMP_AFTER_LOAD`` hook: this rank's shards of the tables and their fused optimiser state,
+    and (``"dense"``) the dense-feature arch's parameters (replicated: whole on every rank)."""
     out_dir = os.environ.get("CTNOCVR_DUMP_AFTER_LOAD")
     if not out_dir:
         return
@@ -151,4 +153,5 @@ def dump_table_state(ctx: Any, model: Any, optimizer: Any) -> None:
              for part, states in optimizer.state_dict()["state"].items() if ".embedding_bags." in part
              for key, v in states.items() if hasattr(v, "dim") or hasattr(v, "local_shards")}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    torch.save({"model": tables, "optim": optim}, Path(out_dir) / f"rank-{ctx.rank}.pt")
+    dense = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("dense_arch.")}
+    torch.save({"model": tables, "optim": optim, "dense": dense}, Path(out_dir) / f"rank-{ctx.rank}.pt")
