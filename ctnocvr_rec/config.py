@@ -198,6 +198,11 @@ class ModelConfig:
     expert_hidden: list[int] = ranged(lambda: [16], AT_LEAST_1)
     #: task tower hidden widths (paper: MLP dims {300, 200, 80})
     tower_hidden: list[int] = ranged(lambda: [300, 200, 80], AT_LEAST_1)
+    #: hidden widths of the dense arch (modules/dense_arch.py, DLRM-style MLP, ReLU after every layer)
+    #: that maps a schema's dense features to one block of ``embedding_dim`` columns joined after the
+    #: pooled field embeddings, like one more field (not in the paper; unused by sparse-only schemas).
+    #: ``[]``: a single dense -> embedding_dim layer
+    dense_hidden: list[int] = ranged(lambda: [64], AT_LEAST_1)
     #: dropout on each tower's input (not in the paper)
     dropout: float = ranged(0.0, FRACTION_BELOW_1)
     #: loss weights of eq. 6 (paper sweeps λ_cvr and λ_ctnocvr over {0.2, 0.5, 0.8, 1, 2, 4, 5};

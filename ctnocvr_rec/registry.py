@@ -10,7 +10,9 @@ named by ``"module:Class"`` and imported on first use (:func:`load`).
 
 Conventions a new entry follows:
 
-* a backbone class (``models/``) has ``from_config(sparse_arch, objective, model_cfg, device)``,
+* a backbone class (``models/``) has ``from_config(sparse_arch, objective, model_cfg, device,
+  dense_arch=None)`` (its layers read ``MultiTaskRanker.input_dim`` columns: the pooled embeddings and,
+  with dense features, the dense arch's block),
   ``base_weights`` (term -> ``ModelConfig`` field of the ``base`` objective on that backbone) and
   ``ctnocvr_mode`` (``"derived"`` or ``"tower"``: how ``use_ctnocvr`` adds the CTnoCVR task);
 * a method class (``modules/``) is a :class:`~ctnocvr_rec.modules.cvr_objective.CvrObjective`

@@ -54,12 +54,14 @@ def _check_arch(rank: int, arch: str) -> None:
         TINY_SIZES,
         SyntheticStream,
         copy_global_state,
+        tiny_dense_schema,
         tiny_model_config,
         tiny_schema,
     )
 
     cpu = torch.device("cpu")
-    schema = tiny_schema()
+    arch, plus, extra = arch.partition("+")
+    schema = tiny_dense_schema(3) if plus and extra == "dense" else tiny_schema()
     arch, _, method = arch.partition("/")
     cfg = tiny_model_config(arch, use_ctnocvr=True)
     cfg.method = method or "base"
@@ -139,3 +141,10 @@ def test_two_rank_dmp_pipeline_matches_unsharded_loss():
     # CVR methods with their own towers (the pipeline's fx trace sees their objective as a leaf module)
     mp.spawn(_worker, args=(_free_port(), ["ple", "esmm", "mmoe/escm2_dr", "esmm/dcmt"]), nprocs=WORLD_SIZE,
              join=True)
+
+
+@pytest.mark.slow
+def test_two_rank_dmp_pipeline_with_dense_features():
+    # the dense arch is data-parallel (DDP) next to the sharded tables; the batch's dense tensor rides
+    # through the pipeline's copy and fx trace
+    mp.spawn(_worker, args=(_free_port(), ["mmoe+dense"]), nprocs=WORLD_SIZE, join=True)

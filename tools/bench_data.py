@@ -14,6 +14,9 @@ One run, the same synthetic raw files (``ctnocvr_rec.data.synth``) for every mea
 3. The loader (``ctnocvr_rec.data.dataset.benchmark_loader``) over the prepared train split at
    batch 4096, one process, in file order and shuffled (window of 4 batches): samples/s, best of
    ``--loader-repeats`` passes each (other jobs on the machine only ever slow a pass down).
+   ``--dense N`` also measures the loader on a copy of the prepared set with ``N`` dense features
+   (:func:`add_dense_columns`: float32 ``<name>__d`` columns appended to every shard, same row groups),
+   so the cost of ``batch.dense`` is the difference of the two lines.
 
 Each phase runs in its own subprocess so that its peak RSS (``getrusage``, self and children) is
 its own. Usage::
@@ -319,7 +322,46 @@ def phase_loader(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-PHASES = {"synth": phase_synth, "prepare": phase_prepare, "naive": phase_naive, "loader": phase_loader}
+def add_dense_columns(prepared: str | Path, out: str | Path, num_dense: int, seed: int = 0) -> Path:
+    """A copy of the prepared set ``prepared`` at ``out`` with ``num_dense`` dense features ``b0, b1, ...``
+    (stored values ~ N(0, 1), float32) appended to every shard with the same row groups and compression;
+    the manifest gains the schema's ``dense:`` list and identity ``dense_stats``."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ctnocvr_rec.data.prepared import read_manifest, write_manifest
+    from ctnocvr_rec.data.shards import write_shard
+
+    prepared, out = Path(prepared), Path(out)
+    manifest = read_manifest(prepared)
+    names = [f"b{k}" for k in range(num_dense)]
+    rng = np.random.default_rng(seed)
+    for split, info in (manifest.get("splits") or {}).items():
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for rel in info["files"]:
+            handle = pq.ParquetFile(prepared / rel)
+            meta = handle.metadata
+            table = handle.read()
+            for name in names:
+                values = rng.standard_normal(table.num_rows).astype(np.float32)
+                table = table.append_column(pa.field(f"{name}__d", pa.float32(), nullable=False), pa.array(values))
+            write_shard(table, out / rel, compression=meta.row_group(0).column(0).compression.lower(),
+                        row_group_size=meta.row_group(0).num_rows)
+    manifest["schema"]["dense"] = [{"name": n, "transform": "none", "standardize": False} for n in names]
+    manifest["dense_stats"] = {n: {"mean": 0.0, "std": 1.0} for n in names}
+    write_manifest(out, manifest)
+    return out
+
+
+def phase_dense_copy(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    add_dense_columns(args.prepared, args.dense_out, args.dense)
+    return {"seconds": time.perf_counter() - t0}
+
+
+PHASES = {"synth": phase_synth, "prepare": phase_prepare, "naive": phase_naive, "loader": phase_loader,
+          "dense_copy": phase_dense_copy}
 
 
 def _run_phase(name: str, argv: list[str]) -> dict[str, Any]:
@@ -346,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loader-repeats", type=int, default=5, help="loader passes per mode (best is reported)")
     parser.add_argument("--work", default="", help="work folder (default: a temporary one, removed)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--dense", type=int, default=0,
+                        help="also measure the loader with this many dense features appended (0 = off)")
+    parser.add_argument("--skip-prepare", action="store_true",
+                        help="reuse the prepared set in --work (loader measurements only)")
+    parser.add_argument("--dense-out", help=argparse.SUPPRESS)
     parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     parser.add_argument("--raw", help=argparse.SUPPRESS)
     parser.add_argument("--prepared", help=argparse.SUPPRESS)
@@ -375,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         str(work / "prepared"),
         "--naive-out",
         str(work / "naive"),
+        "--dense",
+        str(args.dense),
+        "--dense-out",
+        str(work / "prepared_dense"),
     ]
     if args.no_progress:
         common_argv.append("--no-progress")
@@ -382,12 +433,28 @@ def main(argv: list[str] | None = None) -> int:
         if not (work / "raw" / "sample_skeleton_train.csv").exists():
             synth = _run_phase("synth", common_argv)
             print(f"synth: {args.rows:,} train rows in {synth['seconds']:.1f}s", file=sys.stderr)
-        prepared = _run_phase("prepare", common_argv)
-        naive = _run_phase("naive", common_argv)
+        prepared = naive = None
+        if not args.skip_prepare:
+            prepared = _run_phase("prepare", common_argv)
+            naive = _run_phase("naive", common_argv)
         loader = _run_phase("loader", common_argv)
+        dense_loader = None
+        if args.dense:
+            _run_phase("dense_copy", common_argv)
+            dense_argv = [*common_argv, "--prepared", str(work / "prepared_dense")]  # the later flag wins
+            dense_loader = _run_phase("loader", dense_argv)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
+    if prepared is not None and naive is not None:
+        _print_prepare(args, prepared, naive)
+    _print_loader(loader, args.batch_size, "")
+    if dense_loader is not None:
+        _print_loader(dense_loader, args.batch_size, f" +{args.dense} dense")
+    return 0
+
+
+def _print_prepare(args: argparse.Namespace, prepared: dict[str, Any], naive: dict[str, Any]) -> None:
     ratio = prepared["rows_per_s"] / naive["rows_per_s"]
     print(
         f"raw files: {args.rows:,} train + {args.rows // 10:,} test rows (ctnocvr_rec.data.synth), "
@@ -414,14 +481,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{prepared['cpu_seconds'] / prepared['seconds']:.2f} cores busy (other load on the machine "
         "lowers the wall-clock ratio, not this one)"
     )
+
+
+def _print_loader(loader: dict[str, Any], batch_size: int, what: str) -> None:
     best, runs = loader["samples_per_s"], loader["runs"]
     for key, label in (("file_order", "file order"), ("shuffled", "shuffled (window 4)")):
         print(
-            f"loader  : {best[key]:>10,.0f} samples/s at batch {args.batch_size}, 1 process, {label}: best of "
+            f"loader{what or '  '}: {best[key]:>10,.0f} samples/s at batch {batch_size}, 1 process, {label}: best of "
             f"{len(runs[key])} ({', '.join(f'{x / 1e3:.0f}k' for x in runs[key])}; target >= 500k), load "
             f"average {loader['load_average']:.1f} (peak RSS {loader['peak_rss_mb']['self']:,.0f} MiB)"
         )
-    return 0
 
 
 if __name__ == "__main__":

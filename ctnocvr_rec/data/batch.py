@@ -1,12 +1,17 @@
 """The batch contract between the data loader, the rankers and the training pipeline.
 
-A :class:`CtnocvrBatch` holds the schema's fields as two ``KeyedJaggedTensor`` s and the per-row
-labels: ``sparse_features``, an *unweighted* KJT of the fields whose table is unweighted, and
+A :class:`CtnocvrBatch` holds the schema's fields as two ``KeyedJaggedTensor`` s, the dense features
+(when the schema has any) and the per-row labels: ``sparse_features``, an *unweighted* KJT of the
+fields whose table is unweighted, and
 ``weighted_features``, a weighted KJT of the fields whose table is weighted (a table is weighted when
 any field mapped to it is ``weighted: true``, see ``FieldSchema.weighted_table_names``; its plain
 fields carry weight 1.0), or ``None`` when the schema has no weighted field. Keys are ``f_<field>``,
 schema order within each KJT. Two KJTs because fbgemm's weighted kernels cost extra work (weighted
 csr2csc, per-sample-weight gradients) that unweighted fields need not pay.
+
+``dense`` is a float32 ``[B, D]`` tensor of the schema's dense features (``FieldSchema.dense``, in that
+order; values as the prepared set stores them, i.e. already transformed) or ``None`` for a
+sparse-only schema.
 
 The batch is a ``torchrec.streamable.Pipelineable`` so that
 ``TrainPipelineSparseDist`` can move it and overlap its input distribution.
@@ -45,6 +50,8 @@ class CtnocvrBatch(Pipelineable):
         request_id: int64 ``[B]``, the row's ``common_feature_index`` mapped to an integer: the
             impressions of one request (used for ranking reports).
         user_id: int64 ``[B]``, raw user id (field 101) or -1 (used for GAUC).
+        dense: float32 ``[B, D]``, the dense features in ``FieldSchema.dense`` order (already
+            transformed, ``ctnocvr_rec/data/dense.py``), or ``None`` when the schema has none.
     """
 
     sparse_features: KeyedJaggedTensor
@@ -55,6 +62,7 @@ class CtnocvrBatch(Pipelineable):
     request_id: torch.Tensor
     user_id: torch.Tensor
     weighted_features: KeyedJaggedTensor | None = None
+    dense: torch.Tensor | None = None
 
     @classmethod
     def from_labels(
@@ -66,9 +74,12 @@ class CtnocvrBatch(Pipelineable):
         request_id: torch.Tensor | None = None,
         user_id: torch.Tensor | None = None,
         weighted_features: KeyedJaggedTensor | None = None,
+        dense: torch.Tensor | None = None,
     ) -> CtnocvrBatch:
         """Build a batch, deriving ``ctnocvr`` and defaulting the id columns."""
         n = click.shape[0]
+        if dense is not None and (dense.dim() != 2 or dense.shape[0] != n):
+            raise ValueError(f"dense must be [B, D] with B = {n} rows, got shape {list(dense.shape)}")
         click = click.to(torch.float32)
         conversion = conversion.to(torch.float32)
         ids = torch.arange(n, dtype=torch.int64)
@@ -81,6 +92,7 @@ class CtnocvrBatch(Pipelineable):
             request_id=ids if request_id is None else request_id,
             user_id=torch.full((n,), -1, dtype=torch.int64) if user_id is None else user_id,
             weighted_features=weighted_features,
+            dense=dense,
         )
 
     @property
@@ -102,12 +114,15 @@ class CtnocvrBatch(Pipelineable):
             user_id=self.user_id.to(device=device, non_blocking=non_blocking),
             weighted_features=None if self.weighted_features is None
             else self.weighted_features.to(device=device, non_blocking=non_blocking),
+            dense=None if self.dense is None else self.dense.to(device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.sparse_features.record_stream(stream)
         if self.weighted_features is not None:
             self.weighted_features.record_stream(stream)
+        if self.dense is not None:
+            self.dense.record_stream(stream)
         for t in (self.click, self.conversion, self.ctnocvr, self.sample_id, self.request_id, self.user_id):
             t.record_stream(stream)
 
@@ -121,4 +136,5 @@ class CtnocvrBatch(Pipelineable):
             request_id=self.request_id.pin_memory(),
             user_id=self.user_id.pin_memory(),
             weighted_features=None if self.weighted_features is None else self.weighted_features.pin_memory(),
+            dense=None if self.dense is None else self.dense.pin_memory(),
         )

@@ -53,7 +53,9 @@ Batches are built vectorised from Arrow list offsets and values (numpy views, no
 windows of batches: without the row shuffle a window is a run of consecutive batches; with it, each
 field of the window is gathered once into the shuffled order (one ``index_select`` per field, not
 per batch). Each batch is then copied into preallocated key-major arrays, a constant number of calls
-per field; nothing loops over rows in Python. One background thread decodes the next row group
+per field; nothing loops over rows in Python. Dense features (``<name>__d`` float32 columns) are
+stacked once per window into a ``[rows, D]`` array (one strided copy per column) and each batch
+takes a copy of its ``[B, D]`` slice. One background thread decodes the next row group
 this worker needs (Arrow releases the GIL) while another builds the next batches; the consumer
 works on the current one.
 
@@ -99,13 +101,34 @@ LABEL_COLUMNS = ("click", "conversion")
 
 
 def feature_columns(schema: FieldSchema) -> list[str]:
-    """Parquet columns holding the features of ``schema`` (ids, then weights where weighted)."""
+    """Parquet columns holding the features of ``schema`` (ids, then weights where weighted, then the
+    ``<name>__d`` column of every dense feature)."""
     cols = []
     for spec in schema:
         cols.append(spec.name)
         if spec.weighted:
             cols.append(spec.weight_column)
+    cols.extend(d.column for d in schema.dense)
     return cols
+
+
+def _dense_matrix(table: pa.Table, schema: FieldSchema, order: np.ndarray | None) -> np.ndarray | None:
+    """The dense columns of ``table`` as one float32 ``[n, D]`` array (rows in ``order`` when given),
+    ``schema.dense`` order; None for a sparse-only schema. One strided copy per column."""
+    if not schema.dense:
+        return None
+    n = table.num_rows if order is None else len(order)
+    out = np.empty((n, len(schema.dense)), dtype=np.float32)
+    for k, spec in enumerate(schema.dense):
+        column = table.column(spec.column)
+        if column.null_count:
+            raise ValueError(f"column {spec.column!r} holds nulls; a prepared set stores every dense value")
+        values = column.to_numpy()  # zero-copy for one chunk
+        out[:, k] = values if order is None else values[order]
+    if not np.isfinite(out).all():
+        k = int(np.flatnonzero(~np.isfinite(out).all(axis=0))[0])
+        raise ValueError(f"column {schema.dense[k].column!r} holds non-finite values")
+    return out
 
 
 def _list_parts(column: pa.ChunkedArray | pa.Array, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -199,6 +222,8 @@ class _Rows:
         self._unweighted_index = [i for i, s in enumerate(schema) if s.table_name not in weighted_tables]
         self._weighted_keys = schema.weighted_feature_names
         self._unweighted_keys = schema.unweighted_feature_names
+        #: ``[n, D]`` float32 dense features (row order as the fields), None for a sparse-only schema
+        self.dense = _dense_matrix(table, schema, order)
         self.columns = {}
         for name in (*ID_COLUMNS, *LABEL_COLUMNS):
             col = table.column(name).to_numpy()
@@ -240,7 +265,7 @@ class _Rows:
         ``sparse_features``: unweighted KJT of the fields of unweighted tables; ``weighted_features``:
         weighted KJT of the fields of weighted tables, or ``None`` when there are none (the split is
         ``FieldSchema.weighted_table_names``). Keys ``f_<field>`` in schema order; layout in
-        :meth:`_kjt`.
+        :meth:`_kjt`. ``dense``: float32 ``[B, D]`` (``FieldSchema.dense`` order) or None.
         """
         kjt = self._kjt(self._unweighted_index, self._unweighted_keys, lo, hi, weighted=False)
         weighted_kjt = (
@@ -260,6 +285,9 @@ class _Rows:
             request_id=column("request_id", np.int64),
             user_id=column("user_id", np.int64),
             weighted_features=weighted_kjt,
+            # a copy: the batch must not keep the window's whole array alive (or ship it to the
+            # main process when built in a DataLoader worker)
+            dense=None if self.dense is None else torch.from_numpy(self.dense[lo:hi].copy()),
         )
 
 

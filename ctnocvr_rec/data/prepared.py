@@ -77,6 +77,13 @@ def _select_schema(manifest_schema: FieldSchema | None, requested: FieldSchema |
                 f"{requested.source}: field {spec.name!r} differs from the prepared set's ({where}): "
                 f"{spec} vs {manifest_schema[spec.name]} (prepared with another schema?)"
             )
+    prepared_dense = {d.name: d for d in manifest_schema.dense}
+    for dense in requested.dense:
+        if prepared_dense.get(dense.name) != dense:
+            raise ValueError(
+                f"{requested.source}: dense feature {dense.name!r} ({dense}) is not among the prepared set's "
+                f"({where}): {list(prepared_dense.values()) or 'none'} (prepared with another schema?)"
+            )
     return requested
 
 
@@ -206,6 +213,17 @@ class PreparedSet:
         if not rows:
             return {}
         return {name: values[name] / rows for name in self.schema.names if name in values}
+
+    def dense_stats(self) -> dict[str, dict[str, Any]]:
+        """``{name: {"mean", "std", ...}}`` of every dense feature of :attr:`schema` (the fitted values of
+        ``ctnocvr_rec/data/dense.py``'s transform; ``manifest["dense_stats"]``). ``ValueError`` naming the
+        manifest when one is missing; ``{}`` for a sparse-only schema."""
+        stats = self.manifest.get("dense_stats") or {}
+        missing = [d.name for d in self.schema.dense if not isinstance(stats.get(d.name), dict)
+                   or not {"mean", "std"} <= set(stats[d.name])]
+        if missing:
+            raise ValueError(f"{self.manifest_path}: dense_stats lacks {{mean, std}} of dense feature(s) {missing}")
+        return {d.name: dict(stats[d.name]) for d in self.schema.dense}
 
     def vocab(self, field: str) -> Any:
         """The :class:`~ctnocvr_rec.data.vocab.FieldVocab` of ``field`` (raw id -> table row)."""

@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from ctnocvr_rec.data.dense import ExactMoments, dense_transform
+from ctnocvr_rec.data.dense import ExactMoments, dense_transform, standardize_dense
 from ctnocvr_rec.data.formats.base import InputSource, PrepareError, RawRows, Reason, Reject, raw_text
 from ctnocvr_rec.data.prepared import FORMAT, write_manifest
 from ctnocvr_rec.data.rawfiles import remove_stale_temporaries, temporary_folder
@@ -323,9 +323,7 @@ def _write_split(
             for spec in schema.dense:
                 values = table.column(spec.column).to_numpy()[rows]
                 stats = dense_stats[spec.name]
-                if spec.standardize:
-                    values = (values - stats["mean"]) / stats["std"]
-                dense[spec.name] = values.astype(np.float32)
+                dense[spec.name] = standardize_dense(values, spec.standardize, stats["mean"], stats["std"])
             rel = f"{split_name}/part-{b:05d}.parquet"
             write_shard(shard_table(scalars, fields, schema, num_embeddings, dense), out_tmp / rel,
                         compression=state.opts.compression)

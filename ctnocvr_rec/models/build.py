@@ -24,6 +24,7 @@ from ctnocvr_rec.config import ModelConfig
 from ctnocvr_rec.data.schema import FieldSchema
 from ctnocvr_rec.models.rankers import MultiTaskRanker
 from ctnocvr_rec.modules.cvr_objective import CvrObjective
+from ctnocvr_rec.modules.dense_arch import DenseFeatureArch
 from ctnocvr_rec.modules.field_embedding import FieldEmbedding
 
 WEIGHT_SUFFIX = "_weight"
@@ -69,6 +70,10 @@ def build_model(
 ) -> MultiTaskRanker:
     """Build the ranker ``model_cfg.arch`` (esmm | mmoe | cgc | ple) trained by ``model_cfg.method``.
 
+    A schema with dense features (``schema.dense``) adds a :class:`DenseFeatureArch` of
+    ``model_cfg.dense_hidden`` layers ending in ``model_cfg.embedding_dim`` columns (one more field's
+    width), concatenated after the pooled embeddings; a sparse-only schema gets none.
+
     ``device`` defaults to ``meta``: the planner places the EBCs and ``DistributedModelParallel``
     materialises everything (dense parameters are re-initialised by their ``reset_parameters``).
     Pass ``torch.device("cpu")`` for an unsharded model.
@@ -83,4 +88,10 @@ def build_model(
         field_embedding_dims=model_cfg.field_embedding_dims,
         device=device,
     )
-    return backbone_cls.from_config(sparse_arch, objective, model_cfg, device)
+    # built only for a schema with dense features (and before the backbone's layers): a sparse-only
+    # model draws the same random numbers, so has the same initial weights, as before dense features
+    dense_arch = (
+        DenseFeatureArch(len(schema.dense), model_cfg.dense_hidden, out_features=model_cfg.embedding_dim, device=device)
+        if schema.dense else None
+    )
+    return backbone_cls.from_config(sparse_arch, objective, model_cfg, device, dense_arch=dense_arch)

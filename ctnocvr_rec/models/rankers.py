@@ -1,7 +1,10 @@
 """The backbones of the paper's Table 3: ESMM, MMoE, CGC, PLE, each trained by any CVR objective.
 
-Every ranker is ``sparse_arch`` (:class:`FieldEmbedding`, the unweighted and weighted EBCs) -> dense
-task logits ``[B, T]`` (one tower per task of the objective) -> the objective (``head``, a
+Every ranker is ``sparse_arch`` (:class:`FieldEmbedding`, the unweighted and weighted EBCs), joined,
+when the schema has dense features, by ``dense_arch`` (:class:`DenseFeatureArch`, DLRM's dense MLP:
+``batch.dense [B, D] -> [B, embedding_dim]``, concatenated after the pooled embeddings like one
+more field; ``None`` for a sparse-only schema, which then has exactly the parameters it had before)
+-> dense task logits ``[B, T]`` (one tower per task of the objective) -> the objective (``head``, a
 :class:`~ctnocvr_rec.modules.cvr_objective.CvrObjective`). ``forward(batch)`` returns
 ``(loss, outputs)`` as ``TrainPipelineSparseDist`` expects (see ``docs/design.md``, "Model
 contract"); ``outputs`` are detached. The towers are the objective's ``tasks``: CTR, CVR, the
@@ -35,12 +38,17 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from ctnocvr_rec.config import ModelConfig
 from ctnocvr_rec.data.batch import CtnocvrBatch
 from ctnocvr_rec.modules.cvr_objective import CvrObjective
+from ctnocvr_rec.modules.dense_arch import DenseFeatureArch
 from ctnocvr_rec.modules.field_embedding import FieldEmbedding
 from ctnocvr_rec.modules.towers import MultiTaskOverArch, TaskTower
 
 
 class MultiTaskRanker(nn.Module):
-    """Shared skeleton: embed, compute task logits (subclass), apply the objective, pass labels/ids through.
+    """Shared skeleton: embed (+ dense arch), compute task logits (subclass), apply the objective, pass
+    labels/ids through.
+
+    ``input_dim``: width of the representation ``x`` the subclass's layers read, ``sparse_arch.output_dim``
+    plus ``dense_arch.out_features`` when there is a dense arch.
 
     Call: ``batch`` (:class:`CtnocvrBatch`, B rows) -> ``(loss, outputs)``; ``outputs`` holds ``p_ctr,
     p_cvr, p_ctcvr, p_ctnocvr`` ``[B]``, ``loss`` and ``loss_<term>`` scalars and the batch's
@@ -52,12 +60,32 @@ class MultiTaskRanker(nn.Module):
     #: how ``use_ctnocvr`` adds the CTnoCVR task: "derived" term or own "tower"
     ctnocvr_mode: ClassVar[str] = "tower"
 
-    def __init__(self, sparse_arch: FieldEmbedding, head: CvrObjective) -> None:
+    def __init__(self, sparse_arch: FieldEmbedding, head: CvrObjective,
+                 dense_arch: DenseFeatureArch | None = None) -> None:
         super().__init__()
         self.sparse_arch = sparse_arch
+        # None is a plain attribute, not a submodule: a sparse-only ranker's state_dict stays as it was
+        self.dense_arch: DenseFeatureArch | None = dense_arch
         self.head = head
         #: task names in tower order (= the objective's)
         self.tasks: tuple[str, ...] = head.tasks
+        self.input_dim: int = sparse_arch.output_dim + (dense_arch.out_features if dense_arch is not None else 0)
+
+    @property
+    def num_dense_features(self) -> int:
+        """``D`` of the dense input (0: sparse-only)."""
+        return self.dense_arch.in_features if self.dense_arch is not None else 0
+
+    def representation(self, features: KeyedJaggedTensor, weighted_features: KeyedJaggedTensor | None,
+                       dense: torch.Tensor | None) -> torch.Tensor:
+        """``x`` ``[B, input_dim]``: pooled embeddings, then the dense arch's block (when there is one)."""
+        x = self.sparse_arch(features, weighted_features)
+        if self.dense_arch is None:
+            return x
+        if dense is None:
+            raise ValueError(f"{type(self).__name__} was built with {self.dense_arch.in_features} dense feature(s) "
+                             "but the batch has none (batch.dense is None: a prepared set or schema without them?)")
+        return torch.cat([x, self.dense_arch(dense)], dim=1)
 
     def task_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[B, D]`` -> logits ``[B, T]``, columns in ``self.tasks`` order."""
@@ -66,7 +94,7 @@ class MultiTaskRanker(nn.Module):
     def forward(self, batch: CtnocvrBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # both KJTs straight from the batch: the pipeline's fx trace must see each sharded EBC fed by a
         # getattr on the batch to pipeline its input distribution
-        x = self.sparse_arch(batch.sparse_features, batch.weighted_features)
+        x = self.representation(batch.sparse_features, batch.weighted_features, batch.dense)
         loss, head_out = self.head(self.task_logits(x), batch.click, batch.conversion, batch.ctnocvr)
         # A new dict from known keys (no item assignment): under the pipeline's fx trace the head is
         # a leaf module and `head_out` a Proxy, which supports indexing but not mutation.
@@ -80,15 +108,18 @@ class MultiTaskRanker(nn.Module):
         return loss, outputs
 
     def predict(
-        self, features: KeyedJaggedTensor, weighted_features: KeyedJaggedTensor | None = None
+        self, features: KeyedJaggedTensor, weighted_features: KeyedJaggedTensor | None = None,
+        dense: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Inference: ``features`` (unweighted KJT), ``weighted_features`` (weighted KJT, or None when the
-        schema has no weighted field) -> ``p_ctr, p_cvr, p_ctcvr, p_ctnocvr`` ``[B]``."""
-        return self.head.predict(self.task_logits(self.sparse_arch(features, weighted_features)))
+        schema has no weighted field), ``dense`` (``[B, D]`` transformed dense features, or None when the
+        schema has none) -> ``p_ctr, p_cvr, p_ctcvr, p_ctnocvr`` ``[B]``."""
+        return self.head.predict(self.task_logits(self.representation(features, weighted_features, dense)))
 
     @classmethod
     def from_config(cls, sparse_arch: FieldEmbedding, head: CvrObjective, model_cfg: ModelConfig,
-                    device: torch.device | None = None) -> MultiTaskRanker:
+                    device: torch.device | None = None,
+                    dense_arch: DenseFeatureArch | None = None) -> MultiTaskRanker:
         """The backbone with ``model_cfg``'s sizes (each backbone reads its own fields)."""
         raise NotImplementedError
 
@@ -110,9 +141,10 @@ class ESMM(MultiTaskRanker):
         tower_hidden: Sequence[int] = (300, 200, 80),
         dropout: float = 0.0,
         device: torch.device | None = None,
+        dense_arch: DenseFeatureArch | None = None,
     ) -> None:
-        super().__init__(sparse_arch, head)
-        width = sparse_arch.output_dim
+        super().__init__(sparse_arch, head, dense_arch)
+        width = self.input_dim
         self.towers = nn.ModuleDict({t: TaskTower(width, tower_hidden, dropout, device) for t in self.tasks})
 
     def task_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,8 +154,8 @@ class ESMM(MultiTaskRanker):
 
     @classmethod
     def from_config(cls, sparse_arch: FieldEmbedding, head: CvrObjective, model_cfg: ModelConfig,
-                    device: torch.device | None = None) -> ESMM:
-        return cls(sparse_arch, head, list(model_cfg.tower_hidden), model_cfg.dropout, device)
+                    device: torch.device | None = None, dense_arch: DenseFeatureArch | None = None) -> ESMM:
+        return cls(sparse_arch, head, list(model_cfg.tower_hidden), model_cfg.dropout, device, dense_arch)
 
 
 class GatedRanker(MultiTaskRanker):
@@ -148,10 +180,11 @@ class GatedRanker(MultiTaskRanker):
         tower_hidden: Sequence[int] = (300, 200, 80),
         dropout: float = 0.0,
         device: torch.device | None = None,
+        dense_arch: DenseFeatureArch | None = None,
     ) -> None:
-        super().__init__(sparse_arch, head)
+        super().__init__(sparse_arch, head, dense_arch)
         self.over_arch = MultiTaskOverArch(
-            sparse_arch.output_dim,
+            self.input_dim,
             num_tasks=len(self.tasks),
             num_task_experts=num_task_experts,
             num_shared_experts=num_shared_experts,
@@ -166,9 +199,10 @@ class GatedRanker(MultiTaskRanker):
         return self.over_arch(x)  # [B, T]; column order = self.tasks
 
     @staticmethod
-    def _common(model_cfg: ModelConfig, device: torch.device | None) -> dict[str, Any]:
+    def _common(model_cfg: ModelConfig, device: torch.device | None,
+                dense_arch: DenseFeatureArch | None) -> dict[str, Any]:
         return {"expert_hidden": list(model_cfg.expert_hidden), "tower_hidden": list(model_cfg.tower_hidden),
-                "dropout": model_cfg.dropout, "device": device}
+                "dropout": model_cfg.dropout, "device": device, "dense_arch": dense_arch}
 
 
 class MMoE(GatedRanker):
@@ -180,8 +214,8 @@ class MMoE(GatedRanker):
 
     @classmethod
     def from_config(cls, sparse_arch: FieldEmbedding, head: CvrObjective, model_cfg: ModelConfig,
-                    device: torch.device | None = None) -> MMoE:
-        return cls(sparse_arch, head, model_cfg.num_experts, **cls._common(model_cfg, device))
+                    device: torch.device | None = None, dense_arch: DenseFeatureArch | None = None) -> MMoE:
+        return cls(sparse_arch, head, model_cfg.num_experts, **cls._common(model_cfg, device, dense_arch))
 
 
 class CGC(GatedRanker):
@@ -193,9 +227,9 @@ class CGC(GatedRanker):
 
     @classmethod
     def from_config(cls, sparse_arch: FieldEmbedding, head: CvrObjective, model_cfg: ModelConfig,
-                    device: torch.device | None = None) -> CGC:
+                    device: torch.device | None = None, dense_arch: DenseFeatureArch | None = None) -> CGC:
         return cls(sparse_arch, head, model_cfg.num_task_experts, model_cfg.num_shared_experts,
-                   **cls._common(model_cfg, device))
+                   **cls._common(model_cfg, device, dense_arch))
 
 
 class PLE(GatedRanker):
@@ -214,8 +248,8 @@ class PLE(GatedRanker):
 
     @classmethod
     def from_config(cls, sparse_arch: FieldEmbedding, head: CvrObjective, model_cfg: ModelConfig,
-                    device: torch.device | None = None) -> PLE:
+                    device: torch.device | None = None, dense_arch: DenseFeatureArch | None = None) -> PLE:
         return cls(sparse_arch, head, model_cfg.num_task_experts, model_cfg.num_shared_experts,
-                   model_cfg.num_levels, **cls._common(model_cfg, device))
+                   model_cfg.num_levels, **cls._common(model_cfg, device, dense_arch))
 
 

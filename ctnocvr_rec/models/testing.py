@@ -32,20 +32,28 @@ def tiny_schema() -> FieldSchema:
     """Seven fields over all four groups, listed out of group order on purpose; ``u_tag`` and
     ``i_tag`` share table ``t_tag``; ``u_hist`` is multi-valued and weighted; ``u_tag`` is weighted,
     so the shared ``t_tag`` is a weighted table and plain ``i_tag`` rides in the weighted KJT too."""
-    return FieldSchema.from_dict(
-        {
-            "fields": [
-                {"name": "ctx", "group": "context"},
-                {"name": "user", "group": "user"},
-                {"name": "u_hist", "group": "user", "multi_valued": True, "weighted": True},
-                {"name": "item", "group": "item"},
-                {"name": "u_tag", "group": "user", "table": "t_tag", "weighted": True},
-                {"name": "i_tag", "group": "item", "table": "t_tag"},
-                {"name": "combo", "group": "combination"},
-            ]
-        },
-        source="<tiny_schema>",
-    )
+    return FieldSchema.from_dict({"fields": [dict(f) for f in _TINY_FIELDS]}, source="<tiny_schema>")
+
+
+_TINY_FIELDS: tuple[dict[str, object], ...] = (
+    {"name": "ctx", "group": "context"},
+    {"name": "user", "group": "user"},
+    {"name": "u_hist", "group": "user", "multi_valued": True, "weighted": True},
+    {"name": "item", "group": "item"},
+    {"name": "u_tag", "group": "user", "table": "t_tag", "weighted": True},
+    {"name": "i_tag", "group": "item", "table": "t_tag"},
+    {"name": "combo", "group": "combination"},
+)
+
+
+def tiny_dense_schema(num_dense: int = 3) -> FieldSchema:
+    """:func:`tiny_schema` plus ``num_dense`` dense features ``d0, d1, ...`` (``d0`` log1p, ``d1``
+    standardised, the rest plain; the transforms matter to the writer and serving, not to the model)."""
+    dense: list[dict[str, object]] = []
+    for k in range(num_dense):
+        dense.append({"name": f"d{k}", "transform": "log1p" if k == 0 else "none", "standardize": k == 1})
+    tree = {"fields": [dict(f) for f in _TINY_FIELDS], "dense": dense}
+    return FieldSchema.from_dict(tree, source="<tiny_dense_schema>")
 
 
 def tiny_model_config(arch: str, use_ctnocvr: bool, **overrides: object) -> ModelConfig:
@@ -144,6 +152,9 @@ class SyntheticStream:
     ``click ~ Bernoulli(σ(α[id_a] + β))`` and, given a click, ``conversion ~ Bernoulli(σ(γ[id_b] + δ))``,
     where ``a``/``b`` are the first two single-valued fields of the schema (in schema order) and the
     per-id effects are drawn once from the seed. Rows with a click but no conversion get c = 1.
+    With dense features in the schema, each batch also carries ``dense`` ``[B, D]`` ~ N(0, 1) and the
+    click logit gains ``effect_scale * dense[:, 0]`` (drawn after everything else, so a sparse-only
+    schema's stream is the same as without this feature).
     """
 
     def __init__(
@@ -168,6 +179,7 @@ class SyntheticStream:
         self.conversion_effect = effect_scale * torch.randn(
             num_embeddings[self.conversion_field.name], generator=self.generator
         )
+        self.effect_scale = effect_scale
         self.click_bias = click_bias
         self.conversion_bias = conversion_bias
 
@@ -178,10 +190,14 @@ class SyntheticStream:
         id_b = per_key[self.conversion_field.feature_name].values()
         p_click = torch.sigmoid(self.click_effect[id_a] + self.click_bias)
         p_conv = torch.sigmoid(self.conversion_effect[id_b] + self.conversion_bias)
+        dense = None
+        if self.schema.dense:
+            dense = torch.randn(self.batch_size, len(self.schema.dense), generator=self.generator)
+            p_click = torch.sigmoid(self.click_effect[id_a] + self.click_bias + self.effect_scale * dense[:, 0])
         click = (torch.rand(self.batch_size, generator=self.generator) < p_click).float()
         conversion = click * (torch.rand(self.batch_size, generator=self.generator) < p_conv).float()
         plain, weighted = split_features(kjt, self.schema)
-        return CtnocvrBatch.from_labels(plain, click, conversion, weighted_features=weighted)
+        return CtnocvrBatch.from_labels(plain, click, conversion, weighted_features=weighted, dense=dense)
 
     def __iter__(self) -> SyntheticStream:
         return self

@@ -1,9 +1,10 @@
-"""Drop-in TorchRec modules: field embeddings (EBC), expert layers, towers, the CTnoCVR head and the
+"""Drop-in TorchRec modules: field embeddings (EBC), the dense-feature arch, expert layers, towers, the CTnoCVR head and the
 CVR objectives (base, ESCM²-IPS/DR, DCMT)."""
 
 from ctnocvr_rec.modules.ctnocvr_head import CtnocvrHead, bce_from_log_prob, log1mexp, masked_mean
 from ctnocvr_rec.modules.cvr_objective import BaseObjective, CvrObjective
 from ctnocvr_rec.modules.dcmt import DcmtObjective
+from ctnocvr_rec.modules.dense_arch import DenseFeatureArch
 from ctnocvr_rec.modules.escm2_dr import Escm2DrObjective
 from ctnocvr_rec.modules.escm2_ips import Escm2IpsObjective
 from ctnocvr_rec.modules.experts import ExpertExtraction, ExtractionLevel
@@ -16,6 +17,7 @@ __all__ = [
     "CtnocvrHead",
     "CvrObjective",
     "DcmtObjective",
+    "DenseFeatureArch",
     "Escm2DrObjective",
     "Escm2IpsObjective",
     "ExpertExtraction",

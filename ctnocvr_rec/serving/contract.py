@@ -8,8 +8,9 @@ An artifact folder written by ``ctnocvr export`` holds::
     model_aot.pt2       optional: AOTInductor package of the float program (``--aot``)
     vocab/<field>.parquet  raw id -> row vocabularies (``raw_id, count, mapped_id``) of vocab fields
 
-Every program takes the same five tensors (``PROGRAM_INPUTS``) and returns ``[B, 4]`` float32 with
-the columns ``OUTPUTS``::
+Every program takes the same five tensors (``PROGRAM_INPUTS``), plus a sixth, ``dense``, when the
+model has dense features (``serving.json["program_inputs"]`` lists them), and returns ``[B, 4]``
+float32 with the columns ``OUTPUTS``::
 
     values            int64   [N]       ids of the unweighted fields, field-major: all ids of field 0
                                         (row 0, row 1, ...), then field 1, ... (``unweighted_features``)
@@ -17,6 +18,8 @@ the columns ``OUTPUTS``::
     weighted_values   int64   [Nw]      same for the fields of weighted tables (``weighted_features``)
     weighted_lengths  int32   [Fw, B]
     weights           float32 [Nw]      one weight per weighted id (1.0 for plain fields of such tables)
+    dense             float32 [B, D]    only with dense features: their *transformed* values, in
+                                        ``serving.json["dense_features"]`` order
 
 This is a :class:`~torchrec.KeyedJaggedTensor`'s ``values / lengths / weights`` with the lengths
 viewed as ``[keys, stride]``. A group without features (``F == 0``) is passed as ``values [0]``,
@@ -27,7 +30,14 @@ field's vocabulary file; an id not in it, or kept out by ``min_count``, -> the O
 (``raw_id mod num_buckets``) or ``none`` (the model was trained on a prepared set without
 vocabularies: only already-mapped ids can be scored). Mapped ids must lie in ``[0, num_embeddings)``.
 
-This module needs numpy and pyarrow only (no torch, nothing else from ``ctnocvr_rec``).
+Dense features (``serving.json["dense_features"]``: ``name, column, transform, standardize, mean,
+std`` each, from the prepared set's schema and ``dense_stats``): a raw value goes through
+:func:`ctnocvr_rec.data.dense.transform_dense` with these settings, the function ``data prepare``
+stored the training values with, so it reaches the model exactly as a training value did
+(:meth:`ServingContract.dense_for_model`).
+
+This module needs numpy and pyarrow only (no torch; from ``ctnocvr_rec`` only the numpy-only
+``data/dense.py``, the one definition of the dense transform).
 """
 
 from __future__ import annotations
@@ -40,10 +50,14 @@ from typing import Any
 
 import numpy as np
 
+from ctnocvr_rec.data.dense import transform_dense
+
 FORMAT = "ctnocvr-serving/1"
 CONTRACT_FILE = "serving.json"
 OUTPUTS: tuple[str, ...] = ("p_ctr", "p_cvr", "p_ctcvr", "p_ctnocvr")
 PROGRAM_INPUTS: tuple[str, ...] = ("values", "lengths", "weighted_values", "weighted_lengths", "weights")
+#: the sixth program input of a model with dense features
+DENSE_INPUT = "dense"
 PROGRAM_FILES = {"fp32": "model_fp32.pt2", "int8": "model_int8.pt", "aot": "model_aot.pt2"}
 VOCAB_DIR = "vocab"
 OOV_ID = 0  # the out-of-vocabulary row of every vocab-mapped table (same rule as data prepare)
@@ -70,6 +84,23 @@ class ServingFeature:
     num_embeddings: int
     num_buckets: int = 0
     vocab_file: str = ""  # relative to the artifact folder
+
+
+@dataclass(frozen=True)
+class ServingDense:
+    """One dense input of the contract: the transform its raw values go through (``data/dense.py``)."""
+
+    name: str  # the dense feature's name (the key of plain dict inputs)
+    column: str  # its prepared-set column (``<name>__d``)
+    transform: str  # none | log1p
+    standardize: bool
+    mean: float
+    std: float
+
+
+def program_inputs(has_dense: bool) -> list[str]:
+    """Names of the program inputs, in call order (``serving.json["program_inputs"]``)."""
+    return [*PROGRAM_INPUTS, DENSE_INPUT] if has_dense else list(PROGRAM_INPUTS)
 
 
 class IdMapper:
@@ -120,6 +151,8 @@ class ServingContract:
         self.outputs: tuple[str, ...] = tuple(tree["outputs"])
         self.unweighted = [f for f in self.features if not f.weighted]
         self.weighted = [f for f in self.features if f.weighted]
+        #: dense inputs, program column order (empty: a sparse-only model)
+        self.dense: list[ServingDense] = [ServingDense(**d) for d in tree.get("dense_features") or []]
         self._mappers: dict[str, IdMapper] = {}
 
     @classmethod
@@ -142,6 +175,17 @@ class ServingContract:
             if f.field == field:
                 return f
         raise KeyError(f"field {field!r} is not an input of this model; inputs: {self.field_names}")
+
+    @property
+    def dense_names(self) -> list[str]:
+        return [d.name for d in self.dense]
+
+    def dense_for_model(self, name: str, raw: np.ndarray) -> np.ndarray:
+        """Raw values ``[B]`` of dense input ``name`` -> float32 ``[B]`` as the model saw them in training."""
+        for d in self.dense:
+            if d.name == name:
+                return transform_dense(raw, d.transform, d.standardize, d.mean, d.std)
+        raise KeyError(f"dense feature {name!r} is not an input of this model; dense inputs: {self.dense_names}")
 
     def program_path(self, precision: str) -> Path:
         if precision not in PROGRAM_FILES:

@@ -31,16 +31,17 @@ from ctnocvr_rec.serving.contract import (
     FORMAT,
     OUTPUTS,
     PROGRAM_FILES,
-    PROGRAM_INPUTS,
     VOCAB_DIR,
+    program_inputs,
     sha256_file,
 )
 from ctnocvr_rec.serving.program import (
-    ServingProgram,
     compile_aot,
     example_inputs,
     export_float,
+    num_dense_of,
     quantize_int8,
+    serving_program,
     sparse_arch_of,
 )
 
@@ -105,6 +106,7 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None,
         "checkpoint": info.path,
         "step": int(info.meta.get("step", info.step)),
         "saved_world_size": int(info.meta.get("world_size", 0)),
+        "dense_stats": prepared_set.dense_stats(),
     }
 
 
@@ -149,6 +151,14 @@ def _features_contract(schema: Any, model: torch.nn.Module, prepared: Path, out:
     return features
 
 
+def _dense_contract(schema: Any, dense_stats: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """``serving.json["dense_features"]``: per dense feature (program column order) the transform and
+    the fitted stats of the prepared set (``manifest["dense_stats"]``), what raw values go through."""
+    return [{"name": d.name, "column": d.column, "transform": d.transform, "standardize": bool(d.standardize),
+             "mean": float(dense_stats[d.name]["mean"]), "std": float(dense_stats[d.name]["std"])}
+            for d in schema.dense]
+
+
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None, aot: bool = False,
                int8: bool = True, overrides: list[str] | None = None, force: bool = False,
                log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -167,7 +177,7 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        reference = ServingProgram(model).eval()
+        reference = serving_program(model).eval()
         example = example_inputs(model, EXAMPLE_BATCH, seed=0)
         checks = [example_inputs(model, b, seed=100 + b) for b in CHECK_BATCHES]
         programs: dict[str, dict[str, Any]] = {}
@@ -211,10 +221,10 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
         contract = {
             "format": FORMAT,
             "features": features,
-            "dense_features": [],
+            "dense_features": _dense_contract(info["schema"], info["dense_stats"]),
             "oov_rule": "vocab fields: a raw id absent from vocab/<field>.parquet (or kept out by min_count) "
                         "maps to row 0; hash fields: raw_id mod num_buckets",
-            "program_inputs": list(PROGRAM_INPUTS),
+            "program_inputs": program_inputs(num_dense_of(model) > 0),
             "outputs": list(OUTPUTS),
             "programs": programs,
             "export_example_batch": EXAMPLE_BATCH,

@@ -11,7 +11,8 @@ input has labels, ``click, conversion`` (int8).
 
 A prepared split must have been mapped with the exported vocabularies: their sha256 are compared
 with ``serving.json`` (a set prepared without vocabularies is checked by table sizes only). Raw ids
-are mapped through the exported vocabularies; ids never seen in training go to the OOV row and are
+are mapped through the exported vocabularies (raw dense values, where a raw format has them, through the
+exported transform, ``data/dense.py``); ids never seen in training go to the OOV row and are
 counted per field in the summary; rejected raw lines are written next to the output
 (``<out>.rejects.csv``: file, line, reason, detail).
 """
@@ -109,7 +110,9 @@ def _prepared_batches(scorer: Scorer, prepared: Path, split: str, batch_size: in
 
     def gen() -> Iterator[tuple[Encoded, dict[str, np.ndarray]]]:
         for batch in dataset:
-            encoded = scorer.encode(batch.sparse_features, batch.weighted_features, ids="mapped")
+            # a prepared set stores dense values transformed: they go in as they are
+            encoded = scorer.encode(batch.sparse_features, batch.weighted_features, ids="mapped", dense=batch.dense,
+                                    dense_values="transformed")
             yield encoded, {"sample_id": batch.sample_id.numpy(), "click": batch.click.numpy().astype(np.int8),
                             "conversion": batch.conversion.numpy().astype(np.int8)}
 
@@ -143,6 +146,11 @@ def predict(model_dir: str | Path, out: str | Path, precision: str = "fp32", pre
         from ctnocvr_rec.serving.rawinput import RawReport, iter_raw_batches, skeleton_bytes
 
         summary["input"] = f"{raw_dir} split {split} (raw files)"
+        if contract.dense:
+            raise ValueError(
+                f"{model_dir}: the model has dense features {contract.dense_names}, which the official Ali-CCP raw "
+                "format (--raw-dir) does not carry; score a prepared set (--prepared) or call Scorer with the raw "
+                "values (they get the exported transform)")
         report = RawReport()
         user = [(f.field, f.weights_from_input) for f in contract.features if f.group == "user"]
         other = [(f.field, f.weights_from_input) for f in contract.features if f.group != "user"]
@@ -155,7 +163,9 @@ def predict(model_dir: str | Path, out: str | Path, precision: str = "fp32", pre
 
         def raw_gen() -> Iterator[tuple[Encoded, dict[str, np.ndarray]]]:
             for rb in iter_raw_batches(raw_dir, split, user, other, batch_size, report, on_bytes=advance):
-                yield scorer.encode_columns(rb.columns, rb.batch_size, ids="raw"), {
+                # raw dense values (if the format has any) get the exported transform (data/dense.py)
+                yield scorer.encode_columns(rb.columns, rb.batch_size, ids="raw", dense=rb.dense or None,
+                                            dense_values="raw"), {
                     "sample_id": rb.sample_id, "click": rb.click, "conversion": rb.conversion}
 
         batches = raw_gen()

@@ -4,8 +4,11 @@ KeyedJaggedTensors do not cross a program boundary well (``torch.export`` flatte
 tensors with a fixed stride, TorchScript needs their full class), so the program's inputs are the
 KJTs' parts, with the lengths viewed as ``[keys, batch]`` so that one dynamic dim ``batch`` ties both
 groups (``ctnocvr_rec.serving.contract`` documents the layout). :class:`ServingProgram` rebuilds the
-two KJTs inside and calls the ranker's generic ``predict(features, weighted_features)``, whose outputs
-``p_ctr, p_cvr, p_ctcvr, p_ctnocvr`` every ranker provides, so a new ranker exports unchanged.
+two KJTs inside and calls the ranker's generic ``predict(features, weighted_features, dense)``, whose
+outputs ``p_ctr, p_cvr, p_ctcvr, p_ctnocvr`` every ranker provides, so a new ranker exports unchanged.
+A ranker with dense features gets :class:`DenseServingProgram`, whose sixth input is the ``[B, D]``
+float32 tensor of transformed dense values (:func:`serving_program` picks the class); a sparse-only
+ranker's program is exactly the five-input one it was before.
 
 Builds (facts checked with torch 2.13 / torchrec 1.8 / fbgemm-gpu-cpu 1.8 on CPU):
 
@@ -18,8 +21,8 @@ Builds (facts checked with torch 2.13 / torchrec 1.8 / fbgemm-gpu-cpu 1.8 on CPU
 
 Example::
 
-    program = ServingProgram(ranker).eval()
-    inputs = example_inputs(ranker, batch_size=8)           # the five tensors of the contract
+    program = serving_program(ranker).eval()
+    inputs = example_inputs(ranker, batch_size=8)           # the five (six with dense) tensors
     probabilities = program(*inputs)                        # [8, 4]
     exported = export_float(ranker, inputs)                 # dynamic batch and id counts
     exported.module()(*example_inputs(ranker, batch_size=300, seed=1))
@@ -38,10 +41,12 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ctnocvr_rec.models.rankers import MultiTaskRanker
+from ctnocvr_rec.modules.dense_arch import DenseFeatureArch
 from ctnocvr_rec.modules.field_embedding import FieldEmbedding
 from ctnocvr_rec.serving.contract import OUTPUTS
 
-ProgramInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+#: the five tensors of the contract, plus ``dense`` for a ranker with dense features
+ProgramInputs = tuple[torch.Tensor, ...]
 
 
 def sparse_arch_of(ranker: nn.Module) -> FieldEmbedding:
@@ -50,6 +55,14 @@ def sparse_arch_of(ranker: nn.Module) -> FieldEmbedding:
         if isinstance(sub, FieldEmbedding):
             return sub
     raise ValueError(f"{type(ranker).__name__} has no FieldEmbedding: cannot derive its serving inputs")
+
+
+def num_dense_of(ranker: nn.Module) -> int:
+    """``D`` of the ranker's :class:`DenseFeatureArch` (0: sparse-only, no dense program input)."""
+    for sub in ranker.modules():
+        if isinstance(sub, DenseFeatureArch):
+            return sub.in_features
+    return 0
 
 
 class ServingProgram(nn.Module):
@@ -79,6 +92,16 @@ class ServingProgram(nn.Module):
         weighted_lengths: torch.Tensor,
         weights: torch.Tensor,
     ) -> torch.Tensor:
+        return self._probabilities(self._kjts(values, lengths, weighted_values, weighted_lengths, weights), None)
+
+    def _kjts(
+        self,
+        values: torch.Tensor,
+        lengths: torch.Tensor,
+        weighted_values: torch.Tensor,
+        weighted_lengths: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor | None]:
         batch_size = lengths.size(1) if len(self.unweighted_keys) > 0 else weighted_lengths.size(1)
         features = KeyedJaggedTensor(
             keys=self.unweighted_keys, values=values, lengths=lengths.reshape(-1), stride=batch_size
@@ -92,14 +115,45 @@ class ServingProgram(nn.Module):
                 weights=weights,
                 stride=batch_size,
             )
-        p = self.ranker.predict(features, weighted_features)
+        return features, weighted_features
+
+    def _probabilities(self, kjts: tuple[KeyedJaggedTensor, KeyedJaggedTensor | None],
+                       dense: torch.Tensor | None) -> torch.Tensor:
+        p = self.ranker.predict(kjts[0], kjts[1], dense)
         return torch.stack([p["p_ctr"], p["p_cvr"], p["p_ctcvr"], p["p_ctnocvr"]], dim=1)
 
 
+class DenseServingProgram(ServingProgram):
+    """:class:`ServingProgram` of a ranker with dense features: a sixth input ``dense`` float32
+    ``[B, D]`` (transformed values, ``serving.json["dense_features"]`` order)."""
+
+    def __init__(self, ranker: MultiTaskRanker) -> None:
+        super().__init__(ranker)
+        self.num_dense: int = num_dense_of(ranker)
+
+    def forward(  # type: ignore[override]
+        self,
+        values: torch.Tensor,
+        lengths: torch.Tensor,
+        weighted_values: torch.Tensor,
+        weighted_lengths: torch.Tensor,
+        weights: torch.Tensor,
+        dense: torch.Tensor,
+    ) -> torch.Tensor:
+        return self._probabilities(self._kjts(values, lengths, weighted_values, weighted_lengths, weights), dense)
+
+
+def serving_program(ranker: MultiTaskRanker) -> ServingProgram:
+    """The program of ``ranker``: five inputs, or six (:class:`DenseServingProgram`) with dense features."""
+    return DenseServingProgram(ranker) if num_dense_of(ranker) else ServingProgram(ranker)
+
+
 def kjt_to_inputs(
-    features: KeyedJaggedTensor | None, weighted_features: KeyedJaggedTensor | None, batch_size: int
+    features: KeyedJaggedTensor | None, weighted_features: KeyedJaggedTensor | None, batch_size: int,
+    dense: torch.Tensor | None = None,
 ) -> ProgramInputs:
-    """A batch's two KJTs (``CtnocvrBatch.sparse_features / weighted_features``) -> program inputs."""
+    """A batch's two KJTs (``CtnocvrBatch.sparse_features / weighted_features``) and its ``dense``
+    (None for a sparse-only batch) -> program inputs."""
 
     def group(kjt: KeyedJaggedTensor | None, weighted: bool) -> tuple[torch.Tensor, ...]:
         if kjt is None or not kjt.keys():
@@ -113,11 +167,13 @@ def kjt_to_inputs(
 
     plain = group(features, weighted=False)
     weighted = group(weighted_features, weighted=True)
-    return plain[0], plain[1], weighted[0], weighted[1], weighted[2]
+    inputs = (plain[0], plain[1], weighted[0], weighted[1], weighted[2])
+    return inputs if dense is None else (*inputs, dense.to(torch.float32))
 
 
 def example_inputs(ranker: nn.Module, batch_size: int = 8, seed: int = 0, max_ids: int = 3) -> ProgramInputs:
-    """Random valid inputs: 1..``max_ids`` ids per (field, row), ids within each table, weights in (0.5, 1.5)."""
+    """Random valid inputs: 1..``max_ids`` ids per (field, row), ids within each table, weights in (0.5, 1.5),
+    and, for a ranker with dense features, ``dense`` ``[B, D]`` ~ N(0, 1) (standardised-like values)."""
     arch = sparse_arch_of(ranker)
     rows = {cfg_feature: cfg.num_embeddings for ebc in (arch.embedding_bag_collection,
                                                           arch.weighted_embedding_bag_collection)
@@ -137,6 +193,9 @@ def example_inputs(ranker: nn.Module, batch_size: int = 8, seed: int = 0, max_id
 
     v, lengths, _ = group(arch.unweighted_feature_names)
     wv, wl, w = group(arch.weighted_feature_names)
+    num_dense = num_dense_of(ranker)
+    if num_dense:
+        return v, lengths, wv, wl, w, torch.randn(batch_size, num_dense, generator=gen)
     return v, lengths, wv, wl, w
 
 
@@ -146,7 +205,8 @@ def _dynamic_shapes(program: ServingProgram) -> tuple[dict[int, torch.export.Dim
     weighted_ids = torch.export.Dim("num_weighted_ids")
     plain = ({0: plain_ids}, {1: batch}) if program.unweighted_keys else (None, None)
     weighted = ({0: weighted_ids}, {1: batch}, {0: weighted_ids}) if program.has_weighted else (None, None, None)
-    return (*plain, *weighted)
+    dense = ({0: batch},) if isinstance(program, DenseServingProgram) else ()
+    return (*plain, *weighted, *dense)
 
 
 class _DropKjtToDictNote(logging.Filter):
@@ -163,7 +223,7 @@ def export_float(ranker: MultiTaskRanker, inputs: ProgramInputs) -> torch.export
     ``inputs``: an example (:func:`example_inputs`; batch >= 2 and >= 2 ids per group, or torch
     specialises the dims). Call the result with ``program.module()(*inputs)``.
     """
-    program = ServingProgram(ranker).eval()
+    program = serving_program(ranker).eval()
     note = _DropKjtToDictNote()
     logging.getLogger().addFilter(note)
     try:
@@ -178,7 +238,7 @@ def quantize_int8(ranker: MultiTaskRanker) -> torch.jit.ScriptModule:
     import torchrec.fx
     from torchrec.inference.modules import quantize_embeddings
 
-    program = ServingProgram(copy.deepcopy(ranker)).eval()
+    program = serving_program(copy.deepcopy(ranker)).eval()
     quantize_embeddings(program, dtype=torch.qint8, inplace=True)
     return torch.jit.script(torchrec.fx.symbolic_trace(program))
 

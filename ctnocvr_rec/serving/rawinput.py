@@ -25,12 +25,15 @@ from ctnocvr_rec.data.rawformat import COMMON, SKELETON, Csr, FieldSlots, Reason
 
 @dataclass
 class RawBatch:
-    """``columns[field] = (raw ids int64 [n], lengths int64 [B], weights float32 [n] or None)``."""
+    """``columns[field] = (raw ids int64 [n], lengths int64 [B], weights float32 [n] or None)``;
+    ``dense[name]`` = raw (untransformed) values ``[B]`` of a dense feature (the official Ali-CCP raw
+    format has none: empty)."""
 
     sample_id: np.ndarray
     click: np.ndarray
     conversion: np.ndarray
     columns: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+    dense: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:

@@ -21,6 +21,14 @@ Inputs of :meth:`Scorer.score`:
   training batch (``batch.sparse_features, batch.weighted_features``); the keys may be split between
   the two in any way, but a field with input weights must come with weights.
 
+Dense features (a model trained on a prepared set with ``dense:`` features; ``serving.json
+["dense_features"]``): in a dict, one number per row under the feature's name (``{"D109_14": [0.5,
+3.0, ...]}``); with KJT input, ``dense=`` a ``[B, D]`` array or tensor in ``dense_features`` order (a
+training batch's ``batch.dense``). ``dense_values="raw"`` (the default with ``ids="raw"``): values as in
+the source data, transformed here by the exported ``log1p`` / standardisation (``data/dense.py``, the
+function ``data prepare`` used); ``"transformed"`` (the default with ``ids="mapped"``): values as a
+prepared set stores them.
+
 ``ids="raw"`` (default): ids are raw Ali-CCP feature ids, mapped through the exported vocabularies
 (an unseen id -> row 0, the OOV row; :meth:`Scorer.encode` counts them) or hashed. ``ids="mapped"``:
 ids are already table rows (what ``data prepare`` writes and the trainer's batches hold); each must
@@ -50,7 +58,7 @@ PRECISIONS = ("fp32", "int8", "aot")
 class Encoded:
     """Program inputs of one batch plus what the id mapping saw."""
 
-    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    inputs: tuple[torch.Tensor, ...]  # the five program tensors (+ ``dense`` [B, D] with dense features)
     batch_size: int
     ids: dict[str, int] = field(default_factory=dict)  # field -> ids in the batch
     unseen: dict[str, int] = field(default_factory=dict)  # field -> raw ids absent from the vocabulary
@@ -90,12 +98,15 @@ class Scorer:
     @torch.no_grad()
     def score(
         self,
-        features: Mapping[str, Sequence[Sequence[Any]]] | KeyedJaggedTensor,
+        features: Mapping[str, Sequence[Any]] | KeyedJaggedTensor,
         weighted_features: KeyedJaggedTensor | None = None,
         ids: str = "raw",
+        dense: Any = None,
+        dense_values: str = "",
     ) -> dict[str, torch.Tensor]:
         """Probabilities of every row: ``{name: float32 [B]}`` for ``serving.json["outputs"]``."""
-        return self.score_encoded(self.encode(features, weighted_features, ids=ids))
+        return self.score_encoded(self.encode(features, weighted_features, ids=ids, dense=dense,
+                                              dense_values=dense_values))
 
     @torch.no_grad()
     def score_encoded(self, encoded: Encoded) -> dict[str, torch.Tensor]:
@@ -110,11 +121,14 @@ class Scorer:
 
     def encode(
         self,
-        features: Mapping[str, Sequence[Sequence[Any]]] | KeyedJaggedTensor,
+        features: Mapping[str, Sequence[Any]] | KeyedJaggedTensor,
         weighted_features: KeyedJaggedTensor | None = None,
         ids: str = "raw",
+        dense: Any = None,
+        dense_values: str = "",
     ) -> Encoded:
-        """Validate, map and lay out ``features`` (see the module docstring) as program inputs."""
+        """Validate, map and lay out ``features`` (and the dense values, see the module docstring) as
+        program inputs."""
         if ids not in ("raw", "mapped"):
             raise ValueError(f"ids must be 'raw' or 'mapped', got {ids!r}")
         if isinstance(features, KeyedJaggedTensor):
@@ -122,20 +136,27 @@ class Scorer:
         elif isinstance(features, Mapping):
             if weighted_features is not None:
                 raise ValueError("weighted_features goes with KJT input; with a dict put weights under '<field>__w'")
-            columns, batch_size = self._columns_from_dict(features)
+            if dense is not None:
+                raise ValueError("dense= goes with KJT input; with a dict put each dense feature under its name")
+            dense_names = set(self.contract.dense_names)
+            columns, batch_size = self._columns_from_dict({k: v for k, v in features.items() if k not in dense_names})
+            dense = {k: v for k, v in features.items() if k in dense_names}
         else:
             raise ValueError(f"features must be a dict {{field: list of id lists}} or a KeyedJaggedTensor, "
                              f"got {type(features).__name__}")
-        return self.encode_columns(columns, batch_size, ids)
+        return self.encode_columns(columns, batch_size, ids, dense=dense, dense_values=dense_values)
 
     def encode_columns(
         self, columns: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]], batch_size: int,
-        ids: str = "raw",
+        ids: str = "raw", dense: Any = None, dense_values: str = "",
     ) -> Encoded:
         """Per-field numpy columns ``{field: (ids [n], lengths [B], weights [n] or None)}`` -> inputs.
 
         The fast path of :meth:`encode` (``ctnocvr predict`` feeds raw-file columns this way); the
         columns must be complete and consistent (``encode`` checks user input before calling this).
+        ``dense``: ``{name: values [B]}`` or a ``[B, D]`` array / tensor (``dense_features`` order), or
+        None for a sparse-only model; ``dense_values``: ``raw`` | ``transformed`` (default: ``raw``
+        with ``ids="raw"``, else ``transformed``).
         """
         encoded = Encoded(inputs=(), batch_size=batch_size)  # type: ignore[arg-type]
         groups = []
@@ -152,7 +173,53 @@ class Scorer:
             groups.append(_group_tensors(values, lengths, weights if weighted else None))
         (v, ln, _), (wv, wl, w) = groups
         encoded.inputs = (v, ln, wv, wl, w)
+        if self.contract.dense:
+            kind = dense_values or ("raw" if ids == "raw" else "transformed")
+            encoded.inputs = (*encoded.inputs, self._dense_tensor(dense, batch_size, kind))
+        elif dense is not None and len(dense) > 0:
+            raise ValueError("this model has no dense inputs (serving.json dense_features is empty); "
+                             f"got dense values {sorted(dense) if isinstance(dense, Mapping) else 'as an array'}")
         return encoded
+
+    def _dense_tensor(self, dense: Any, batch_size: int, kind: str) -> torch.Tensor:
+        """The program's ``dense`` input ``[B, D]`` float32 from a dict or an array (see :meth:`encode_columns`)."""
+        if kind not in ("raw", "transformed"):
+            raise ValueError(f"dense_values must be 'raw' or 'transformed', got {kind!r}")
+        names = self.contract.dense_names
+        if dense is None:
+            raise ValueError(f"missing dense feature(s) {names}: this model needs them "
+                             "(one number per row; with KJT input pass dense=[B, D])")
+        if isinstance(dense, Mapping):
+            missing = [n for n in names if n not in dense]
+            unknown = sorted(set(map(str, dense)) - set(names))
+            if missing or unknown:
+                raise ValueError(f"dense inputs: missing {missing}, unknown {unknown}; this model's: {names}")
+            cols = []
+            for name in names:
+                col = np.asarray(dense[name])
+                if col.shape != (batch_size,) or col.dtype.kind not in "iuf":
+                    raise ValueError(f"dense feature {name!r}: expected {batch_size} numbers (one per row), "
+                                     f"got shape {list(col.shape)} of {col.dtype}")
+                cols.append(col)
+            matrix = np.stack(cols, axis=1) if cols else np.zeros((batch_size, 0))
+        else:
+            matrix = dense.detach().cpu().numpy() if isinstance(dense, torch.Tensor) else np.asarray(dense)
+            if matrix.shape != (batch_size, len(names)) or matrix.dtype.kind not in "iuf":
+                raise ValueError(f"dense: expected a [{batch_size}, {len(names)}] array of numbers "
+                                 f"(columns {names}), got shape {list(matrix.shape)} of {matrix.dtype}")
+        out = np.empty((batch_size, len(names)), np.float32)
+        for k, name in enumerate(names):
+            if kind == "raw":
+                try:
+                    out[:, k] = self.contract.dense_for_model(name, matrix[:, k])
+                except ValueError as e:
+                    raise ValueError(f"dense feature {name!r}: {e}") from None
+            else:
+                out[:, k] = matrix[:, k]
+                if not np.isfinite(out[:, k]).all():
+                    row = int(np.flatnonzero(~np.isfinite(out[:, k]))[0])
+                    raise ValueError(f"dense feature {name!r}: row {row} is not finite ({out[row, k]})")
+        return torch.from_numpy(out)
 
     def _map_ids(self, spec: ServingFeature, col_ids: np.ndarray, ids: str, encoded: Encoded) -> np.ndarray:
         if ids == "raw":

@@ -60,12 +60,14 @@ def synced_batches(ctx: DistContext, batches: Iterable[T], until: str) -> Iterat
         yield item
 
 
-def empty_batch(feature_names: list[str], weighted_feature_names: Iterable[str] = ()) -> CtnocvrBatch:
+def empty_batch(feature_names: list[str], weighted_feature_names: Iterable[str] = (),
+                num_dense: int = 0) -> CtnocvrBatch:
     """A one-row batch with no ids in any field (a stand-in forward for an exhausted rank).
 
     ``feature_names``: every KJT key (schema order); those in ``weighted_feature_names`` go to the
     weighted KJT (``weighted_features``, ``None`` if there are none), the rest to the unweighted one,
-    as in the batch contract (``docs/design.md``).
+    as in the batch contract (``docs/design.md``); ``num_dense``: ``D`` of a model with dense features
+    (the batch then carries zeros ``[1, D]``; 0: ``dense=None``).
     """
     weighted_set = set(weighted_feature_names)
 
@@ -81,7 +83,9 @@ def empty_batch(feature_names: list[str], weighted_feature_names: Iterable[str] 
     plain = kjt([k for k in feature_names if k not in weighted_set], weighted=False)
     weighted_keys = [k for k in feature_names if k in weighted_set]
     weighted_kjt = kjt(weighted_keys, weighted=True) if weighted_keys else None
-    return CtnocvrBatch.from_labels(plain, torch.zeros(1), torch.zeros(1), weighted_features=weighted_kjt)
+    dense = torch.zeros(1, num_dense) if num_dense > 0 else None
+    return CtnocvrBatch.from_labels(plain, torch.zeros(1), torch.zeros(1), weighted_features=weighted_kjt,
+                                    dense=dense)
 
 
 def model_weighted_feature_names(model: torch.nn.Module) -> list[str]:
@@ -92,6 +96,16 @@ def model_weighted_feature_names(model: torch.nn.Module) -> list[str]:
         if isinstance(sub, FieldEmbedding):
             return list(sub.weighted_feature_names)
     return []
+
+
+def model_num_dense_features(model: torch.nn.Module) -> int:
+    """``D`` of the (possibly DMP-wrapped) model's :class:`DenseFeatureArch` (0: sparse-only)."""
+    from ctnocvr_rec.modules.dense_arch import DenseFeatureArch
+
+    for sub in model.modules():
+        if isinstance(sub, DenseFeatureArch):
+            return sub.in_features
+    return 0
 
 
 def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
@@ -122,7 +136,8 @@ def predict(
         for batch in synced_batches(ctx, source, until="all_done"):
             real = batch is not None
             if batch is None:
-                filler = filler or empty_batch(feature_names, model_weighted_feature_names(model))
+                filler = filler or empty_batch(feature_names, model_weighted_feature_names(model),
+                                               model_num_dense_features(model))
                 batch = filler
             with _autocast(device, bf16):
                 _, outputs = model(batch.to(device))

@@ -3,15 +3,19 @@
 Written by the package's shard writer (``data/shards.py``; no raw files, no ``prepare``):
 :func:`write_tiny_prepared` writes the 23 Ali-CCP schema fields with small vocabularies; ``click``
 depends on the ids of fields 205 (item) and 101 (user), ``conversion`` (given a click) on field 206,
-so a ranker's AUCs rise above 0.5 within a few dozen steps.
+so a ranker's AUCs rise above 0.5 within a few dozen steps. With ``num_dense > 0`` the schema also
+gets that many dense features (:func:`aliccp_dense_schema`; raw values log-normal, stored ``log1p`` +
+standardised with train-split stats through ``data/dense.py``, the stats in the manifest) and the
+click logit also depends on the first of them.
 
 Hooks (off unless their environment variable is set; the trainer calls them):
 
 * ``CTNOCVR_LOG_SAMPLE_IDS=<dir>``: every rank appends one JSON line per trained batch to
   ``<dir>/rank-<r>.jsonl``: ``{"epoch", "step", "ids": [sample ids]}`` (which rows a run trained).
 * ``CTNOCVR_DUMP_AFTER_LOAD=<dir>``: right after a resume has loaded a checkpoint, every rank writes
-  ``<dir>/rank-<r>.pt``: ``{"model": {key: [(offsets, tensor)]}, "optim": {key: [(offsets, tensor)]}}``
-  with its local shards of every embedding table's weight and fused optimiser state.
+  ``<dir>/rank-<r>.pt``: ``{"model": {key: [(offsets, tensor)]}, "optim": {key: [(offsets, tensor)]},
+  "dense": {key: tensor}}`` with its local shards of every embedding table's weight and fused optimiser
+  state, and the dense-feature arch's parameters.
 """
 
 from __future__ import annotations
@@ -24,14 +28,40 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ctnocvr_rec.data.schema import DEFAULT_SCHEMA, FieldSchema, load_schema
+from ctnocvr_rec.data.dense import fit_dense_stats, transform_dense
+from ctnocvr_rec.data.schema import DEFAULT_SCHEMA, DenseSpec, FieldSchema, load_schema
 from ctnocvr_rec.data.shards import FieldValues, shard_table, write_split_tables
 
 SCHEMA_NAME = DEFAULT_SCHEMA  # the packaged aliccp schema
 VOCAB = 40  # ids 1..VOCAB-1 per field (0 = OOV), so num_embeddings = VOCAB
+#: dense feature names of torch-rechub's processed Ali-CCP files (the names only; values are ours)
+DENSE_NAMES = ("D109_14", "D110_14", "D127_14", "D150_14", "D508", "D509", "D702", "D853")
 
 
-def _split_table(schema: FieldSchema, rows: int, seed: int, first_sample_id: int, users: int) -> pa.Table:
+def aliccp_dense_schema(num_dense: int = 8) -> FieldSchema:
+    """The packaged aliccp schema plus the first ``num_dense`` of :data:`DENSE_NAMES` (``log1p`` then
+    standardised, as skewed count-like features usually are)."""
+    base = load_schema(SCHEMA_NAME)
+    if not 0 <= num_dense <= len(DENSE_NAMES):
+        raise ValueError(f"num_dense must be in [0, {len(DENSE_NAMES)}], got {num_dense}")
+    dense = tuple(DenseSpec(name, "log1p", True) for name in DENSE_NAMES[:num_dense])
+    return FieldSchema(base.fields, source=f"{base.source} + {num_dense} dense", dense=dense)
+
+
+def raw_dense_values(rows: int, seed: int, num_dense: int) -> dict[str, np.ndarray]:
+    """Raw (untransformed) dense values: log-normal, a few exact zeros (count-like)."""
+    rng = np.random.default_rng([seed, 0xD])  # its own stream: the sparse columns are as without dense
+    out = {}
+    for k, name in enumerate(DENSE_NAMES[:num_dense]):
+        values = rng.lognormal(mean=1.0 + 0.3 * k, sigma=1.0, size=rows)
+        values[rng.random(rows) < 0.1] = 0.0
+        out[name] = values
+    return out
+
+
+def _split_table(schema: FieldSchema, rows: int, seed: int, first_sample_id: int, users: int,
+                 dense: dict[str, np.ndarray] | None = None) -> pa.Table:
+    """One split; ``dense``: the *stored* (transformed) values of every dense feature of ``schema``."""
     rng = np.random.default_rng(seed)
     effects = np.random.default_rng(1234).normal(0.0, 1.5, size=(3, VOCAB))  # same truth for all splits
     fields: dict[str, FieldValues] = {}
@@ -48,6 +78,8 @@ def _split_table(schema: FieldSchema, rows: int, seed: int, first_sample_id: int
         weights = (0.5 + rng.random(offsets[-1])).astype(np.float32) if spec.weighted else None
         fields[spec.name] = FieldValues(offsets, ids, weights)
     logit_click = effects[0][first_ids["205"]] + effects[1][first_ids["101"]] - 1.5
+    if schema.dense:
+        logit_click = logit_click + 1.5 * dense[schema.dense[0].name]  # type: ignore[index]
     click = (rng.random(rows) < 1 / (1 + np.exp(-logit_click))).astype(np.int8)
     logit_conv = effects[2][first_ids["206"]] - 0.5
     conversion = (click * (rng.random(rows) < 1 / (1 + np.exp(-logit_conv)))).astype(np.int8)
@@ -58,22 +90,33 @@ def _split_table(schema: FieldSchema, rows: int, seed: int, first_sample_id: int
         "click": click,
         "conversion": conversion,
     }
-    return shard_table(scalars, fields, schema, {spec.name: VOCAB for spec in schema})
+    return shard_table(scalars, fields, schema, {spec.name: VOCAB for spec in schema}, dense=dense)
 
 
 def write_tiny_prepared(root: str | Path, splits: dict[str, int] | None = None, rows_per_file: int = 1000,
-                        seed: int = 0, users: int = 25) -> Path:
-    """Write ``root/{train,valid,test}/part-*.parquet`` + ``manifest.json``; returns ``root``."""
+                        seed: int = 0, users: int = 25, num_dense: int = 0) -> Path:
+    """Write ``root/{train,valid,test}/part-*.parquet`` + ``manifest.json``; returns ``root``.
+
+    ``num_dense``: dense features of :func:`aliccp_dense_schema` (0: the sparse-only set, unchanged);
+    their raw values are :func:`raw_dense_values` of each split's seed, the transform fitted on the
+    first split (train) only.
+    """
     root = Path(root)
     splits = splits or {"train": 4000, "valid": 600, "test": 900}
-    schema = load_schema(SCHEMA_NAME)
+    schema = aliccp_dense_schema(num_dense) if num_dense else load_schema(SCHEMA_NAME)
+    raw = {split: raw_dense_values(rows, seed + 101 * k, num_dense) for k, (split, rows) in enumerate(splits.items())}
+    first_split = next(iter(splits))
+    stats = {d.name: {**fit_dense_stats(raw[first_split][d.name], d.transform), "transform": d.transform}
+             for d in schema.dense}
     first = 1
     tables = {}
     for k, (split, rows) in enumerate(splits.items()):
-        tables[split] = _split_table(schema, rows, seed + 101 * k, first, users)
+        stored = {d.name: transform_dense(raw[split][d.name], d.transform, d.standardize,
+                                          stats[d.name]["mean"], stats[d.name]["std"]) for d in schema.dense}
+        tables[split] = _split_table(schema, rows, seed + 101 * k, first, users, stored)
         first += rows
     write_split_tables(root, schema, tables, {spec.name: VOCAB for spec in schema}, rows_per_file,
-                       row_group_size=250)
+                       row_group_size=250, dense_stats=stats if schema.dense else None)
     return root
 
 
@@ -98,7 +141,8 @@ def _local_pieces(value: Any) -> list[tuple[list[int], Any]]:
 
 
 def dump_table_state(ctx: Any, model: Any, optimizer: Any) -> None:
-    """``CTNOCVR_DUMP_AFTER_LOAD`` hook: this rank's shards of the tables and their fused optimiser state."""
+    """``CTNOCVR_DUMP_AFTER_LOAD`` hook: this rank's shards of the tables and their fused optimiser state,
+    and (``"dense"``) the dense-feature arch's parameters (replicated: whole on every rank)."""
     out_dir = os.environ.get("CTNOCVR_DUMP_AFTER_LOAD")
     if not out_dir:
         return
@@ -109,4 +153,5 @@ def dump_table_state(ctx: Any, model: Any, optimizer: Any) -> None:
              for part, states in optimizer.state_dict()["state"].items() if ".embedding_bags." in part
              for key, v in states.items() if hasattr(v, "dim") or hasattr(v, "local_shards")}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    torch.save({"model": tables, "optim": optim}, Path(out_dir) / f"rank-{ctx.rank}.pt")
+    dense = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("dense_arch.")}
+    torch.save({"model": tables, "optim": optim, "dense": dense}, Path(out_dir) / f"rank-{ctx.rank}.pt")
