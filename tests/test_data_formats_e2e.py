@@ -1,7 +1,7 @@
 """End to end per community CSV format: prepare -> stats -> plan -> train a few steps -> eval (CLI).
 
-Dense features: the rechub set carries 8 ``__d`` columns; the run trains on whatever the batch
-carries (sparse fields, and the dense tensor once the loader reads it) and must stay finite.
+Dense features: the rechub set carries 8 ``__d`` columns; the trained model must have taken them in
+through its dense arch (8 inputs) and stayed finite; the AITM set has none (no dense arch).
 """
 
 from __future__ import annotations
@@ -44,3 +44,11 @@ def test_prepare_train_eval(tmp_path, monkeypatch, capfd, fmt, header):
     assert trained["steps"] == 4
     assert evaluated["metrics"]["auc_ctr"] == trained["metrics"]["auc_ctr"]  # same checkpoint, same split
     assert 0.0 < evaluated["metrics"]["auc_ctr"] < 1.0
+    from ctnocvr_rec.modules.dense_arch import DenseFeatureArch
+    from ctnocvr_rec.train.api import open_run_checkpoint
+    from ctnocvr_rec.train.setup import build_unsharded_model
+
+    cfg, _ = open_run_checkpoint(tmp_path / "run")
+    archs = [m for m in build_unsharded_model(cfg, torch.device("cpu")).modules() if isinstance(m, DenseFeatureArch)]
+    assert [a.in_features for a in archs] == ([8] if fmt == "aliccp-rechub-csv" else [])
+    assert len(prepared.schema.dense) == (8 if fmt == "aliccp-rechub-csv" else 0)
