@@ -147,6 +147,15 @@ def test_export_and_predict_with_dense_inputs(prepared, two_rank_run, tmp_path):
         np.testing.assert_allclose(np.asarray(got[p])[order_got], np.asarray(trained[p])[order_trained],
                                    rtol=0, atol=1e-5, err_msg=p)
 
+    # a prepared set whose dense values were transformed with other stats is refused
+    other = tmp_path / "other"
+    shutil.copytree(prepared, other)
+    changed = json.loads((other / "manifest.json").read_text())
+    changed["dense_stats"]["D702"]["std"] *= 2
+    (other / "manifest.json").write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match="dense feature D702 has stats.*transformed otherwise"):
+        predict(model_dir, tmp_path / "other.parquet", prepared=other, split="test", progress=False)
+
     # raw dense values (as the source data has them) through the exported transform score exactly as
     # the prepared, already transformed ones
     scorer = Scorer.load(model_dir)
