@@ -147,6 +147,15 @@ def test_export_and_predict_with_dense_inputs(prepared, two_rank_run, tmp_path):
         np.testing.assert_allclose(np.asarray(got[p])[order_got], np.asarray(trained[p])[order_trained],
                                    rtol=0, atol=1e-5, err_msg=p)
 
+    # a prepared set whose dense values were transformed with other stats is refused
+    other = tmp_path / "other"
+    shutil.copytree(prepared, other)
+    changed = json.loads((other / "manifest.json").read_text())
+    changed["dense_stats"]["D702"]["std"] *= 2
+    (other / "manifest.json").write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match="dense feature D702 has stats.*transformed otherwise"):
+        predict(model_dir, tmp_path / "other.parquet", prepared=other, split="test", progress=False)
+
     # raw dense values (as the source data has them) through the exported transform score exactly as
     # the prepared, already transformed ones
     scorer = Scorer.load(model_dir)
@@ -159,6 +168,19 @@ def test_export_and_predict_with_dense_inputs(prepared, two_rank_run, tmp_path):
     from_prepared = scorer.score(batch.sparse_features, batch.weighted_features, ids="mapped", dense=batch.dense)
     for p in PROBS:
         torch.testing.assert_close(from_raw[p], from_prepared[p], rtol=0, atol=1e-6)
+    # the same rows as a plain dict: {field: id lists, dense name: raw values}
+    as_dict: dict[str, list] = {}
+    for kjt in (batch.sparse_features, batch.weighted_features):
+        for key, jt in kjt.to_dict().items():
+            as_dict[key.removeprefix("f_")] = [ids.tolist() for ids in jt.to_dense()]
+            if jt.weights_or_none() is not None and scorer.contract.feature(key.removeprefix("f_")).weights_from_input:
+                as_dict[key.removeprefix("f_") + "__w"] = [w.tolist() for w in jt.to_dense_weights()]
+    as_dict.update({name: raw_matrix[:, k].tolist() for k, name in enumerate(DENSE_NAMES)})
+    from_dict = scorer.score(as_dict, ids="mapped", dense_values="raw")
+    for p in PROBS:
+        torch.testing.assert_close(from_dict[p], from_prepared[p], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"dense inputs: missing \['D853'\]"):
+        scorer.score({k: v for k, v in as_dict.items() if k != "D853"}, ids="mapped")
     with pytest.raises(ValueError, match=r"missing dense feature\(s\) \['D109_14'"):
         scorer.score(batch.sparse_features, batch.weighted_features, ids="mapped")
     with pytest.raises(ValueError, match="dense feature 'D508'.*not finite"):

@@ -39,3 +39,13 @@ def test_label_has_one_definition() -> None:
         if "def derive_ctnocvr_label" in p.read_text(encoding="utf-8")
     ]
     assert defining == ["labels.py"]
+
+
+def test_scorer_needs_only_the_dense_transform_from_the_package():
+    """``Scorer`` (serving/scorer.py + contract.py) is embedded in services without our training code:
+    from the package it may import only itself and the numpy-only dense transform, which imports nothing
+    of the package (docs/serving.md, "Self-contained")."""
+    allowed = {"ctnocvr_rec.serving.contract", "ctnocvr_rec.data.dense"}
+    for name in ("serving/scorer.py", "serving/contract.py"):
+        assert package_imports(PACKAGE / name) <= allowed, (name, package_imports(PACKAGE / name) - allowed)
+    assert package_imports(PACKAGE / "data" / "dense.py") == set()

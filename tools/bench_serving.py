@@ -73,7 +73,8 @@ def latency(model: Path, prepared: Path, precisions: list[str], calls: int) -> l
         for threads in (1, 2):
             torch.set_num_threads(threads)
             for b, batch in batches.items():
-                inputs = scorer.encode(batch.sparse_features, batch.weighted_features, ids="mapped").inputs
+                inputs = scorer.encode(batch.sparse_features, batch.weighted_features, ids="mapped",
+                                       dense=batch.dense).inputs
                 n = calls if b < 512 else max(20, calls // 4)
                 with torch.no_grad():
                     for _ in range(5):

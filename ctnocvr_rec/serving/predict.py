@@ -80,10 +80,18 @@ class PredictionWriter:
 
 
 def check_prepared_matches(contract: ServingContract, prepared: Path) -> str:
-    """Refuse a prepared set whose ids were mapped by other vocabularies; returns how it was checked."""
+    """Refuse a prepared set whose ids were mapped by other vocabularies, or whose dense values were
+    transformed with other stats; returns how it was checked."""
     from ctnocvr_rec.data.prepared import PreparedSet
 
-    sizes = PreparedSet.open(prepared).num_embeddings
+    prepared_set = PreparedSet.open(prepared)
+    sizes = prepared_set.num_embeddings
+    stats = prepared_set.manifest.get("dense_stats") or {}
+    for d in contract.dense:
+        mine = stats.get(d.name)
+        if not isinstance(mine, dict) or (float(mine.get("mean", "nan")), float(mine.get("std", "nan"))) != (d.mean, d.std):
+            raise ValueError(f"{prepared}/manifest.json: dense feature {d.name} has stats {mine}, the model's "
+                             f"mean {d.mean}, std {d.std}: its values were transformed otherwise (another prepared set?)")
     checked = 0
     for f in contract.features:
         if f.mapping == "vocab":
