@@ -261,3 +261,13 @@ def test_dense_program_exports_with_a_sixth_input():
     torch.testing.assert_close(got[:, 3], want["p_ctnocvr"], rtol=0, atol=1e-6)
     sparse_model = build_model(tiny_model_config("ple", True), tiny_dense_schema(0), TINY_SIZES, device=CPU)
     assert type(serving_program(sparse_model)) is ServingProgram and len(example_inputs(sparse_model)) == 5
+
+
+def test_exact_moments_refuse_values_whose_square_overflows():
+    from ctnocvr_rec.data.dense import ExactMoments
+
+    moments = ExactMoments()
+    moments.add(np.array([1.0, 3.0]), "D1")
+    assert moments.mean_std() == (2.0, 1.0)
+    with pytest.raises(ValueError, match="D1: values too large to standardise"):
+        moments.add(np.array([1e200]), "D1")

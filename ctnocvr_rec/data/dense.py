@@ -29,8 +29,6 @@ from fractions import Fraction
 
 import numpy as np
 
-from ctnocvr_rec.data.formats.base import PrepareError
-
 #: ``DenseSpec.transform`` values (kept equal to ``ctnocvr_rec.data.schema.DENSE_TRANSFORMS``)
 TRANSFORMS = ("none", "log1p")
 #: a standard deviation below this is treated as 1 (a constant feature stays finite: its values become 0)
@@ -116,7 +114,8 @@ class ExactMoments:
     def add(self, x: np.ndarray, name: str) -> None:
         squares = x * x
         if not np.isfinite(squares).all():
-            raise PrepareError(f"dense feature {name}: values too large to standardise (|x| > 1e154)")
+            # a ValueError: the writer reports it as its PrepareError (this module imports nothing of ours)
+            raise ValueError(f"dense feature {name}: values too large to standardise (|x| > 1e154)")
         self.n += len(x)
         self.total += _exact_sum(x)
         self.total_sq += _exact_sum(squares)

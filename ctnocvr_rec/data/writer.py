@@ -255,7 +255,10 @@ def _pass1_chunk(state: _State, split_in: str, chunk: RawRows) -> None:
     for spec in schema.dense:
         dense[spec.name] = dense_transform(np.asarray(chunk.dense[spec.name], np.float64), spec.transform)
         if spec.standardize and len(train_rows):
-            state.moments[spec.name].add(dense[spec.name][train_rows], spec.name)
+            try:
+                state.moments[spec.name].add(dense[spec.name][train_rows], spec.name)
+            except ValueError as err:  # data/dense.py raises plain ValueErrors
+                raise PrepareError(f"{chunk.file}: {err}") from None
     for code in np.unique(split).tolist():
         mine = np.flatnonzero(split == code)
         _spill(state, int(code), scalars, chunk.sparse, dense, keep[mine[np.argsort(u[mine], kind="stable")]])
