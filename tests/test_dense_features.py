@@ -271,3 +271,45 @@ def test_exact_moments_refuse_values_whose_square_overflows():
     assert moments.mean_std() == (2.0, 1.0)
     with pytest.raises(ValueError, match="D1: values too large to standardise"):
         moments.add(np.array([1e200]), "D1")
+
+
+def _echo_scorer(tmp_path: Path):
+    """A Scorer over a hand-written contract (one hash field, four dense features) whose 'program'
+    returns its dense input: what the Scorer feeds the model, visible."""
+    from ctnocvr_rec.serving.contract import FORMAT, ServingContract
+    from ctnocvr_rec.serving.scorer import Scorer
+
+    dense = [{"name": f"x{k}", "column": f"x{k}__d", "transform": "log1p" if k < 2 else "none",
+              "standardize": k % 2 == 0, "mean": 0.5 + k, "std": 2.0} for k in range(4)]
+    tree = {"format": FORMAT, "outputs": ["p_ctr", "p_cvr", "p_ctcvr", "p_ctnocvr"], "dense_features": dense,
+            "features": [{"field": "101", "feature": "f_101", "group": "user", "weighted": False,
+                          "weights_from_input": False, "mapping": "hash", "num_embeddings": 10, "num_buckets": 10,
+                          "vocab_file": ""}]}
+    return Scorer(ServingContract(tmp_path, tree), "fp32", lambda *inputs: inputs[5]), dense
+
+
+def test_scorer_transforms_raw_dense_values_with_the_exported_stats(tmp_path):
+    scorer, dense = _echo_scorer(tmp_path)
+    raw = np.array([[0.0, 3.0, -2.0, 7.5], [10.0, 0.25, 4.0, -1.0]])
+    features = {"101": [[12345], []], **{f"x{k}": raw[:, k].tolist() for k in range(4)}}
+    out = scorer.score(features)  # ids="raw" -> dense_values="raw": transformed here
+    got = np.stack([out[name].numpy() for name in scorer.outputs], axis=1)
+    for k, d in enumerate(dense):
+        np.testing.assert_array_equal(got[:, k], transform_dense(raw[:, k], d["transform"], d["standardize"],
+                                                                 d["mean"], d["std"]))
+    # already transformed values pass as they are (a prepared set's; the default with ids="mapped")
+    features["101"] = [[3], []]
+    as_is = scorer.score(features, ids="mapped")
+    np.testing.assert_array_equal(np.stack([as_is[n].numpy() for n in scorer.outputs], axis=1),
+                                  raw.astype(np.float32))
+    with pytest.raises(ValueError, match=r"dense inputs: missing \['x3'\]"):
+        scorer.score({k: v for k, v in features.items() if k != "x3"})
+    with pytest.raises(ValueError, match="dense feature 'x1': expected 2 numbers"):
+        scorer.score({**features, "x1": [1.0]})
+    with pytest.raises(ValueError, match=r"dense: expected a \[2, 4\] array"):
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        kjt = KeyedJaggedTensor(keys=["f_101"], values=torch.tensor([3]), lengths=torch.tensor([1, 0]))
+        scorer.score(kjt, ids="mapped", dense=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="dense_values must be 'raw' or 'transformed'"):
+        scorer.score(features, dense_values="log")
