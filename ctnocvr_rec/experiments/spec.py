@@ -16,6 +16,8 @@ by ``--config <name>``; every key optional except ``run``)::
     ranking: {arch: mmoe, seed: 0, score: pctcvr, alpha: 1.0, top_k: 3}
     compare: {methods: [base, escm2_ips, escm2_dr, dcmt], archs: [esmm, mmoe], ctnocvr: [false, true],
               seeds: [0, 1, 2]}
+    when_helps: {archs: [esmm, mmoe], seeds: [0, 1, 2], synth: {rows_train: 100000, ...},
+                 knobs: {clickbait_share: [0.0, 0.1, 0.2, 0.3], ...}, prepare: {valid_fraction: 0.1}}
 
 Keys are checked strictly (a typo is an error naming the valid keys), and the ``run`` tree is
 validated as a :class:`~ctnocvr_rec.config.RunConfig`.
@@ -103,6 +105,28 @@ class CompareSpec:
 
 
 @dataclass
+class WhenHelpsSpec:
+    """`experiment when-helps`: one synthetic data set per regime (one knob moved off the defaults),
+    every arch x {Base, +CTnoCVR} x seed on each (see :mod:`ctnocvr_rec.experiments.when_helps`)."""
+
+    archs: list[str] = field(default_factory=lambda: ["esmm", "mmoe"])
+    seeds: list[int] = ranged(lambda: [0, 1, 2], NON_NEGATIVE)
+    #: SynthConfig fields shared by every regime (the study's defaults; the rest: SynthConfig's own)
+    synth: dict[str, Any] = field(default_factory=dict)
+    #: SynthConfig field -> levels; each knob is varied on its own, the others stay at ``synth``
+    knobs: dict[str, list[Any]] = field(default_factory=lambda: {
+        "clickbait_share": [0.0, 0.1, 0.2, 0.3],
+        "cvr": [0.03, 0.1, 0.2, 0.4],
+        "selection_strength": [0.0, 0.5, 1.0, 2.0],
+        "rows_train": [50_000, 100_000, 200_000, 400_000],
+    })
+    #: PrepareOptions fields for every regime's prepared set (e.g. valid_fraction, seed, workers)
+    prepare: dict[str, Any] = field(default_factory=dict)
+    #: folder of the regimes' raw and prepared data ("" = <out_dir>/data)
+    data_dir: str = ""
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     out_dir: str = ""
@@ -114,6 +138,7 @@ class ExperimentConfig:
     sweep: SweepSpec = field(default_factory=SweepSpec)
     ranking: RankingSpec = field(default_factory=RankingSpec)
     compare: CompareSpec = field(default_factory=CompareSpec)
+    when_helps: WhenHelpsSpec = field(default_factory=WhenHelpsSpec)
     #: where the YAML came from (for messages), not a YAML key
     source: str = field(default="", metadata={"internal": True})
 
@@ -164,7 +189,7 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
 
 def validate_names(exp: ExperimentConfig) -> None:
     """Every arch and method named by the grids is in the registry (an error names the valid ones)."""
-    for arch in [*exp.table3.archs, *exp.sweep.archs, exp.ranking.arch, *exp.compare.archs]:
+    for arch in [*exp.table3.archs, *exp.sweep.archs, exp.ranking.arch, *exp.compare.archs, *exp.when_helps.archs]:
         if arch not in ARCHS:
             raise ConfigError(f"{exp.source}: unknown arch {arch!r}; valid: {list(ARCHS)}")
     for method in exp.compare.methods:
