@@ -168,7 +168,7 @@ def _ranking(args: argparse.Namespace) -> int:
         top_k = spec.top_k if args.top_k is None else args.top_k
         gt_dir = gt_dir or exp.ground_truth
         if args.all_seeds:
-            from ctnocvr_rec.experiments.ranking import ranking_over_seeds
+            from ctnocvr_rec.experiments.ranking_seeds import ranking_over_seeds
 
             md_path = ranking_over_seeds(
                 root, exp.table3.seeds, out, split=args.split, gt_dir=gt_dir or None, score=score,

@@ -36,10 +36,10 @@ from ctnocvr_rec.config import ConfigError
 from ctnocvr_rec.data.prepare import PrepareOptions, prepare
 from ctnocvr_rec.data.prepared import PreparedSet
 from ctnocvr_rec.data.synth import SynthConfig, generate
+from ctnocvr_rec.experiments.records import TASK_METRICS, VARIANTS, per_run_records, write_csv
 from ctnocvr_rec.experiments.runs import RunFn, RunSpec, execute_runs, seeded_settings
 from ctnocvr_rec.experiments.spec import ExperimentConfig, build_run_config, validate_names
 from ctnocvr_rec.experiments.stats import mean_ci, mean_std, paired_comparison
-from ctnocvr_rec.experiments.table3 import TASK_METRICS, VARIANTS, per_run_records, write_csv
 from ctnocvr_rec.experiments.when_helps_report import plot_when_helps, render_when_helps_markdown
 
 DEFAULT_REGIME = "default"
