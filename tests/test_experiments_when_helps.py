@@ -56,12 +56,15 @@ def test_regimes_share_the_default_and_the_plan_is_seed_major(tmp_path):
 
 
 def test_bad_knobs_are_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown synth field\(s\) \['clickbait'\]"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['clickbait'\] at .*when_helps.knobs.clickbait"):
         plan_regimes(_experiment(tmp_path, {"knobs": {"clickbait": [0.1]}}))
-    with pytest.raises(ConfigError, match="rows_train must be a int"):
+    with pytest.raises(ConfigError, match="rows_train: expected an integer, got 'many'"):
         plan_regimes(_experiment(tmp_path, {"knobs": {"rows_train": ["many"]}}))
     with pytest.raises(ConfigError, match="unknown arch 'dcn'"):
         _experiment(tmp_path, {"archs": ["dcn"]})
+    with pytest.raises(ConfigError, match=r"\['out_dir'\] are set by the study"):
+        run_when_helps(_experiment(tmp_path, {"prepare": {"out_dir": "x"}}), run_fn=_fake_run_fn([]),
+                       log=lambda _: None)
 
 
 def test_t_quantiles_and_confidence_interval():

@@ -1091,8 +1091,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def run(args: argparse.Namespace) -> int:
-    opts = PrepareOptions(
+def options_from_args(args: argparse.Namespace) -> PrepareOptions:
+    """The :class:`PrepareOptions` of parsed :func:`add_arguments` flags."""
+    return PrepareOptions(
         raw_dir=args.raw_dir,
         out_dir=args.out,
         schema=args.schema,
@@ -1108,7 +1109,10 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         compression=args.compression,
     )
-    manifest = prepare(opts)
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = prepare(options_from_args(args))
     print(summary(manifest))
     return 0
 

@@ -842,8 +842,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "One process already writes >300k rows/s; more only pay off on idle cores")
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = SynthConfig(
+def config_from_args(args: argparse.Namespace) -> SynthConfig:
+    """The :class:`SynthConfig` of parsed :func:`add_arguments` flags."""
+    return SynthConfig(
         rows_train=args.rows_train, rows_test=args.rows_test, users=args.users, items=args.items,
         seed=args.seed, ctr=args.ctr, cvr=args.cvr, clickbait_share=args.clickbait_share,
         gem_share=args.gem_share, segment_ctr_shift=args.segment_ctr_shift,
@@ -851,6 +852,10 @@ def run(args: argparse.Namespace) -> int:
         mean_request_size=args.mean_request_size,
         history_length=args.history_length, schema=args.schema,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
     t0 = time.perf_counter()
     report = generate(cfg, args.out, workers=args.workers)
     wall = time.perf_counter() - t0

@@ -41,7 +41,7 @@ def _load(args: argparse.Namespace):
 
 
 def _table3(args: argparse.Namespace) -> int:
-    from ctnocvr_rec.experiments.runs import run_data_setup
+    from ctnocvr_rec.experiments.data_setup import run_data_setup
     from ctnocvr_rec.experiments.table3 import run_table3
 
     exp = _load(args)
@@ -60,7 +60,7 @@ def _table3(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from ctnocvr_rec.experiments.compare import run_compare
-    from ctnocvr_rec.experiments.runs import run_data_setup
+    from ctnocvr_rec.experiments.data_setup import run_data_setup
 
     exp = _load(args)
     if args.seeds:
@@ -116,7 +116,7 @@ def _parse_grid(items: list[str]) -> dict[str, list[object]]:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from ctnocvr_rec.experiments.runs import run_data_setup
+    from ctnocvr_rec.experiments.data_setup import run_data_setup
     from ctnocvr_rec.experiments.spec import build_run_config
     from ctnocvr_rec.experiments.sweep import run_sweep
 

@@ -6,9 +6,9 @@ by ``--config <name>``; every key optional except ``run``)::
     name: synth_preset
     out_dir: runs/experiments/synth_preset     # run folders and reports go below this
     base_config: ""                            # optional run YAML (or packaged run name) merged *under* ``run``
-    data_setup:                                # ctnocvr commands run once if the prepared set is missing
-      - [data, synth, --out, artifacts/synth_preset/raw, ...]
-      - [data, prepare, ...]
+    data_setup:                                # run once if the prepared set is missing (data_setup.py)
+      synth: {out: artifacts/synth_preset/raw, rows_train: 600000, seed: 7}      # SynthConfig fields
+      prepare: {raw_dir: artifacts/synth_preset/raw, out_dir: artifacts/synth_preset/prepared}
     ground_truth: artifacts/synth_preset/raw   # folder of ground_truth_<split>.parquet ("" = none)
     run: {data: {...}, model: {...}, train: {...}, eval: {...}}   # a RunConfig tree
     table3: {archs: [esmm, mmoe, cgc, ple], seeds: [0, 1, 2, 3, 4]}
@@ -25,7 +25,7 @@ validated as a :class:`~ctnocvr_rec.config.RunConfig`.
 File references (``base_config``, ``run.data.schema``, and ``data.schema`` inside the base config) are
 relative to the folder of the YAML file holding them when the file exists there, else to the working
 directory, else packaged names (:func:`ctnocvr_rec.resources.resolve`). Data and output folders
-(``out_dir``, ``data_setup`` arguments, ``ground_truth``, ``run.data.prepared_dir``) are relative to the
+(``out_dir``, ``data_setup`` folders, ``ground_truth``, ``run.data.prepared_dir``) are relative to the
 working directory.
 """
 
@@ -105,6 +105,16 @@ class CompareSpec:
 
 
 @dataclass
+class DataSetup:
+    """Typed data set-up steps (:mod:`ctnocvr_rec.experiments.data_setup`); {} = no such step."""
+
+    #: ``out`` (raw folder), ``workers`` and SynthConfig fields: ``data.synth.generate``
+    synth: dict[str, Any] = field(default_factory=dict)
+    #: PrepareOptions fields (``raw_dir``, ``out_dir`` required): ``data.prepare.prepare``
+    prepare: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class WhenHelpsSpec:
     """`experiment when-helps`: one synthetic data set per regime (one knob moved off the defaults),
     every arch x {Base, +CTnoCVR} x seed on each (see :mod:`ctnocvr_rec.experiments.when_helps`)."""
@@ -131,7 +141,7 @@ class ExperimentConfig:
     name: str = "experiment"
     out_dir: str = ""
     base_config: str = ""
-    data_setup: list[list[str]] = field(default_factory=list)
+    data_setup: DataSetup = field(default_factory=DataSetup)
     ground_truth: str = ""
     run: dict[str, Any] = field(default_factory=dict)
     table3: Table3Spec = field(default_factory=Table3Spec)
@@ -157,6 +167,10 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
     tree: dict[str, Any] = load_yaml_mapping(path) if path else {}
     if "source" in tree:
         raise ConfigError(f"{path}: 'source' is not a configuration key")
+    if isinstance(tree.get("data_setup"), list):  # the former list of `ctnocvr data ...` command lines
+        from ctnocvr_rec.experiments.data_setup import steps_from_command_lines
+
+        tree["data_setup"] = steps_from_command_lines(tree["data_setup"], str(path))
     try:
         exp = from_dict(ExperimentConfig, tree)
     except ConfigError as e:
@@ -184,6 +198,9 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
         for value in values:
             build_run_config(exp, {key: value})
     validate_names(exp)
+    from ctnocvr_rec.experiments import data_setup  # numpy/pyarrow: only once a config is loaded
+
+    data_setup.validate(exp.data_setup, exp.source)
     return exp
 
 

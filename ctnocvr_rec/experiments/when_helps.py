@@ -21,7 +21,6 @@ that +CTnoCVR closes. Writes ``when_helps.csv``, ``when_helps_runs.csv``, ``when
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
@@ -35,7 +34,8 @@ import numpy as np
 from ctnocvr_rec.config import ConfigError
 from ctnocvr_rec.data.prepare import PrepareOptions, prepare
 from ctnocvr_rec.data.prepared import PreparedSet
-from ctnocvr_rec.data.synth import SynthConfig, generate
+from ctnocvr_rec.data.synth import generate
+from ctnocvr_rec.experiments.data_setup import prepare_options, synth_config
 from ctnocvr_rec.experiments.records import TASK_METRICS, VARIANTS, per_run_records, write_csv
 from ctnocvr_rec.experiments.runs import RunFn, RunSpec, execute_runs, seeded_settings
 from ctnocvr_rec.experiments.spec import ExperimentConfig, build_run_config, validate_names
@@ -43,10 +43,6 @@ from ctnocvr_rec.experiments.stats import mean_ci, mean_std, paired_comparison
 from ctnocvr_rec.experiments.when_helps_report import plot_when_helps, render_when_helps_markdown
 
 DEFAULT_REGIME = "default"
-#: SynthConfig fields a study may not set: where the data go and what the generator fills in
-_NOT_SETTABLE = {"derived"}
-#: PrepareOptions fields set by the study itself
-_PREPARE_OWN = {"raw_dir", "out_dir", "force", "progress"}
 
 
 @dataclass(frozen=True)
@@ -67,20 +63,6 @@ def data_dir(exp: ExperimentConfig) -> Path:
     return Path(exp.when_helps.data_dir) if exp.when_helps.data_dir else exp.output_dir / "data"
 
 
-def _synth_config(values: dict[str, Any], where: str) -> SynthConfig:
-    fields = {f.name: f for f in dataclasses.fields(SynthConfig) if f.name not in _NOT_SETTABLE}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown synth field(s) {unknown}; valid: {sorted(fields)}")
-    for key, value in values.items():
-        want = type(getattr(SynthConfig(), key))
-        ok = isinstance(value, want) and not isinstance(value, bool) or (want is float and isinstance(value, int)
-                                                                          and not isinstance(value, bool))
-        if not ok:
-            raise ConfigError(f"{where}: {key} must be a {want.__name__}, got {value!r}")
-    return SynthConfig(**values)
-
-
 def level_name(knob: str, value: Any) -> str:
     return f"{knob}-{value:g}" if isinstance(value, float) else f"{knob}-{value}"
 
@@ -92,7 +74,7 @@ def plan_regimes(exp: ExperimentConfig) -> tuple[list[Regime], dict[tuple[str, A
     """
     spec = exp.when_helps
     where = f"{exp.source}: when_helps"
-    base = _synth_config(spec.synth, f"{where}.synth")
+    base = synth_config(spec.synth, f"{where}.synth")
     regimes = {DEFAULT_REGIME: Regime(DEFAULT_REGIME, dict(spec.synth))}  # dropped below if no level uses it
     level_regime: dict[tuple[str, Any], str] = {}
     if not spec.knobs:
@@ -101,7 +83,7 @@ def plan_regimes(exp: ExperimentConfig) -> tuple[list[Regime], dict[tuple[str, A
         if not levels:
             raise ConfigError(f"{where}.knobs.{knob}: no levels")
         for value in levels:
-            cfg = _synth_config({**spec.synth, knob: value}, f"{where}.knobs.{knob}")
+            cfg = synth_config({**spec.synth, knob: value}, f"{where}.knobs.{knob}")
             if getattr(cfg, knob) == getattr(base, knob):
                 level_regime[(knob, value)] = DEFAULT_REGIME
                 continue
@@ -114,12 +96,12 @@ def plan_regimes(exp: ExperimentConfig) -> tuple[list[Regime], dict[tuple[str, A
 
 
 def _prepare_options(exp: ExperimentConfig, raw: Path, prepared: Path) -> PrepareOptions:
-    values = dict(exp.when_helps.prepare)
-    allowed = {f.name for f in dataclasses.fields(PrepareOptions)} - _PREPARE_OWN
-    unknown = sorted(set(values) - allowed)
-    if unknown:
-        raise ConfigError(f"{exp.source}: when_helps.prepare: unknown option(s) {unknown}; valid: {sorted(allowed)}")
-    return PrepareOptions(raw_dir=str(raw), out_dir=str(prepared), progress=False, **values)
+    where = f"{exp.source}: when_helps.prepare"
+    own = sorted(set(exp.when_helps.prepare) & {"raw_dir", "out_dir"})
+    if own:
+        raise ConfigError(f"{where}: {own} are set by the study (one folder per regime)")
+    return prepare_options({**exp.when_helps.prepare, "raw_dir": str(raw), "out_dir": str(prepared),
+                            "progress": False}, where)
 
 
 def make_regime_data(exp: ExperimentConfig, regimes: list[Regime], log: Callable[[str], None]) -> None:
@@ -133,7 +115,7 @@ def make_regime_data(exp: ExperimentConfig, regimes: list[Regime], log: Callable
         raw, prepared = regime.raw_dir(root), regime.prepared_dir(root)
         if PreparedSet.exists(prepared) and (raw / "ground_truth_test.parquet").is_file():
             continue
-        cfg = _synth_config(regime.synth, f"{exp.source}: when_helps regime {regime.name}")
+        cfg = synth_config(regime.synth, f"{exp.source}: when_helps regime {regime.name}")
         log(f"[{exp.name}] data for regime {regime.name}: synth {regime.synth} -> {raw}")
         report = generate(cfg, raw)
         test = report["derived"]["splits"]["test"]
@@ -235,6 +217,7 @@ def run_when_helps(
     specs = plan_when_helps(exp, regimes)
     for spec in specs[: len(regimes) * len(exp.when_helps.archs) * len(VARIANTS)]:
         build_run_config(exp, spec.settings)  # a bad run setting fails here, before any data or training
+    _prepare_options(exp, Path("raw"), Path("prepared"))  # so does a bad prepare option
     if not report_only:
         make_regime_data(exp, regimes, log)
         execute_runs(exp, specs, run_fn=run_fn, nproc=nproc, log=log)
