@@ -39,3 +39,13 @@ def test_label_has_one_definition() -> None:
         if "def derive_ctnocvr_label" in p.read_text(encoding="utf-8")
     ]
     assert defining == ["labels.py"]
+
+
+def test_experiments_never_import_the_cli() -> None:
+    """Experiments call library functions (synth, prepare, train.api), never the CLI entry point."""
+    bad = {
+        str(path.relative_to(PACKAGE)): sorted(n for n in package_imports(path) if n.startswith("ctnocvr_rec.cli"))
+        for path in sorted((PACKAGE / "experiments").glob("*.py"))
+    }
+    bad = {k: v for k, v in bad.items() if v}
+    assert not bad, f"experiments/ imports the CLI: {bad}"
