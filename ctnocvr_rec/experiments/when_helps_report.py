@@ -34,8 +34,19 @@ def _p(value: float | None) -> str:
     return f"{value:.3g}" if value >= 0.001 else f"{value:.1e}"
 
 
+def _mean_sd(row: dict[str, Any], variant: str) -> str:
+    """``61.24 ± 0.35 (n=3)``; ``61.24 (n=1)`` for one run; ``-`` before any run finished."""
+    n = row[f"n_{variant}"]
+    if not n:
+        return "-"
+    mean = _num(row[f"{variant}_auc_cvr_mean"])
+    return f"{mean} (n=1)" if n == 1 else f"{mean} ± {_num(row[f'{variant}_auc_cvr_std'])} (n={n})"
+
+
 def verdict(row: dict[str, Any]) -> str:
     """``helps`` / ``HURTS`` when the 95% CI excludes 0, ``no effect`` when it does not, else why not."""
+    if not row.get("pairs", 0):
+        return "not run yet"
     if row.get("pairs", 0) < 2 or math.isnan(row.get("ci_low", math.nan)):
         return "too few seeds"
     if row["ci_low"] > 0:
@@ -61,14 +72,14 @@ def render_when_helps_markdown(rows: list[dict[str, Any]], defaults: dict[str, A
             cells = [
                 f"{row['level']}" + (" (default)" if row["regime"] == "default" else ""),
                 _title(row["arch"]),
-                f"{_num(row['base_auc_cvr_mean'])} ± {_num(row['base_auc_cvr_std'])} (n={row['n_base']})",
-                f"{_num(row['ctnocvr_auc_cvr_mean'])} ± {_num(row['ctnocvr_auc_cvr_std'])} (n={row['n_ctnocvr']})",
+                _mean_sd(row, "base"),
+                _mean_sd(row, "ctnocvr"),
                 (f"{_num(row['diff'], sign=True)} [{_num(row['ci_low'], sign=True)}, {_num(row['ci_high'], sign=True)}]"
                  if has_pairs else "-"),
                 _p(row["p_t"]) if has_pairs else "-",
                 f"{row['wins']}/{row['pairs']}" if has_pairs else "-",
-                _num(row["base_oracle_auc_cvr_mean"]),
-                _num(row["base_gap_auc_cvr_mean"], sign=True),
+                _num(row["base_oracle_auc_cvr_mean"]) if row["n_base"] else "-",
+                _num(row["base_gap_auc_cvr_mean"], sign=True) if row["n_base"] else "-",
                 f"{100 * row['gap_closed']:.0f}%" if has_pairs and not math.isnan(row.get("gap_closed", math.nan))
                 else "n/a",
                 verdict(row),
