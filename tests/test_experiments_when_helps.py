@@ -174,3 +174,34 @@ def test_packaged_preset_loads_and_plans_13_regimes():
     assert len(regimes) == 13 and set(exp.when_helps.knobs) == {
         "clickbait_share", "cvr", "selection_strength", "rows_train"}
     assert len(plan_when_helps(exp, regimes)) == 13 * 2 * 2 * 3
+
+
+@pytest.mark.slow
+def test_study_end_to_end_with_the_real_trainer(tmp_path):
+    """Two tiny regimes, ESMM x {Base, +CTnoCVR} x 1 seed through train_and_evaluate: each run trains on
+    its own regime's prepared set and its CVR AUC is the one of its predictions."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run = {"data": {"batch_size": 256, "eval_batch_size": 2048},
+           "model": {"embedding_dim": 4, "num_experts": 2, "expert_hidden": [8], "tower_hidden": [8]},
+           "train": {"epochs": 1, "device": "cpu", "progress_bar": False, "log_every_steps": 1000},
+           "eval": {"gauc": False}}
+    exp = _experiment(tmp_path, {"knobs": {"clickbait_share": [0.1, 0.3]}, "archs": ["esmm"], "seeds": [0]},
+                      run=run)
+    try:
+        md = run_when_helps(exp, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    rows = {(r["level"], r["arch"]): r for r in _read_csv(md.with_suffix(".csv"))}
+    assert set(rows) == {("0.1", "esmm"), ("0.3", "esmm")} and all(r["pairs"] == "1" for r in rows.values())
+    run_dir = exp.output_dir / "when_helps" / "clickbait_share-0.3" / "esmm" / "ctnocvr" / "seed0"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["config"]["data"]["prepared_dir"].endswith("data/clickbait_share-0.3/prepared")
+    assert metrics["config"]["model"]["use_ctnocvr"] is True
+    preds = pq.read_table(run_dir / "predictions" / f"{metrics['split']}.parquet").to_pydict()
+    click = np.array(preds["click"]).astype(bool)
+    assert metrics["metrics"]["auc_cvr"] == pytest.approx(
+        roc_auc(np.array(preds["conversion"])[click], np.array(preds["p_cvr"])[click]), abs=1e-9)
+    assert 0.5 < float(rows[("0.3", "esmm")]["base_oracle_auc_cvr_mean"]) <= 1.0
