@@ -166,6 +166,21 @@ class DcmtConfig:
 
 
 @dataclass
+class ChorusCvrConfig:
+    """ChorusCVR (``model.method: choruscvr``; ctnocvr_rec/modules/choruscvr.py). ``<term>_weight`` as
+    above; the defaults are ours (the paper's could not be checked here)."""
+
+    #: ESMM's global CTCVR risk over all exposures (H2)
+    ctcvr_weight: float = ranged(1.0, NON_NEGATIVE)
+    #: NDM: BCE(click and not converted, pCTR * pUnCVR) over all exposures (H3)
+    ctuncvr_weight: float = ranged(1.0, NON_NEGATIVE)
+    #: hard labels on clicked rows: BCE(r, pCVR) + BCE(1 - r, pUnCVR) (H4)
+    cvr_weight: float = ranged(0.5, NON_NEGATIVE)
+    #: SAM: soft alignment of the two towers on unclicked rows (H5)
+    align_weight: float = ranged(0.1, NON_NEGATIVE)
+
+
+@dataclass
 class ModelConfig:
     """Ranker architecture (paper Sec. 2.3 / 3.2). See ``ctnocvr_rec/models/rankers.py``.
 
@@ -218,6 +233,7 @@ class ModelConfig:
     escm2_ips: Escm2IpsConfig = field(default_factory=Escm2IpsConfig)
     escm2_dr: Escm2DrConfig = field(default_factory=Escm2DrConfig)
     dcmt: DcmtConfig = field(default_factory=DcmtConfig)
+    choruscvr: ChorusCvrConfig = field(default_factory=ChorusCvrConfig)
 
 
 @dataclass

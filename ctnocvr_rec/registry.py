@@ -59,6 +59,8 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("escm2_dr", "ESCM²-DR", "ctnocvr_rec.modules.escm2_dr:Escm2DrObjective", "escm2_dr",
                "Wang et al., SIGIR '22"),
     MethodSpec("dcmt", "DCMT", "ctnocvr_rec.modules.dcmt:DcmtObjective", "dcmt", "Zhu et al., ICDE '23"),
+    MethodSpec("choruscvr", "ChorusCVR", "ctnocvr_rec.modules.choruscvr:ChorusCvrObjective", "choruscvr",
+               "arXiv 2502.08277 (our reading: modules/choruscvr.py)"),
 )}
 
 ARCHS: tuple[str, ...] = tuple(BACKBONES)

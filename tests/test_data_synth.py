@@ -189,3 +189,70 @@ def test_tiny_worlds_work(tmp_path):
     rows = _read_skeleton(tmp_path / "sample_skeleton_train.csv")
     assert len(rows) == 60 and report["derived"]["cardinality"]["206"] <= 2
     assert len({r[3] for r in rows}) == report["derived"]["splits"]["train"]["requests"]
+
+
+#: sha256 of the files written by ``generate(SynthConfig(seed=11, **SMALL))`` before the study knobs
+#: (selection_strength) existed: new knobs must leave the default data byte-identical
+DEFAULT_DATA_SHA256 = {
+    "common_features_test.csv": "8041c638f0bad2f24da2673ed85d768f041bbfa2019d073d5b8f60d2122ffe05",
+    "common_features_train.csv": "537532275875789e9d77175c09f49eff012ef67925609102acc3d8fba8299621",
+    "ground_truth_test.parquet": "c42a963dd5e940271bf8ce3dcfa00555efbbcb9eeb6e6e5b91bf5e6b678cf513",
+    "ground_truth_train.parquet": "258f51b4414d3b80ec866bea33c3c35c06d7854a38ace70fa18ffee50c7e6225",
+    "sample_skeleton_test.csv": "a697704865b0737ad8e6e556f2a6896390a871e90070e48fbb53b712784e00bb",
+    "sample_skeleton_train.csv": "6b4085eaf9c883f1567379894fa2931f42235a6d3bfed5770f872dd2d8844467",
+}
+
+
+def test_default_data_are_byte_identical_to_before_the_knobs(small):
+    import hashlib
+
+    out, _ = small
+    got = {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in DEFAULT_DATA_SHA256}
+    assert got == DEFAULT_DATA_SHA256
+
+
+def _truth(out, split="train"):
+    return {k: np.array(v) for k, v in pq.read_table(out / f"ground_truth_{split}.parquet").to_pydict().items()}
+
+
+def _logit(p):
+    return np.log(p) - np.log1p(-p)
+
+
+def test_selection_strength_scales_the_click_logit_exactly(small, tmp_path):
+    """Same impressions, click logit (minus its re-solved intercept) scaled by s; s=0: random clicks.
+
+    The CVR logit keeps its features; only its intercept moves (re-solved so the CVR of clicks stays
+    ``cfg.cvr`` under the new click distribution)."""
+    out, report = small
+    base = _truth(out)
+    derived = report["derived"]
+    for s in (0.0, 0.5, 2.0):
+        rep = generate(SynthConfig(seed=11, selection_strength=s, **SMALL), tmp_path / f"s{s}")
+        truth = _truth(tmp_path / f"s{s}")
+        assert (truth["item_id"] == base["item_id"]).all()
+        np.testing.assert_allclose(_logit(truth["p_ctr"]) - rep["derived"]["intercept_ctr"],
+                                   s * (_logit(base["p_ctr"]) - derived["intercept_ctr"]), atol=1e-9)
+        np.testing.assert_allclose(_logit(truth["p_cvr"]) - rep["derived"]["intercept_cvr"],
+                                   _logit(base["p_cvr"]) - derived["intercept_cvr"], atol=1e-9)
+        assert truth["p_ctr"].mean() == pytest.approx(SynthConfig().ctr, rel=0.1)  # intercept re-solved
+    assert np.ptp(_truth(tmp_path / "s0.0")["p_ctr"]) == 0.0  # no selection: every row equally likely
+    with pytest.raises(ValueError, match="selection-strength"):
+        generate(SynthConfig(selection_strength=-1.0, **SMALL), tmp_path / "bad")
+
+
+def test_study_knobs_change_only_what_they_name(small, tmp_path):
+    """cvr moves only the CVR intercept; clickbait_share relabels items (same draws otherwise)."""
+    out, report = small
+    base = _truth(out)
+    rep = generate(SynthConfig(seed=11, cvr=0.05, **SMALL), tmp_path / "sparse")
+    sparse = _truth(tmp_path / "sparse")
+    assert (sparse["p_ctr"] == base["p_ctr"]).all()
+    shift = _logit(sparse["p_cvr"]) - _logit(base["p_cvr"])
+    np.testing.assert_allclose(shift, rep["derived"]["intercept_cvr"] - report["derived"]["intercept_cvr"], atol=1e-9)
+    assert (sparse["p_ctr"] * sparse["p_cvr"]).sum() / sparse["p_ctr"].sum() == pytest.approx(0.05, rel=0.15)
+    generate(SynthConfig(seed=11, clickbait_share=0.3, **SMALL), tmp_path / "bait")
+    bait = _truth(tmp_path / "bait")
+    share = lambda t: np.mean(t["segment"] == "clickbait")  # noqa: E731
+    assert share(bait) > 2 * share(base)
+    assert (bait["item_id"] == base["item_id"]).all()

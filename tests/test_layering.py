@@ -49,3 +49,13 @@ def test_scorer_needs_only_the_dense_transform_from_the_package():
     for name in ("serving/scorer.py", "serving/contract.py"):
         assert package_imports(PACKAGE / name) <= allowed, (name, package_imports(PACKAGE / name) - allowed)
     assert package_imports(PACKAGE / "data" / "dense.py") == set()
+
+
+def test_experiments_never_import_the_cli() -> None:
+    """Experiments call library functions (synth, prepare, train.api), never the CLI entry point."""
+    bad = {
+        str(path.relative_to(PACKAGE)): sorted(n for n in package_imports(path) if n.startswith("ctnocvr_rec.cli"))
+        for path in sorted((PACKAGE / "experiments").glob("*.py"))
+    }
+    bad = {k: v for k, v in bad.items() if v}
+    assert not bad, f"experiments/ imports the CLI: {bad}"

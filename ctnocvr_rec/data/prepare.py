@@ -86,6 +86,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         fmt.add_arguments(parser.add_argument_group(f"--format {name}"))
 
 
+def options_from_args(args: argparse.Namespace) -> PrepareOptions:
+    """The :class:`PrepareOptions` of parsed :func:`add_arguments` flags."""
+    return PrepareOptions(
+        raw_dir=args.raw_dir,
+        out_dir=args.out,
+        schema=args.schema,
+        valid_fraction=args.valid_fraction,
+        split_by=args.split_by,
+        seed=args.seed,
+        workers=args.workers,
+        chunk_mb=args.chunk_mb,
+        rows_per_shard=args.rows_per_shard,
+        strict=args.strict,
+        force=args.force,
+        allow_empty_split=args.allow_empty_split,
+        progress=not args.no_progress,
+        compression=args.compression,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from ctnocvr_rec.data.formats import FORMATS
     from ctnocvr_rec.data.writer import WriterOptions, write_prepared

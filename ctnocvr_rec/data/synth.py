@@ -29,7 +29,12 @@ The generative model (all effects on the logit scale; fields come from the schem
   (its id encodes the attribute value and a count bucket, its weight is the history weight), and its
   match strength raises CTR and CVR;
 * the context field (position) shifts CTR only;
-* ``p_ctr = sigmoid(b_ctr + appeal + user_click_bias + matches + position)``,
+* ``p_ctr = sigmoid(b_ctr + s * (appeal + user_click_bias + matches + position))`` with the
+  *selection strength* ``s`` (``--selection-strength``, default 1): how strongly clicking selects
+  impressions by their features. ``s = 0`` makes clicks a uniform random sample of the impressions
+  (no sample selection bias: the clicked rows the CVR task trains on look like all impressions);
+  larger ``s`` concentrates clicks (and hence the CVR training rows) on high-appeal impressions,
+  which include the clickbait items and, through the history matches, the items users buy;
   ``p_cvr = sigmoid(b_cvr + quality + user_buy_bias + matches)``; the intercepts are solved so that
   the mean pCTR is ``--ctr`` and the click-weighted mean pCVR is ``--cvr``;
 * ``click ~ Bernoulli(p_ctr)``, ``buy = click * Bernoulli(p_cvr)``: ``click=0, buy=1`` never occurs.
@@ -90,6 +95,9 @@ class SynthConfig:
     #: segment shifts on the logit scale: clickbait +ctr_shift/-cvr_shift, gem -ctr_shift/+cvr_shift
     segment_ctr_shift: float = 1.2
     segment_cvr_shift: float = 1.5
+    #: scale of the click logit's feature part (intercept re-solved): 0 = clicks at random (no
+    #: sample selection bias), 1 = the default world, > 1 = more selective clicking
+    selection_strength: float = 1.0
     #: mean candidate items per request (rows are grouped by request, as in Ali-CCP)
     mean_request_size: float = 20.0
     #: mean number of past items behind a user's 14-day histories (cold-start users have none)
@@ -414,6 +422,8 @@ def _impressions(world: _World, cfg: SynthConfig, sizes: np.ndarray, rng: np.ran
     for name, probs in world.context_probs.items():
         context[name] = _sample(np.cumsum(probs), n, rng)
         logit_ctr += world.context_ctr_effect[name][context[name]]
+    if cfg.selection_strength != 1.0:  # skipped at 1 so that the default data stay byte-identical
+        logit_ctr = logit_ctr * cfg.selection_strength
     return _Impressions(req_user, req_of_row, user, item, context, match, logit_ctr, logit_cvr)
 
 
@@ -767,6 +777,8 @@ def generate(
     for name in ("clickbait_share", "gem_share"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"synth: --{name.replace('_', '-')} must be in [0, 1]")
+    if not (math.isfinite(cfg.selection_strength) and cfg.selection_strength >= 0.0):
+        raise ValueError(f"synth: --selection-strength must be a finite number >= 0, got {cfg.selection_strength}")
     if cfg.clickbait_share + cfg.gem_share > 1.0:
         raise ValueError("synth: --clickbait-share + --gem-share must be <= 1")
     schema = schema or load_schema(cfg.schema)
@@ -819,6 +831,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gem-share", type=float, default=d.gem_share)
     parser.add_argument("--segment-ctr-shift", type=float, default=d.segment_ctr_shift)
     parser.add_argument("--segment-cvr-shift", type=float, default=d.segment_cvr_shift)
+    parser.add_argument("--selection-strength", type=float, default=d.selection_strength,
+                        help="scale of the click logit's features: 0 = clicks at random (no selection "
+                        "bias), >1 = more selective (default %(default)s)")
     parser.add_argument("--mean-request-size", type=float, default=d.mean_request_size)
     parser.add_argument("--history-length", type=float, default=d.history_length)
     parser.add_argument("--schema", default=d.schema, help="field schema: packaged name or YAML path (default %(default)s)")
@@ -827,14 +842,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "One process already writes >300k rows/s; more only pay off on idle cores")
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = SynthConfig(
+def config_from_args(args: argparse.Namespace) -> SynthConfig:
+    """The :class:`SynthConfig` of parsed :func:`add_arguments` flags."""
+    return SynthConfig(
         rows_train=args.rows_train, rows_test=args.rows_test, users=args.users, items=args.items,
         seed=args.seed, ctr=args.ctr, cvr=args.cvr, clickbait_share=args.clickbait_share,
         gem_share=args.gem_share, segment_ctr_shift=args.segment_ctr_shift,
-        segment_cvr_shift=args.segment_cvr_shift, mean_request_size=args.mean_request_size,
+        segment_cvr_shift=args.segment_cvr_shift, selection_strength=args.selection_strength,
+        mean_request_size=args.mean_request_size,
         history_length=args.history_length, schema=args.schema,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
     t0 = time.perf_counter()
     report = generate(cfg, args.out, workers=args.workers)
     wall = time.perf_counter() - t0

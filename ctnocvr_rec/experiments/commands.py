@@ -1,4 +1,4 @@
-"""`ctnocvr experiment table3 | sweep | compare` and `ctnocvr report ranking`.
+"""`ctnocvr experiment table3 | sweep | compare | when-helps` and `ctnocvr report ranking`.
 
 Heavy imports (numpy, pyarrow, matplotlib, torch through the trainer) happen inside the handlers,
 so ``ctnocvr --help`` stays fast.
@@ -41,7 +41,7 @@ def _load(args: argparse.Namespace):
 
 
 def _table3(args: argparse.Namespace) -> int:
-    from ctnocvr_rec.experiments.runs import run_data_setup
+    from ctnocvr_rec.experiments.data_setup import run_data_setup
     from ctnocvr_rec.experiments.table3 import run_table3
 
     exp = _load(args)
@@ -60,7 +60,7 @@ def _table3(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from ctnocvr_rec.experiments.compare import run_compare
-    from ctnocvr_rec.experiments.runs import run_data_setup
+    from ctnocvr_rec.experiments.data_setup import run_data_setup
 
     exp = _load(args)
     if args.seeds:
@@ -75,6 +75,26 @@ def _compare(args: argparse.Namespace) -> int:
                      command=_command_line())  # fmt: skip
     print(md.read_text(encoding="utf-8"))
     print(f"written: {md}, {md.with_suffix('.csv')}, {md.with_suffix('.png')}, {md.parent / 'compare_runs.csv'}",
+          file=sys.stderr)
+    return 0
+
+
+def _when_helps(args: argparse.Namespace) -> int:
+    from ctnocvr_rec.experiments.when_helps import run_when_helps
+
+    exp = _load(args)
+    if args.seeds:
+        exp.when_helps.seeds = args.seeds
+    if args.archs:
+        exp.when_helps.archs = args.archs
+    if args.knobs:
+        unknown = sorted(set(args.knobs) - set(exp.when_helps.knobs))
+        if unknown:
+            raise ValueError(f"--knobs {unknown}: not in the config's knobs {list(exp.when_helps.knobs)}")
+        exp.when_helps.knobs = {k: v for k, v in exp.when_helps.knobs.items() if k in args.knobs}
+    md = run_when_helps(exp, nproc=args.nproc, report_only=args.report_only, command=_command_line())
+    print(md.read_text(encoding="utf-8"))
+    print(f"written: {md}, {md.with_suffix('.csv')}, {md.with_suffix('.png')}, {md.parent / 'when_helps_runs.csv'}",
           file=sys.stderr)
     return 0
 
@@ -96,7 +116,7 @@ def _parse_grid(items: list[str]) -> dict[str, list[object]]:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from ctnocvr_rec.experiments.runs import run_data_setup
+    from ctnocvr_rec.experiments.data_setup import run_data_setup
     from ctnocvr_rec.experiments.spec import build_run_config
     from ctnocvr_rec.experiments.sweep import run_sweep
 
@@ -148,7 +168,7 @@ def _ranking(args: argparse.Namespace) -> int:
         top_k = spec.top_k if args.top_k is None else args.top_k
         gt_dir = gt_dir or exp.ground_truth
         if args.all_seeds:
-            from ctnocvr_rec.experiments.ranking import ranking_over_seeds
+            from ctnocvr_rec.experiments.ranking_seeds import ranking_over_seeds
 
             md_path = ranking_over_seeds(
                 root, exp.table3.seeds, out, split=args.split, gt_dir=gt_dir or None, score=score,
@@ -171,7 +191,7 @@ def _ranking(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     experiment = sub.add_parser(
-        "experiment", help="experiment: table3 | sweep | compare (Table 3, Fig. 3, CVR methods)"
+        "experiment", help="experiment: table3 | sweep | compare | when-helps (Table 3, Fig. 3, CVR methods, regimes)"
     )
     exp_sub = experiment.add_subparsers(dest="experiment_command", required=True, metavar="EXPERIMENT")
 
@@ -198,6 +218,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--ground-truth", default="", help="folder of ground_truth_<split>.parquet (oracle AUCs)"
     )
     compare.set_defaults(func=_compare, config="synth_compare")
+
+    when_helps = exp_sub.add_parser(
+        "when-helps",
+        help="+CTnoCVR vs Base over synthetic regimes (clickbait, CVR, selection, rows) -> when_helps.md/.csv/.png",
+        description="One knob of the synthetic world at a time; data made per regime by the library. "
+                    "Resumable: data and runs that exist are not redone.",
+    )
+    _add_experiment_args(when_helps)
+    when_helps.add_argument("--knobs", nargs="+", help="only these knobs of the config (default: all)")
+    when_helps.set_defaults(func=_when_helps, config="synth_when_helps")
 
     sweep = exp_sub.add_parser(
         "sweep", help="one-at-a-time sweeps like Fig. 3 -> sweep.csv + sweep_<key>.png"

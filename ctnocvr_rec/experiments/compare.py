@@ -31,6 +31,7 @@ from ctnocvr_rec.experiments import oracle as oracle_mod
 from ctnocvr_rec.experiments.compare_report import plot_compare, render_compare_markdown
 from ctnocvr_rec.experiments.exposure import EXPOSURE_KEYS, exposure_metrics
 from ctnocvr_rec.experiments.ranking import SCORES
+from ctnocvr_rec.experiments.records import TASK_METRICS, find_ground_truth_dir, per_run_records, write_csv
 from ctnocvr_rec.experiments.runs import (
     RunFn,
     RunSpec,
@@ -41,7 +42,6 @@ from ctnocvr_rec.experiments.runs import (
 )
 from ctnocvr_rec.experiments.spec import ExperimentConfig, build_run_config, validate_names
 from ctnocvr_rec.experiments.stats import mean_std, paired_comparison
-from ctnocvr_rec.experiments.table3 import TASK_METRICS, find_ground_truth_dir, per_run_records, write_csv
 
 #: the paired comparisons: key -> (reference variant of a row, or None = the row's own plain method)
 REFERENCES: dict[str, str | None] = {"base": "base", "ctnocvr": "ctnocvr", "plain": None}

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ctnocvr_rec.experiments.table3 import SIGNIFICANCE, TASK_METRICS, TASK_TITLES
+from ctnocvr_rec.experiments.records import SIGNIFICANCE, TASK_METRICS, TASK_TITLES
 
 COMPARISON_TITLES = {"base": "vs Base", "ctnocvr": "vs +CTnoCVR", "plain": "+CTnoCVR on top"}
 

@@ -22,7 +22,6 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ctnocvr_rec.config import RunConfig, save_config
-from ctnocvr_rec.data.prepared import PreparedSet
 from ctnocvr_rec.experiments.spec import ExperimentConfig, build_run_config
 
 RunFn = Callable[[RunConfig, int], dict]
@@ -154,22 +153,3 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, default=str)
     tmp.replace(path)
-
-
-def run_data_setup(exp: ExperimentConfig, log: Callable[[str], None] | None = None) -> None:
-    """Create the prepared data set with ``exp.data_setup`` commands if its manifest is missing."""
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    prepared = Path(build_run_config(exp, {}).data.prepared_dir)
-    if PreparedSet.exists(prepared) or not exp.data_setup:
-        return
-    from ctnocvr_rec.cli import main as cli_main
-
-    for argv in exp.data_setup:
-        log(f"[{exp.name}] data set-up: ctnocvr {' '.join(argv)}")
-        rc = cli_main([str(a) for a in argv])
-        if rc:
-            raise RuntimeError(
-                f"{exp.source}: data_setup command failed (exit {rc}): ctnocvr {' '.join(argv)}"
-            )
-    if not PreparedSet.exists(prepared):
-        raise FileNotFoundError(f"{exp.source}: data_setup ran but {prepared}/manifest.json does not exist")

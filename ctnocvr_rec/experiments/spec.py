@@ -6,9 +6,9 @@ by ``--config <name>``; every key optional except ``run``)::
     name: synth_preset
     out_dir: runs/experiments/synth_preset     # run folders and reports go below this
     base_config: ""                            # optional run YAML (or packaged run name) merged *under* ``run``
-    data_setup:                                # ctnocvr commands run once if the prepared set is missing
-      - [data, synth, --out, artifacts/synth_preset/raw, ...]
-      - [data, prepare, ...]
+    data_setup:                                # run once if the prepared set is missing (data_setup.py)
+      synth: {out: artifacts/synth_preset/raw, rows_train: 600000, seed: 7}      # SynthConfig fields
+      prepare: {raw_dir: artifacts/synth_preset/raw, out_dir: artifacts/synth_preset/prepared}
     ground_truth: artifacts/synth_preset/raw   # folder of ground_truth_<split>.parquet ("" = none)
     run: {data: {...}, model: {...}, train: {...}, eval: {...}}   # a RunConfig tree
     table3: {archs: [esmm, mmoe, cgc, ple], seeds: [0, 1, 2, 3, 4]}
@@ -16,6 +16,8 @@ by ``--config <name>``; every key optional except ``run``)::
     ranking: {arch: mmoe, seed: 0, score: pctcvr, alpha: 1.0, top_k: 3}
     compare: {methods: [base, escm2_ips, escm2_dr, dcmt], archs: [esmm, mmoe], ctnocvr: [false, true],
               seeds: [0, 1, 2]}
+    when_helps: {archs: [esmm, mmoe], seeds: [0, 1, 2], synth: {rows_train: 100000, ...},
+                 knobs: {clickbait_share: [0.0, 0.1, 0.2, 0.3], ...}, prepare: {valid_fraction: 0.1}}
 
 Keys are checked strictly (a typo is an error naming the valid keys), and the ``run`` tree is
 validated as a :class:`~ctnocvr_rec.config.RunConfig`.
@@ -23,7 +25,7 @@ validated as a :class:`~ctnocvr_rec.config.RunConfig`.
 File references (``base_config``, ``run.data.schema``, and ``data.schema`` inside the base config) are
 relative to the folder of the YAML file holding them when the file exists there, else to the working
 directory, else packaged names (:func:`ctnocvr_rec.resources.resolve`). Data and output folders
-(``out_dir``, ``data_setup`` arguments, ``ground_truth``, ``run.data.prepared_dir``) are relative to the
+(``out_dir``, ``data_setup`` folders, ``ground_truth``, ``run.data.prepared_dir``) are relative to the
 working directory.
 """
 
@@ -103,17 +105,50 @@ class CompareSpec:
 
 
 @dataclass
+class DataSetup:
+    """Typed data set-up steps (:mod:`ctnocvr_rec.experiments.data_setup`); {} = no such step."""
+
+    #: ``out`` (raw folder), ``workers`` and SynthConfig fields: ``data.synth.generate``
+    synth: dict[str, Any] = field(default_factory=dict)
+    #: PrepareOptions fields (``raw_dir``, ``out_dir`` required): ``data.prepare.prepare``
+    prepare: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WhenHelpsSpec:
+    """`experiment when-helps`: one synthetic data set per regime (one knob moved off the defaults),
+    every arch x {Base, +CTnoCVR} x seed on each (see :mod:`ctnocvr_rec.experiments.when_helps`)."""
+
+    archs: list[str] = field(default_factory=lambda: ["esmm", "mmoe"])
+    seeds: list[int] = ranged(lambda: [0, 1, 2], NON_NEGATIVE)
+    #: SynthConfig fields shared by every regime (the study's defaults; the rest: SynthConfig's own)
+    synth: dict[str, Any] = field(default_factory=dict)
+    #: SynthConfig field -> levels; each knob is varied on its own, the others stay at ``synth``
+    knobs: dict[str, list[Any]] = field(default_factory=lambda: {
+        "clickbait_share": [0.0, 0.1, 0.2, 0.3],
+        "cvr": [0.03, 0.1, 0.2, 0.4],
+        "selection_strength": [0.0, 0.5, 1.0, 2.0],
+        "rows_train": [50_000, 100_000, 200_000, 400_000],
+    })
+    #: PrepareOptions fields for every regime's prepared set (e.g. valid_fraction, seed, workers)
+    prepare: dict[str, Any] = field(default_factory=dict)
+    #: folder of the regimes' raw and prepared data ("" = <out_dir>/data)
+    data_dir: str = ""
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     out_dir: str = ""
     base_config: str = ""
-    data_setup: list[list[str]] = field(default_factory=list)
+    data_setup: DataSetup = field(default_factory=DataSetup)
     ground_truth: str = ""
     run: dict[str, Any] = field(default_factory=dict)
     table3: Table3Spec = field(default_factory=Table3Spec)
     sweep: SweepSpec = field(default_factory=SweepSpec)
     ranking: RankingSpec = field(default_factory=RankingSpec)
     compare: CompareSpec = field(default_factory=CompareSpec)
+    when_helps: WhenHelpsSpec = field(default_factory=WhenHelpsSpec)
     #: where the YAML came from (for messages), not a YAML key
     source: str = field(default="", metadata={"internal": True})
 
@@ -132,6 +167,10 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
     tree: dict[str, Any] = load_yaml_mapping(path) if path else {}
     if "source" in tree:
         raise ConfigError(f"{path}: 'source' is not a configuration key")
+    if isinstance(tree.get("data_setup"), list):  # the former list of `ctnocvr data ...` command lines
+        from ctnocvr_rec.experiments.data_setup import steps_from_command_lines
+
+        tree["data_setup"] = steps_from_command_lines(tree["data_setup"], str(path))
     try:
         exp = from_dict(ExperimentConfig, tree)
     except ConfigError as e:
@@ -159,12 +198,15 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
         for value in values:
             build_run_config(exp, {key: value})
     validate_names(exp)
+    from ctnocvr_rec.experiments import data_setup  # numpy/pyarrow: only once a config is loaded
+
+    data_setup.validate(exp.data_setup, exp.source)
     return exp
 
 
 def validate_names(exp: ExperimentConfig) -> None:
     """Every arch and method named by the grids is in the registry (an error names the valid ones)."""
-    for arch in [*exp.table3.archs, *exp.sweep.archs, exp.ranking.arch, *exp.compare.archs]:
+    for arch in [*exp.table3.archs, *exp.sweep.archs, exp.ranking.arch, *exp.compare.archs, *exp.when_helps.archs]:
         if arch not in ARCHS:
             raise ConfigError(f"{exp.source}: unknown arch {arch!r}; valid: {list(ARCHS)}")
     for method in exp.compare.methods:

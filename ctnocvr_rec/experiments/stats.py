@@ -149,3 +149,33 @@ def _diffs(before: np.ndarray | list[float], after: np.ndarray | list[float]) ->
         raise ValueError(f"paired test needs equally many values, got {b.size} before and {a.size} after")
     keep = ~(np.isnan(a) | np.isnan(b))
     return a[keep] - b[keep]
+
+
+def t_critical(df: int, confidence: float = 0.95) -> float:
+    """The two-sided Student t quantile: ``P(|T| >= t) = 1 - confidence`` (bisection on the exact CDF).
+
+    Example: ``t_critical(2)`` is 4.303, so a 95% CI of a mean over 3 paired seeds is mean ± 4.303·sd/√3.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    alpha = 1.0 - confidence
+    lo, hi = 0.0, 1.0
+    while student_t_two_sided_p(hi, df) > alpha:  # p falls as t grows
+        hi *= 2.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if student_t_two_sided_p(mid, df) > alpha:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def mean_ci(diffs: np.ndarray | list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """The t-based confidence interval of the mean of ``diffs`` (NaNs dropped; NaN bounds below 2 values)."""
+    arr = np.asarray(diffs, dtype=np.float64)
+    arr = arr[~np.isnan(arr)]
+    if arr.size < 2:
+        return float("nan"), float("nan")
+    half = t_critical(arr.size - 1, confidence) * float(arr.std(ddof=1)) / math.sqrt(arr.size)
+    return float(arr.mean()) - half, float(arr.mean()) + half

@@ -16,18 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from ctnocvr_rec.experiments.runs import (
-    RunFn,
-    RunSpec,
-    execute_runs,
-    is_finished,
-    metric,
-    read_metrics,
-    seeded_settings,
-)
+from ctnocvr_rec.experiments.records import ARCH_TITLES, TASK_METRICS, per_run_records, write_csv
+from ctnocvr_rec.experiments.runs import RunFn, RunSpec, execute_runs, seeded_settings
 from ctnocvr_rec.experiments.spec import ExperimentConfig, build_run_config
 from ctnocvr_rec.experiments.stats import mean_std
-from ctnocvr_rec.experiments.table3 import ARCH_TITLES, TASK_METRICS, write_csv
 
 
 def _value_label(value: Any) -> str:
@@ -102,14 +94,7 @@ def run_sweep(
     build_run_config(exp, {})
     if not report_only:
         execute_runs(exp, specs, run_fn=run_fn, nproc=nproc, log=log)
-    records = []
-    for spec in specs:
-        run_dir = spec.run_dir(exp.output_dir)
-        if is_finished(run_dir):
-            data = read_metrics(run_dir)
-            records.append(
-                {**spec.labels, **{m: metric(data, m) for m in TASK_METRICS}, "run_dir": str(run_dir)}
-            )
+    records = per_run_records(exp, specs, gt_dir=None)
     if not records:
         raise FileNotFoundError(f"{exp.output_dir}/sweep: no finished runs")
     out = exp.output_dir

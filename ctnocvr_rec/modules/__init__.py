@@ -1,6 +1,7 @@
 """Drop-in TorchRec modules: field embeddings (EBC), the dense-feature arch, expert layers, towers, the CTnoCVR head and the
-CVR objectives (base, ESCM²-IPS/DR, DCMT)."""
+CVR objectives (base, ESCM²-IPS/DR, DCMT, ChorusCVR)."""
 
+from ctnocvr_rec.modules.choruscvr import ChorusCvrObjective
 from ctnocvr_rec.modules.ctnocvr_head import CtnocvrHead, bce_from_log_prob, log1mexp, masked_mean
 from ctnocvr_rec.modules.cvr_objective import BaseObjective, CvrObjective
 from ctnocvr_rec.modules.dcmt import DcmtObjective
@@ -14,6 +15,7 @@ from ctnocvr_rec.modules.towers import MultiTaskOverArch, TaskTower
 __all__ = [
     "GROUP_ORDER",
     "BaseObjective",
+    "ChorusCvrObjective",
     "CtnocvrHead",
     "CvrObjective",
     "DcmtObjective",
