@@ -53,7 +53,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from ctnocvr_rec.data.id_skew import ZipfIds  # noqa: E402
-from ctnocvr_rec.plan.tables import load_preset  # noqa: E402
+from ctnocvr_rec.resources import resolve  # noqa: E402
+from ctnocvr_rec.yaml_strict import load_yaml_file  # noqa: E402
 
 REAL_ROWS = {"train": 42_300_000, "test": 43_000_000}
 REAL_REQUESTS = {"train": 730_000, "test": 690_000}
@@ -76,7 +77,9 @@ class _Ids:
     """Per field: a Zipf sampler over the preset's table size and the field's raw-id base."""
 
     def __init__(self, exponent: float, seed: int) -> None:
-        sizes = load_preset("aliccp-full").num_embeddings
+        # the preset file read directly: ctnocvr_rec.plan imports torchrec (a minute under load)
+        preset = load_yaml_file(resolve("preset", "aliccp-full"))
+        sizes = {name: int(entry["num_embeddings"]) for name, entry in preset["fields"].items()}
         order = USER_SINGLE + list(HISTORY_MEAN) + ITEM_SINGLE + [ITEM_MULTI] + COMBINATION + [CONTEXT]
         self.base: dict[str, int] = {}
         self.sampler: dict[str, ZipfIds] = {}
