@@ -10,9 +10,14 @@ links, rebuilt at every sample so forks and exits are followed) and sums
 * ``pss``: ``Pss`` from ``/proc/<pid>/smaps_rollup`` (shared pages divided among their sharers: sums
   to the physical memory the tree holds; needs Linux >= 4.14).
 
+``cpu_s`` is the user + system CPU time of the whole tree (``RUSAGE_CHILDREN``: every descendant
+that was waited for, which pool workers and ranks are), a figure that other load on the machine
+barely changes: ``cpu_s / cores`` is the wall time the command needs on that many idle cores if it
+keeps them all busy (a lower bound otherwise).
+
 The reported peaks are the maxima of those sums over the samples (a spike shorter than the
 interval can be missed). No cgroup, no root needed. Writes one JSON line to ``--json`` (and
-stdout): ``cmd, rc, wall_s, peak_rss_sum_mb, peak_pss_sum_mb, peak_processes, samples,
+stdout): ``cmd, rc, wall_s, cpu_s, peak_rss_sum_mb, peak_pss_sum_mb, peak_processes, samples,
 load_before/after`` (``/proc/loadavg``, 1-minute figure; the machine may be shared).
 
 Example::
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -85,6 +91,7 @@ def _load() -> float:
 def measure(cmd: list[str], interval: float = 0.2) -> dict[str, object]:
     """Run ``cmd`` to completion, sampling its tree; returns the figures (see module docstring)."""
     load_before = _load()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
     peak_rss = peak_pss = 0.0
@@ -95,7 +102,9 @@ def measure(cmd: list[str], interval: float = 0.2) -> dict[str, object]:
         samples += 1
         time.sleep(interval)
     wall = time.perf_counter() - t0
-    return {"cmd": " ".join(cmd), "rc": proc.returncode, "wall_s": round(wall, 2),
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    return {"cmd": " ".join(cmd), "rc": proc.returncode, "wall_s": round(wall, 2), "cpu_s": round(cpu, 1),
             "peak_rss_sum_mb": round(peak_rss, 1), "peak_pss_sum_mb": round(peak_pss, 1),
             "peak_processes": peak_n, "samples": samples, "interval_s": interval,
             "load_before": load_before, "load_after": _load()}
