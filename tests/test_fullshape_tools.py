@@ -1,0 +1,84 @@
+"""The full-shape rehearsal tools: tools/make_fullshape.py writes raw files prepare accepts whole,
+with the intended shape; tools/measure_tree.py counts the memory of forked descendants."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ctnocvr_rec.data import prepare as prep
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def _tool(name: str):  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_fullshape_prepares_whole_with_the_full_shape(tmp_path: Path) -> None:
+    fullshape = _tool("make_fullshape")
+    raw, out = tmp_path / "raw", tmp_path / "prepared"
+    assert fullshape.main(["--out", str(raw), "--scale", "0.0001", "--block-requests", "32"]) == 0
+    manifest = prep.prepare(prep.PrepareOptions(str(raw), str(out), workers=1, progress=False))
+    rows_train, rows_test = round(42_300_000 * 1e-4), round(43_000_000 * 1e-4)
+    rejects = manifest["rejects"]
+    assert rejects["rows_rejected"] == 0 and rejects["common_rows_rejected"] == 0
+    assert rejects["rows_in"] == rows_train + rows_test
+    assert sum(manifest["splits"][s]["rows"] for s in ("train", "valid")) == rows_train
+    assert manifest["splits"]["test"]["rows"] == rows_test
+    # every request's histories land on its rows: ~509 history ids per row (+9 single user ids)
+    table = pq.read_table(str(out / "train"))
+    per_row = sum(pc.list_value_length(table.column(h)).to_numpy() for h in fullshape.HISTORY_MEAN)
+    assert 430 < per_row.mean() < 590, per_row.mean()
+    # rows per request ~ REAL_ROWS / REAL_REQUESTS (58), every request used, ids Zipf-skewed
+    requests = np.unique(table.column("request_id").to_numpy())
+    assert len(requests) > 0.9 * round(730_000 * 1e-4)
+    item_counts = np.unique(pc.list_flatten(table.column("205")).to_numpy(), return_counts=True)[1]
+    assert item_counts.max() > 20 * np.median(item_counts)
+
+
+def test_request_sizes_sum_exactly() -> None:
+    fullshape = _tool("make_fullshape")
+    sizes = fullshape.request_sizes(10_000, 170, np.random.default_rng(0))
+    assert sizes.sum() == 10_000 and sizes.min() >= 1 and len(sizes) == 170
+
+
+CHILD = """
+import multiprocessing as mp, time, numpy as np
+def hold(_):
+    a = np.ones(200_000_000 // 8)  # 200 MB touched in each of the 2 workers
+    time.sleep(1.5)
+    return 0
+if __name__ == "__main__":
+    with mp.get_context("fork").Pool(2) as pool:
+        pool.map(hold, [0, 1])
+"""
+
+
+def test_measure_tree_counts_forked_workers(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    measure_tree = _tool("measure_tree")
+    cmd = [sys.executable, "-c", CHILD]
+    whole = measure_tree.measure(cmd, interval=0.1)
+    assert whole["rc"] == 0 and whole["peak_processes"] >= 3
+    assert whole["peak_rss_sum_mb"] > 350 and whole["peak_pss_sum_mb"] > 350, whole  # 2 x 200 MB in workers
+    # the negative control: the launched process alone (what ru_maxrss / time -v see) misses them
+    monkeypatch.setattr(measure_tree, "tree_pids", lambda root: [root])
+    alone = measure_tree.measure(cmd, interval=0.1)
+    assert alone["peak_rss_sum_mb"] < 200, alone
+
+
+def test_measure_tree_cli_returns_the_commands_exit_code(tmp_path: Path) -> None:
+    out = tmp_path / "m.jsonl"
+    rc = subprocess.run([sys.executable, str(TOOLS / "measure_tree.py"), "--json", str(out), "--",
+                         sys.executable, "-c", "raise SystemExit(3)"], capture_output=True).returncode
+    assert rc == 3 and '"rc": 3' in out.read_text()
