@@ -113,8 +113,9 @@ def test_table_files_score_like_their_prepared_rows(tmp_path, capfd):
     model = train_and_export(tmp_path)
     schema = tmp_path / "in" / "schema-user.yaml"
     base = ["predict", "--model", str(model), "--batch-size", "100"]
-    # train-a.csv (the bad lines) is the first input file: its rows are sample_id 0.. in both paths; the
-    # prepared set put them into train and the carved valid split
+    # train-a.csv (the bad lines), train-b.csv: the first input files, so their rows have the same
+    # sample_id in both paths (the running index continues across files); the prepared set put them into
+    # train and the carved valid split
     prepared: dict[int, tuple] = {}
     for split in ("train", "valid", "test"):
         run_json([*base, "--prepared", str(tmp_path / "prepared"), "--split", split,
@@ -122,11 +123,11 @@ def test_table_files_score_like_their_prepared_rows(tmp_path, capfd):
         prepared.update(predictions(tmp_path / f"p-{split}.parquet"))
     train_a = tmp_path / "in" / "train-a.csv"
     s = run_json([*base, "--format", "table", "--table-schema", str(schema), "--train", str(train_a),
-                  "--out", str(tmp_path / "a.parquet")], capfd)
-    assert (s["rows_in"], s["rows"], s["rows_rejected"]) == (500 + len(BAD_LINES), 500, len(BAD_LINES))
+                  str(tmp_path / "in" / "train-b.csv"), "--out", str(tmp_path / "a.parquet")], capfd)
+    assert (s["rows_in"], s["rows"], s["rows_rejected"]) == (900 + len(BAD_LINES), 900, len(BAD_LINES))
     assert read_rejects(Path(s["rejects_file"])) == inputs["rejects"]
     by_format = predictions(tmp_path / "a.parquet")
-    assert_same_scores(by_format, {k: v for k, v in prepared.items() if k < 500 + len(BAD_LINES)}, offset=0)
+    assert_same_scores(by_format, {k: v for k, v in prepared.items() if k < 900 + len(BAD_LINES)}, offset=0)
 
     # the Parquet test file (log1p + standardize on price through the exported transform)
     s = run_json([*base, "--format", "table", "--table-schema", str(schema), "--test", str(tmp_path / "in" / "test.parquet"),

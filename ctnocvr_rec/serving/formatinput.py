@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
