@@ -9,6 +9,7 @@ same files; ``sample_id``: prepared = (rows of the files before) + format's runn
 
 from __future__ import annotations
 
+import argparse
 import csv
 from pathlib import Path
 
@@ -22,7 +23,10 @@ from test_data_format_table_e2e import write_inputs as write_table_inputs
 from test_data_formats_csv import AITM_HEADER, RECHUB_HEADER, make_rows, write_csv
 
 from ctnocvr_rec.cli import main as cli_main
+from ctnocvr_rec.serving import Scorer
 from ctnocvr_rec.serving.export import export_run
+from ctnocvr_rec.serving.formatinput import open_for_scoring
+from ctnocvr_rec.serving.predict import predict
 
 PROBS = ("p_ctr", "p_cvr", "p_ctcvr", "p_ctnocvr")
 pytestmark = pytest.mark.slow
@@ -58,6 +62,14 @@ def read_rejects(path: Path) -> list[tuple[str, int, str]]:
         return [(r["file"], int(r["row"]), r["reason"]) for r in csv.DictReader(f)]
 
 
+def predict_files(scorer: Scorer, out: Path, fmt: str, **options) -> dict:
+    """``predict --format fmt`` in process with a loaded scorer (the CLI path loads the program each time)."""
+    args = argparse.Namespace(**{"schema": None, "train": None, "valid": None, "test": None, **options})
+    source, desc = open_for_scoring(fmt, args, None)
+    return predict(scorer.contract.folder, out, batch_size=100, progress=False, scorer=scorer, source=source,
+                   source_desc=desc)
+
+
 def run_json(argv: list[str], capfd) -> dict:
     import json
 
@@ -82,7 +94,7 @@ def test_rechub_csv_files_score_like_their_prepared_rows(tmp_path, capfd):
                      "--rows-per-shard", "400"]) == 0
     model = train_and_export(tmp_path)
     base = ["predict", "--model", str(model), "--batch-size", "64"]
-    run_json([*base, "--prepared", str(tmp_path / "prepared"), "--out", str(tmp_path / "p.parquet")], capfd)
+    predict(model, tmp_path / "p.parquet", prepared=tmp_path / "prepared", progress=False, scorer=Scorer.load(model))
     s = run_json([*base, "--format", "aliccp-rechub-csv", "--test", str(fresh), "--out", str(tmp_path / "f.parquet")],
                  capfd)
     assert (s["rows_in"], s["rows"], s["rows_rejected"]) == (304, 300, 4)
@@ -116,10 +128,11 @@ def test_table_files_score_like_their_prepared_rows(tmp_path, capfd):
     # train-a.csv (the bad lines), train-b.csv: the first input files, so their rows have the same
     # sample_id in both paths (the running index continues across files); the prepared set put them into
     # train and the carved valid split
+    scorer = Scorer.load(model)
     prepared: dict[int, tuple] = {}
     for split in ("train", "valid", "test"):
-        run_json([*base, "--prepared", str(tmp_path / "prepared"), "--split", split,
-                  "--out", str(tmp_path / f"p-{split}.parquet")], capfd)
+        predict(model, tmp_path / f"p-{split}.parquet", prepared=tmp_path / "prepared", split=split, progress=False,
+                scorer=scorer)
         prepared.update(predictions(tmp_path / f"p-{split}.parquet"))
     train_a = tmp_path / "in" / "train-a.csv"
     s = run_json([*base, "--format", "table", "--table-schema", str(schema), "--train", str(train_a),
@@ -130,8 +143,8 @@ def test_table_files_score_like_their_prepared_rows(tmp_path, capfd):
     assert_same_scores(by_format, {k: v for k, v in prepared.items() if k < 900 + len(BAD_LINES)}, offset=0)
 
     # the Parquet test file (log1p + standardize on price through the exported transform)
-    s = run_json([*base, "--format", "table", "--table-schema", str(schema), "--test", str(tmp_path / "in" / "test.parquet"),
-                  "--out", str(tmp_path / "t.parquet")], capfd)
+    s = predict_files(scorer, tmp_path / "t.parquet", "table", table_schema=str(schema),
+                      test=[str(tmp_path / "in" / "test.parquet")])
     assert (s["rows"], s["rows_rejected"]) == (300, 0) and "rejects_file" not in s
     assert_same_scores(predictions(tmp_path / "t.parquet"),
                        {k: v for k, v in prepared.items() if k >= 900 + len(BAD_LINES)}, offset=900 + len(BAD_LINES))

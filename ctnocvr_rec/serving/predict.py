@@ -146,6 +146,11 @@ def predict(model_dir: str | Path, out: str | Path, precision: str = "fp32", pre
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     started = time.perf_counter()
+    if source is not None:  # a schema mismatch is refused before the program is loaded (seconds)
+        from ctnocvr_rec.serving.formatinput import check_schema_matches
+
+        check_schema_matches(scorer.contract if scorer else ServingContract.load(model_dir), source.schema,
+                             source_desc or "input files")
     scorer = scorer or Scorer.load(model_dir, precision=precision)
     load_s = time.perf_counter() - started
     precision = scorer.precision
@@ -158,11 +163,10 @@ def predict(model_dir: str | Path, out: str | Path, precision: str = "fp32", pre
         batches, total = _prepared_batches(scorer, Path(prepared), split, batch_size)
         unit, advance = "rows", None
     elif source is not None:
-        from ctnocvr_rec.serving.formatinput import check_schema_matches, iter_format_batches
+        from ctnocvr_rec.serving.formatinput import iter_format_batches
         from ctnocvr_rec.serving.rawinput import RawReport
 
-        summary["input"] = source_desc or "input files"
-        check_schema_matches(contract, source.schema, summary["input"])
+        summary["input"] = source_desc or "input files"  # its schema was checked above
         report = RawReport()
         total, unit, advance = 0, "rows", None
 
