@@ -143,8 +143,9 @@ def _row_text(chunk: RawRows, i: int, schema: FieldSchema) -> str:
     return raw_text(" ".join(parts))
 
 
-def _writer_rejects(chunk: RawRows, schema: FieldSchema) -> tuple[np.ndarray, list[Reject]]:
-    """bool ``[n]`` rows the writer rejects, and their :class:`Reject` (first problem of each row)."""
+def label_dense_rejects(chunk: RawRows, schema: FieldSchema) -> tuple[np.ndarray, list[Reject]]:
+    """bool ``[n]`` rows the writer rejects, and their :class:`Reject` (first problem of each row): bad
+    labels, ``click=0, conversion=1``, non-finite dense values. Also used by ``ctnocvr predict --format``."""
     n = len(chunk)
     click = np.asarray(chunk.click)
     conversion = np.asarray(chunk.conversion)
@@ -205,7 +206,7 @@ def _pass1_chunk(state: _State, split_in: str, chunk: RawRows) -> None:
         state.current_file = chunk.file
     stats = state.files.setdefault(chunk.file, _FileStats(split_in))
     stats.header_lines = chunk.header_lines
-    bad, writer_rejects = _writer_rejects(chunk, schema)
+    bad, writer_rejects = label_dense_rejects(chunk, schema)
     rejects = sorted(list(chunk.rejects) + writer_rejects, key=lambda r: r.row)
     records = [(r.file, r.row, r.reason, r.detail, r.raw) for r in rejects]
     state.rejects.extend(records)

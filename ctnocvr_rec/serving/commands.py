@@ -4,7 +4,8 @@
 on any number of ranks) -> float program, int8 program, optional AOTInductor package, serving.json.
 
 ``ctnocvr predict --model DIR [--precision fp32|int8|aot] --out FILE.parquet`` with ``--prepared DIR
-[--split test]`` or ``--raw-dir DIR [--split test]``: streaming batch scoring.
+[--split test]``, ``--raw-dir DIR [--split test]`` or ``--format NAME --test FILE...`` (the format's
+own options, e.g. ``--table-schema``): streaming batch scoring.
 """
 
 from __future__ import annotations
@@ -38,7 +39,21 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prepared", help="prepared set (ids already mapped with the model's vocabularies)")
     source.add_argument("--raw-dir", help="folder with sample_skeleton_<split>.csv + common_features_<split>.csv")
-    p.add_argument("--split", default="test", help="split to score (default: test)")
+    from ctnocvr_rec.data.formats import FORMATS
+
+    row_formats = [name for name, fmt in FORMATS.items() if not hasattr(fmt, "prepare")]
+    source.add_argument("--format", choices=row_formats, dest="input_format",
+                        help="score files of this `data prepare` input format (the one the model was trained "
+                             "on), named by its --train/--valid/--test options; e.g. --format aliccp-rechub-csv "
+                             "--test new.csv")
+    p.add_argument("--split", default=None,
+                   help="split to score (default: test); with --format: which of --train/--valid/--test to score "
+                        "(needed only when several are given)")
+    p.add_argument("--schema", default=None,
+                   help="--format (CSV formats): the field schema the model was trained with, as given to "
+                        "`data prepare` (default: the format's own)")
+    for name in row_formats:
+        FORMATS[name].add_arguments(p.add_argument_group(f"--format {name}"))
     p.add_argument("--batch-size", type=int, default=1024, help="rows per program call (default 1024)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -67,7 +82,15 @@ def run_predict(args: argparse.Namespace) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    summary = predict(args.model, args.out, precision=args.precision, prepared=args.prepared, split=args.split,
-                      raw_dir=args.raw_dir, batch_size=args.batch_size, progress=not args.no_progress)
+    source, source_desc = None, ""
+    if args.input_format:
+        from ctnocvr_rec.serving.formatinput import open_for_scoring
+
+        source, source_desc = open_for_scoring(args.input_format, args, args.split)
+    elif any(getattr(args, s, None) for s in ("train", "valid", "test", "table_schema")) or args.schema:
+        raise ValueError("--train/--valid/--test/--schema/--table-schema go with --format NAME")
+    summary = predict(args.model, args.out, precision=args.precision, prepared=args.prepared,
+                      split=args.split or "test", raw_dir=args.raw_dir, batch_size=args.batch_size,
+                      progress=not args.no_progress, source=source, source_desc=source_desc)
     print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
     return 0

@@ -1,7 +1,9 @@
-"""``ctnocvr predict``: score a prepared split or raw Ali-CCP files with an exported model, streaming.
+"""``ctnocvr predict``: score a prepared split, raw Ali-CCP files or files of a ``data prepare`` format
+with an exported model, streaming.
 
 Input is read in batches (a prepared split through :class:`~ctnocvr_rec.data.dataset.
-ParquetBatchDataset`, file order; raw files through :mod:`ctnocvr_rec.serving.rawinput`), scored by
+ParquetBatchDataset`, file order; raw files through :mod:`ctnocvr_rec.serving.rawinput`; files of
+an input format, ``--format NAME``, through that format's reader, :mod:`ctnocvr_rec.serving.formatinput`), scored by
 the :class:`~ctnocvr_rec.serving.scorer.Scorer` and written with ``pyarrow.parquet.ParquetWriter``
 one row group at a time, so memory stays flat whatever the input size (raw input also holds its
 common-features table, as ``data prepare`` does).
@@ -129,16 +131,26 @@ def _prepared_batches(scorer: Scorer, prepared: Path, split: str, batch_size: in
 
 def predict(model_dir: str | Path, out: str | Path, precision: str = "fp32", prepared: str | Path | None = None,
             split: str = "test", raw_dir: str | Path | None = None, batch_size: int = 1024,
-            progress: bool = True, scorer: Scorer | None = None) -> dict[str, Any]:
+            progress: bool = True, scorer: Scorer | None = None, source: Any = None,
+            source_desc: str = "") -> dict[str, Any]:
     """Score the input into ``out`` (Parquet); returns the summary (rows, rows/s, OOV, rejects).
 
+    Input: ``prepared`` (+ ``split``), ``raw_dir`` (+ ``split``), or ``source``: an opened input of a
+    ``data prepare`` format whose ``"train"`` split holds the files to score
+    (:func:`ctnocvr_rec.serving.formatinput.open_for_scoring`; ``source_desc`` names it in the summary).
     ``scorer``: an already loaded :class:`Scorer` of ``model_dir`` (skips loading; its precision wins).
     """
-    if (prepared is None) == (raw_dir is None):
-        raise ValueError("give exactly one input: --prepared DIR (with --split) or --raw-dir DIR")
+    if sum(x is not None for x in (prepared, raw_dir, source)) != 1:
+        raise ValueError("give exactly one input: --prepared DIR (with --split), --raw-dir DIR or --format NAME "
+                         "with its files")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     started = time.perf_counter()
+    if source is not None:  # a schema mismatch is refused before the program is loaded (seconds)
+        from ctnocvr_rec.serving.formatinput import check_schema_matches
+
+        check_schema_matches(scorer.contract if scorer else ServingContract.load(model_dir), source.schema,
+                             source_desc or "input files")
     scorer = scorer or Scorer.load(model_dir, precision=precision)
     load_s = time.perf_counter() - started
     precision = scorer.precision
@@ -150,6 +162,23 @@ def predict(model_dir: str | Path, out: str | Path, precision: str = "fp32", pre
         summary["prepared_check"] = check_prepared_matches(contract, Path(prepared))
         batches, total = _prepared_batches(scorer, Path(prepared), split, batch_size)
         unit, advance = "rows", None
+    elif source is not None:
+        from ctnocvr_rec.serving.formatinput import iter_format_batches
+        from ctnocvr_rec.serving.rawinput import RawReport
+
+        summary["input"] = source_desc or "input files"  # its schema was checked above
+        report = RawReport()
+        total, unit, advance = 0, "rows", None
+
+        def format_gen() -> Iterator[tuple[Encoded, dict[str, np.ndarray]]]:
+            for rb in iter_format_batches(source, batch_size, report):
+                # raw ids through the exported vocabularies / hash, raw dense values through the exported
+                # transform (rows with non-finite values were rejected before)
+                yield scorer.encode_columns(rb.columns, rb.batch_size, ids="raw", dense=rb.dense or None,
+                                            dense_values="raw"), {
+                    "sample_id": rb.sample_id, "click": rb.click, "conversion": rb.conversion}
+
+        batches = format_gen()
     else:
         from ctnocvr_rec.serving.rawinput import RawReport, iter_raw_batches, skeleton_bytes
 
@@ -216,7 +245,8 @@ def predict(model_dir: str | Path, out: str | Path, precision: str = "fp32", pre
             path = Path(out).with_name(Path(out).name + ".rejects.csv")
             with open(path, "w", encoding="utf-8", newline="") as f:
                 w = csv.writer(f)
-                w.writerow(["file", "line", "reason", "detail"])
+                # raw Ali-CCP files: physical line; --format input: data row (as data prepare's rejects.csv)
+                w.writerow(["file", "row" if source is not None else "line", "reason", "detail"])
                 w.writerows(sorted(report.rejects, key=lambda r: (r[0], r[1])))
             summary["rejects_file"] = str(path)
     return summary
