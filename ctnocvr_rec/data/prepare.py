@@ -87,11 +87,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> PrepareOptions:
-    """The :class:`PrepareOptions` of parsed :func:`add_arguments` flags."""
+    """The :class:`PrepareOptions` (the aliccp-raw pipeline's) of parsed :func:`add_arguments` flags."""
     return PrepareOptions(
         raw_dir=args.raw_dir,
         out_dir=args.out,
-        schema=args.schema,
+        schema=args.schema or PrepareOptions(raw_dir="", out_dir="").schema,
         valid_fraction=args.valid_fraction,
         split_by=args.split_by,
         seed=args.seed,
