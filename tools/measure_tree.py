@@ -15,6 +15,9 @@ that was waited for, which pool workers and ranks are), a figure that other load
 barely changes: ``cpu_s / cores`` is the wall time the command needs on that many idle cores if it
 keeps them all busy (a lower bound otherwise).
 
+Both include file-backed pages a process has mapped (memory-mapped inputs: reclaimable page
+cache, not heap); anonymous memory alone (``RssAnon``, ``Pss_Anon``) is not reported yet.
+
 The reported peaks are the maxima of those sums over the samples (a spike shorter than the
 interval can be missed). No cgroup, no root needed. Writes one JSON line to ``--json`` (and
 stdout): ``cmd, rc, wall_s, cpu_s, peak_rss_sum_mb, peak_pss_sum_mb, peak_processes, samples,
