@@ -20,6 +20,7 @@ from ctnocvr_rec.data.formats.aliccp_raw import (  # noqa: F401  (re-exported: t
     SKELETON_FILE,
     PrepareOptions,
     chunk_ranges,
+    options_from_args,
     prepare,
 )
 from ctnocvr_rec.data.formats.base import PrepareError  # noqa: F401  (re-exported)
@@ -84,26 +85,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     for name, fmt in FORMATS.items():
         fmt.add_arguments(parser.add_argument_group(f"--format {name}"))
-
-
-def options_from_args(args: argparse.Namespace) -> PrepareOptions:
-    """The :class:`PrepareOptions` (the aliccp-raw pipeline's) of parsed :func:`add_arguments` flags."""
-    return PrepareOptions(
-        raw_dir=args.raw_dir,
-        out_dir=args.out,
-        schema=args.schema or PrepareOptions(raw_dir="", out_dir="").schema,
-        valid_fraction=args.valid_fraction,
-        split_by=args.split_by,
-        seed=args.seed,
-        workers=args.workers,
-        chunk_mb=args.chunk_mb,
-        rows_per_shard=args.rows_per_shard,
-        strict=args.strict,
-        force=args.force,
-        allow_empty_split=args.allow_empty_split,
-        progress=not args.no_progress,
-        compression=args.compression,
-    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -436,22 +436,27 @@ class RawFormat:
         given = [f"--{n}" for n in ("train", "valid", "test") if getattr(args, n, None)]
         if given:
             raise PrepareError(f"{', '.join(given)}: not options of --format {RAW_FORMAT} (it reads --raw-dir)")
-        return prepare(PrepareOptions(
-            raw_dir=args.raw_dir,
-            out_dir=args.out,
-            schema=args.schema or DEFAULT_SCHEMA,
-            valid_fraction=args.valid_fraction,
-            split_by=args.split_by,
-            seed=args.seed,
-            workers=args.workers,
-            chunk_mb=args.chunk_mb,
-            rows_per_shard=args.rows_per_shard,
-            strict=args.strict,
-            force=args.force,
-            allow_empty_split=args.allow_empty_split,
-            progress=not args.no_progress,
-            compression=args.compression,
-        ))
+        return prepare(options_from_args(args))
 
 
 FORMAT = RawFormat()
+
+
+def options_from_args(args: Any) -> PrepareOptions:
+    """The :class:`PrepareOptions` of parsed ``ctnocvr data prepare`` flags."""
+    return PrepareOptions(
+        raw_dir=args.raw_dir,
+        out_dir=args.out,
+        schema=args.schema or DEFAULT_SCHEMA,
+        valid_fraction=args.valid_fraction,
+        split_by=args.split_by,
+        seed=args.seed,
+        workers=args.workers,
+        chunk_mb=args.chunk_mb,
+        rows_per_shard=args.rows_per_shard,
+        strict=args.strict,
+        force=args.force,
+        allow_empty_split=args.allow_empty_split,
+        progress=not args.no_progress,
+        compression=args.compression,
+    )
