@@ -355,3 +355,15 @@ def test_split_by_user_seed_and_force(tmp_path):
                    "--force") == 0
     assert (out / "manifest.json").stat().st_mtime_ns != before
     assert read_back(out) == back  # same inputs and options: the same rows in the same shards
+
+
+def test_each_format_checks_its_own_options(tmp_path, capsys):
+    train = write_csv(tmp_path / "t.csv", AITM_HEADER, make_rows(5, 16, AITM_HEADER))
+    assert cli_main(["data", "prepare", "--out", str(tmp_path / "p"), "--train", str(train),
+                     "--raw-dir", str(tmp_path)]) == 2  # the default format is aliccp-raw
+    assert "--train: not options of --format aliccp-raw (it reads --raw-dir)" in capsys.readouterr().err
+    assert cli_main(["data", "prepare", "--format", "aliccp-raw", "--out", str(tmp_path / "p")]) == 2
+    assert "--format aliccp-raw needs --raw-dir FOLDER" in capsys.readouterr().err
+    assert prepare(tmp_path / "p", "aliccp-aitm-csv") == 2
+    assert "--format aliccp-aitm-csv needs --train FILE" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
