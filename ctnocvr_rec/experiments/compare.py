@@ -18,7 +18,6 @@ Writes ``compare.csv``, ``compare_runs.csv``, ``compare.json``, ``compare.md`` a
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,13 @@ from ctnocvr_rec.experiments import oracle as oracle_mod
 from ctnocvr_rec.experiments.compare_report import plot_compare, render_compare_markdown
 from ctnocvr_rec.experiments.exposure import EXPOSURE_KEYS, exposure_metrics
 from ctnocvr_rec.experiments.ranking import SCORES
-from ctnocvr_rec.experiments.records import TASK_METRICS, find_ground_truth_dir, per_run_records, write_csv
+from ctnocvr_rec.experiments.records import (
+    TASK_METRICS,
+    find_ground_truth_dir,
+    json_default,
+    per_run_records,
+    write_csv,
+)
 from ctnocvr_rec.experiments.runs import (
     RunFn,
     RunSpec,
@@ -164,16 +169,9 @@ def run_compare(
     run_columns.append("run_dir")
     write_csv(out / "compare_runs.csv", records, run_columns)
     with open(out / "compare.json", "w", encoding="utf-8") as f:
-        json.dump({"rows": rows, "runs": records}, f, indent=2, default=_json_default)
+        json.dump({"rows": rows, "runs": records}, f, indent=2, default=json_default)
     plot_compare(rows, out / "compare.png", exp.name)
     md = render_compare_markdown(rows, records, exp.name, command, exp.compare.top_k, exp.compare.score)
     (out / "compare.md").write_text(md, encoding="utf-8")
     return out / "compare.md"
 
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return str(value)

@@ -89,6 +89,14 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str] | None 
             writer.writerow({k: _csv_value(row.get(k, "")) for k in columns})
 
 
+def json_default(value: Any) -> Any:
+    """``json.dump(default=...)`` of the experiment reports: numpy scalars as numbers, anything else
+    unserialisable as its text (floats, NaN included, never reach here: json writes them itself)."""
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
 def _csv_value(value: Any) -> Any:
     if isinstance(value, np.generic):
         value = value.item()

@@ -26,6 +26,7 @@ from ctnocvr_rec.experiments.records import (
     TASK_TITLES,
     VARIANTS,
     find_ground_truth_dir,
+    json_default,
     per_run_records,
     write_csv,
 )
@@ -244,11 +245,6 @@ def run_table3(
     md = render_markdown(summaries, records, exp.name, command)
     (out / "table3.md").write_text(md, encoding="utf-8")
     with open(out / "table3.json", "w", encoding="utf-8") as f:
-        json.dump({"rows": rows, "runs": records}, f, indent=2, default=_json_default)
+        json.dump({"rows": rows, "runs": records}, f, indent=2, default=json_default)
     return out / "table3.md"
 
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return str(value)

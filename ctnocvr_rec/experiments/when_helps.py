@@ -36,7 +36,7 @@ from ctnocvr_rec.data.prepare import PrepareOptions, prepare
 from ctnocvr_rec.data.prepared import PreparedSet
 from ctnocvr_rec.data.synth import generate
 from ctnocvr_rec.experiments.data_setup import prepare_options, synth_config
-from ctnocvr_rec.experiments.records import TASK_METRICS, VARIANTS, per_run_records, write_csv
+from ctnocvr_rec.experiments.records import TASK_METRICS, VARIANTS, json_default, per_run_records, write_csv
 from ctnocvr_rec.experiments.runs import RunFn, RunSpec, execute_runs, seeded_settings
 from ctnocvr_rec.experiments.spec import ExperimentConfig, build_run_config, validate_names
 from ctnocvr_rec.experiments.stats import mean_ci, mean_std, paired_comparison
@@ -234,16 +234,9 @@ def run_when_helps(
     write_csv(out / "when_helps_runs.csv", records, run_columns)
     with open(out / "when_helps.json", "w", encoding="utf-8") as f:
         json.dump({"defaults": exp.when_helps.synth, "rows": rows, "runs": records}, f, indent=2,
-                  default=_json_default)
+                  default=json_default)
     plot_when_helps(rows, out / "when_helps.png", exp.name)
     md = render_when_helps_markdown(rows, exp.when_helps.synth, exp.name, command)
     (out / "when_helps.md").write_text(md, encoding="utf-8")
     return out / "when_helps.md"
 
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return str(value)
