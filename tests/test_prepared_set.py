@@ -117,7 +117,8 @@ def test_ids_per_row_from_footers_equals_decoded_list_lengths(prepared):
     assert ps.ids_per_row("valid") == {}
 
 
-def test_trainer_and_plan_command_use_the_same_pooling_factors(prepared):
+def test_planner_sizes_carry_the_train_ids_per_row_per_table(prepared):
+    """What `plan --prepared` hands the planner (the trainer calls the same two functions)."""
     from ctnocvr_rec.plan.api import pooling_by_table
     from ctnocvr_rec.plan.tables import load_manifest_sizes
 
