@@ -64,6 +64,7 @@ from ctnocvr_rec.data.prepared import FORMAT as PREPARED_FORMAT
 from ctnocvr_rec.data.prepared import write_manifest
 from ctnocvr_rec.data.rawfiles import (
     bom_length,
+    release_free_memory,
     chunk_ranges,
     remove_stale_temporaries,
     temporary_folder,
@@ -179,23 +180,23 @@ def _process_split(
         for spec in ctx.schema:
             if spec.is_user:
                 csr = common.slots[ctx.user_slots.names.index(spec.name)]
-                weight = np.repeat(row_refs, csr.lengths)
-                ids, inverse = np.unique(csr.ids, return_inverse=True)
-                counts = np.bincount(inverse, weights=weight, minlength=len(ids)).astype(np.int64)
-                seen = counts > 0
-                ids, counts = ids[seen], counts[seen]
+                ids, counts = _weighted_counts(csr, row_refs)
             else:
                 ids, counts = counters[ctx.skeleton_slots.names.index(spec.name)].result()
             ctx.vocabs[spec.name] = FieldVocab.build(spec, ids, counts)
     for k, name in enumerate(ctx.user_slots.names):
-        csr = common.slots[k]
-        common.slots[k] = Csr(csr.offsets, ctx.vocabs[name].map(csr.ids), csr.weights)
+        common.slots[k] = _map_ids(common.slots[k], ctx.vocabs[name])
     if ctx.per_request:
         _write_requests(ctx, split_tag)
+        # pass 2 needs only the list lengths of these fields (ids per row): free the ids and weights
+        for name in ctx.per_request:
+            k = ctx.user_slots.names.index(name)
+            common.slots[k] = Csr(common.slots[k].offsets, np.zeros(0, np.int32), None)
 
     lap("vocab")
 
-    # pass 2
+    # pass 2 (its workers fork from here: hand freed heap back first, or each fork inherits it)
+    release_free_memory()
     assert ctx.out_tmp is not None
     for split_name in SPLIT_CODES:
         (ctx.out_tmp / split_name).mkdir(exist_ok=True)
@@ -247,6 +248,45 @@ def _process_split(
     ctx.request_base += common.n_rows
     ctx.common = None
     set_context(None)
+
+
+#: ids handled at once when counting or mapping the common table (bounds the temporaries)
+_BLOCK_IDS = 4_000_000
+
+
+def _blocks(offsets: np.ndarray) -> list[tuple[int, int]]:
+    """Row ranges ``[lo, hi)`` of a CSR holding about :data:`_BLOCK_IDS` ids each (whole rows)."""
+    n = len(offsets) - 1
+    cuts = np.searchsorted(offsets, np.arange(0, int(offsets[-1]), _BLOCK_IDS), side="right") - 1
+    bounds = sorted({0, n, *np.clip(cuts, 0, n).tolist()})
+    return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+
+
+def _weighted_counts(csr: Csr, row_refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct ids of a user field and their impression counts (each common row's ids count
+    ``row_refs[row]`` times; ids counted 0 times dropped), block by block: exact, and the temporaries
+    of one block instead of three id-sized arrays for the whole field."""
+    acc = CountAccumulator()
+    for lo, hi in _blocks(csr.offsets):
+        a, b = int(csr.offsets[lo]), int(csr.offsets[hi])
+        weight = np.repeat(row_refs[lo:hi], np.diff(csr.offsets[lo:hi + 1]))
+        ids, inverse = np.unique(csr.ids[a:b], return_inverse=True)
+        counts = np.bincount(inverse, weights=weight, minlength=len(ids)).astype(np.int64)
+        seen = counts > 0
+        acc.add(ids[seen], counts[seen])
+    return acc.result()
+
+
+def _map_ids(csr: Csr, vocab: FieldVocab) -> Csr:
+    """``csr`` with its raw ids mapped to table rows, block by block into one array of the shards'
+    id type (int32 short of a 2^31-row table), so the raw and mapped ids never both exist in full
+    at int64."""
+    dtype = np.int32 if vocab.num_embeddings <= np.iinfo(np.int32).max else np.int64
+    mapped = np.empty(len(csr.ids), dtype)
+    for lo, hi in _blocks(csr.offsets):
+        a, b = int(csr.offsets[lo]), int(csr.offsets[hi])
+        mapped[a:b] = vocab.map(csr.ids[a:b])
+    return Csr(csr.offsets, mapped, csr.weights)
 
 
 def _write_requests(ctx: RawContext, split_tag: str) -> None:
