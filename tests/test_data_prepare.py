@@ -597,3 +597,22 @@ def test_vocab_mapping_rank_min_count_and_oov(top_id: int) -> None:
         FieldSpec("h", "item", mapping="hash", num_buckets=7), np.array([3]), np.array([1])
     )
     assert hashed.map(np.array([3, 10, 10**12])).tolist() == [3, 3, 10**12 % 7] and hashed.num_embeddings == 7
+
+
+def test_vocab_lookup_table_starts_at_the_fields_first_id() -> None:
+    """Ali-CCP ids are global across fields: a field whose ids start at 9 M gets a table over its own
+    span, and maps exactly as the binary search does (ids below, inside gaps and above the span)."""
+    from ctnocvr_rec.data.schema import FieldSpec
+    from ctnocvr_rec.data.vocab import FieldVocab
+
+    rng = np.random.default_rng(0)
+    raw = np.unique(rng.integers(9_000_000, 9_050_000, 20_000))
+    vocab = FieldVocab.build(FieldSpec("x", "item", min_count=2), raw, rng.integers(1, 9, len(raw)))
+    table = vocab._dense_table()
+    assert table is not None and len(table) == raw[-1] - raw[0] + 1  # not 9 M entries
+    ids = np.concatenate([raw, raw - 1, raw + 1, [0, 8_999_999, 9_050_001, -3, 2**40]])
+    lookup = vocab.map(ids)
+    vocab._table = None  # the binary search path
+    assert lookup.tolist() == vocab.map(ids).tolist()
+    sparse = FieldVocab.build(FieldSpec("s", "item"), np.array([5, 10**6, 2 * 10**6]), np.array([1, 1, 1]))
+    assert sparse._dense_table() is None  # 2 M span for 3 ids: binary search

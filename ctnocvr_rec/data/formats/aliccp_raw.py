@@ -195,7 +195,10 @@ def _process_split(
 
     lap("vocab")
 
-    # pass 2 (its workers fork from here: hand freed heap back first, or each fork inherits it)
+    # pass 2 (its workers fork from here: hand freed heap back first, or each fork inherits it;
+    # build the id lookups once here, or each worker builds its own)
+    for vocab in ctx.vocabs.values():
+        vocab.prepare_lookup()
     release_free_memory()
     assert ctx.out_tmp is not None
     for split_name in SPLIT_CODES:
