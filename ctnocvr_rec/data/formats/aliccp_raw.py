@@ -134,6 +134,7 @@ def _process_split(
             pool.terminate()
     rejects.extend(common.rejects)
     ctx.common = common
+    release_free_memory()  # the parse's chunk pieces (measured: ~0.45 GB of freed heap at 1/10 scale)
     lap("common")
 
     # pass 1
@@ -170,6 +171,7 @@ def _process_split(
         if pool is not None:
             pool.terminate()
     rejects.extend(skeleton_rejects)
+    release_free_memory()
     lap("pass1")
 
     # vocabulary (train only), then map the common table once
