@@ -220,6 +220,9 @@ def _common_task(task: tuple[str, int, int]) -> _CommonPart:
     line_offset = start + chunk.line_starts[chunk.line]
     chunk.line_starts = chunk.line_ends = np.zeros(0, np.int64)  # not needed by the parent
     chunk.rejects = []
+    # int32 ids from here on where they fit: the parent holds every chunk's pieces at once while it
+    # concatenates them (the measured peak of a split's common table)
+    chunk.slots = [_narrow(s) for s in chunk.slots]
     return _CommonPart(chunk.n_lines, chunk, rejects, key_offsets, key_bytes, line_offset)
 
 
@@ -234,8 +237,8 @@ def _narrow(csr: Csr) -> Csr:
     structure that grows with the data (~378 M ids at Ali-CCP's full shape), so 4 bytes per id is
     1.5 GB of peak memory."""
     ids = csr.ids
-    if ids.dtype == np.int64 and len(ids) and np.iinfo(np.int32).min <= int(ids.min()) and int(
-            ids.max()) <= np.iinfo(np.int32).max:
+    if ids.dtype == np.int64 and (not len(ids) or (np.iinfo(np.int32).min <= int(ids.min()) and int(
+            ids.max()) <= np.iinfo(np.int32).max)):
         return Csr(csr.offsets, ids.astype(np.int32), csr.weights)
     return csr
 
