@@ -64,8 +64,8 @@ from ctnocvr_rec.data.prepared import FORMAT as PREPARED_FORMAT
 from ctnocvr_rec.data.prepared import write_manifest
 from ctnocvr_rec.data.rawfiles import (
     bom_length,
-    release_free_memory,
     chunk_ranges,
+    release_free_memory,
     remove_stale_temporaries,
     temporary_folder,
 )

@@ -243,6 +243,40 @@ def _narrow(csr: Csr) -> Csr:
     return csr
 
 
+class _SpilledColumn:
+    """A growing 1-D array kept in a scratch file while a file's chunks are parsed, read back whole
+    at the end: the parent then holds one copy of the common table instead of every chunk's pieces
+    plus the concatenated arrays (measured: that end-of-parse concatenation was the run's peak)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pieces: list[tuple[int, int, np.dtype]] = []  # byte offset, length, dtype
+        self._file = open(path, "wb")  # noqa: SIM115 (closed in read())
+        self._bytes = 0
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values)
+        self.pieces.append((self._bytes, len(values), values.dtype))
+        self._file.write(values.tobytes())  # one piece at a time (a chunk's worth of ids)
+        self._bytes += values.nbytes
+
+    def read(self, empty_dtype: type) -> np.ndarray:
+        """All pieces in order as one array (the widest piece dtype); the file is deleted."""
+        self._file.close()
+        dtypes = {d for _, n, d in self.pieces if n}
+        dtype = np.result_type(*dtypes) if dtypes else np.dtype(empty_dtype)
+        out = np.empty(sum(n for _, n, _ in self.pieces), dtype)
+        pos = 0
+        with open(self.path, "rb") as f:
+            for offset, n, piece_dtype in self.pieces:
+                if n:
+                    f.seek(offset)
+                    out[pos:pos + n] = np.fromfile(f, piece_dtype, n)
+                    pos += n
+        self.path.unlink()
+        return out
+
+
 def load_common(path: Path, ctx: RawContext, pool: Any, progress: bool) -> CommonTable:
     """Parse a common-features file into a :class:`CommonTable` (duplicates and bad lines rejected).
 
@@ -263,6 +297,12 @@ def load_common(path: Path, ctx: RawContext, pool: Any, progress: bool) -> Commo
     key_bytes: list[np.ndarray] = []
     line_offsets: list[np.ndarray] = []
     key_base = 0
+    spill_dir = ctx.scratch / f"common-{ctx.split_tag}"
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    weighted = ctx.user_slots.weighted
+    spilled_ids = [_SpilledColumn(spill_dir / f"ids-{k}.bin") for k in range(len(weighted))]
+    spilled_weights = [_SpilledColumn(spill_dir / f"weights-{k}.bin") if w else None for k, w in enumerate(weighted)]
+    lengths: list[list[np.ndarray]] = [[] for _ in weighted]
     with progress_bar(os.path.getsize(path), f"common   {path.name}", progress) as bar:
         for (start, end), part in zip(ranges, imap(pool, _common_task, tasks)):
             for line, reason, detail, raw, hashes in part.rejects:
@@ -272,6 +312,12 @@ def load_common(path: Path, ctx: RawContext, pool: Any, progress: bool) -> Commo
             if ctx.options.strict and part.rejects:
                 raise_first(rejects, ctx.options.raw_dir)
             lines.append(part.chunk.line + line_base + 1)
+            for k, slot in enumerate(part.chunk.slots):
+                lengths[k].append(np.diff(slot.offsets))
+                spilled_ids[k].append(slot.ids)
+                if spilled_weights[k] is not None:
+                    spilled_weights[k].append(slot.weights)  # type: ignore[union-attr, arg-type]
+            part.chunk.slots = []
             parts.append(part.chunk)
             key_offsets.append(part.key_offsets[:-1] + key_base)
             key_base += int(part.key_offsets[-1])
@@ -287,11 +333,14 @@ def load_common(path: Path, ctx: RawContext, pool: Any, progress: bool) -> Commo
     h1 = np.concatenate([p.key_h1 for p in parts]) if parts else np.zeros(0, np.uint64)
     h2 = np.concatenate([p.key_h2 for p in parts]) if parts else np.zeros(0, np.uint64)
     slots = []
-    for k, w in enumerate(ctx.user_slots.weighted):
-        # one field at a time, freeing the chunk pieces as we go: peak = table + one field
-        slots.append(_narrow(Csr.concat([p.slots[k] for p in parts], w) if parts else Csr.empty(0, w)))
-        for p in parts:
-            p.slots[k] = Csr.empty(0, w)
+    for k in range(len(weighted)):
+        offsets = np.zeros(sum(len(n) for n in lengths[k]) + 1, np.int64)
+        if len(offsets) > 1:
+            np.cumsum(np.concatenate(lengths[k]), out=offsets[1:])
+        ids = spilled_ids[k].read(np.int32)
+        weights = spilled_weights[k].read(np.float32) if spilled_weights[k] is not None else None  # type: ignore[union-attr]
+        slots.append(_narrow(Csr(offsets, ids, weights)))
+    spill_dir.rmdir()
     # duplicate keys: the first line wins, later ones are rejects
     order = np.argsort(h1, kind="stable")
     same = h1[order][1:] == h1[order][:-1]
