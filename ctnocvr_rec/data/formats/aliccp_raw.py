@@ -253,6 +253,8 @@ def _process_split(
     ctx.request_base += common.n_rows
     ctx.common = None
     set_context(None)
+    # the common table's spilled, memory-mapped columns (aliccp_raw_common._SpilledColumn)
+    shutil.rmtree(ctx.scratch / f"common-{split_tag}", ignore_errors=True)
 
 
 #: ids handled at once when counting or mapping the common table (bounds the temporaries)

@@ -261,11 +261,21 @@ class _SpilledColumn:
         self._bytes += values.nbytes
 
     def read(self, empty_dtype: type) -> np.ndarray:
-        """All pieces in order as one array (the widest piece dtype); the file is deleted."""
+        """All pieces in order as one array (the widest piece dtype).
+
+        When every piece has one dtype (always, short of raw ids beyond int32) the array is the file,
+        memory-mapped read-only: page cache shared by the workers forked later, not heap each of them
+        counts in its RSS. Otherwise the pieces are read into memory and the file is deleted."""
         self._file.close()
         dtypes = {d for _, n, d in self.pieces if n}
         dtype = np.result_type(*dtypes) if dtypes else np.dtype(empty_dtype)
-        out = np.empty(sum(n for _, n, _ in self.pieces), dtype)
+        total = sum(n for _, n, _ in self.pieces)
+        if not total:
+            self.path.unlink()
+            return np.zeros(0, dtype)
+        if len(dtypes) == 1:
+            return np.memmap(self.path, dtype, mode="r", shape=(total,))
+        out = np.empty(total, dtype)
         pos = 0
         with open(self.path, "rb") as f:
             for offset, n, piece_dtype in self.pieces:
@@ -340,7 +350,7 @@ def load_common(path: Path, ctx: RawContext, pool: Any, progress: bool) -> Commo
         ids = spilled_ids[k].read(np.int32)
         weights = spilled_weights[k].read(np.float32) if spilled_weights[k] is not None else None  # type: ignore[union-attr]
         slots.append(_narrow(Csr(offsets, ids, weights)))
-    spill_dir.rmdir()
+    # (the memory-mapped files stay until the split is done: ctx.scratch is removed with them)
     # duplicate keys: the first line wins, later ones are rejects
     order = np.argsort(h1, kind="stable")
     same = h1[order][1:] == h1[order][:-1]
