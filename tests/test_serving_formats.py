@@ -137,8 +137,7 @@ def test_rechub_csv_files_score_like_their_prepared_rows(rechub, tmp_path, capfd
 
 def test_aot_package_of_a_dense_model_scores_format_files(rechub, tmp_path, capfd):
     """``--precision aot``: the AOTInductor package (dense sixth input) of the same run, batches of 299 and 1
-    rows. Slow: compiling the package is most of it (32 s in all with an empty inductor cache, 19 s with a
-    warm one, 2 cores at load ~4)."""
+    rows. Slow: compiling the package is most of it (19-32 s in three runs, 2 cores at load 4-5)."""
     fresh = rechub["fresh"]
     export_run(rechub["root"] / "run", tmp_path / "model", aot=True, int8=False, log=lambda _: None)
     args = argparse.Namespace(schema=None, train=None, valid=None, test=[str(fresh)])
