@@ -1,5 +1,6 @@
 """The full-shape rehearsal tools: tools/make_fullshape.py writes raw files prepare accepts whole,
-with the intended shape; tools/measure_tree.py counts the memory of forked descendants."""
+with the intended shape; tools/measure_tree.py counts the memory of forked descendants and tells
+anonymous memory from memory-mapped files and shared memory."""
 
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ def test_measure_tree_counts_forked_workers(tmp_path: Path, monkeypatch) -> None
     whole = measure_tree.measure(cmd, interval=0.1)
     assert whole["rc"] == 0 and whole["peak_processes"] >= 3
     assert whole["peak_rss_sum_mb"] > 350 and whole["peak_pss_sum_mb"] > 350, whole  # 2 x 200 MB in workers
+    assert whole["peak_rss_anon_sum_mb"] > 350 and whole["peak_pss_anon_sum_mb"] > 350, whole  # heap: anonymous
     # the negative control: the launched process alone (what ru_maxrss / time -v see) misses them
     monkeypatch.setattr(measure_tree, "tree_pids", lambda root: [root])
     alone = measure_tree.measure(cmd, interval=0.1)
@@ -89,3 +91,38 @@ def test_measure_tree_cli_returns_the_commands_exit_code(tmp_path: Path) -> None
     rc = subprocess.run([sys.executable, str(TOOLS / "measure_tree.py"), "--json", str(out), "--",
                          sys.executable, "-c", "raise SystemExit(3)"], capture_output=True).returncode
     assert rc == 3 and '"rc": 3' in out.read_text()
+
+
+MAPPED = """
+import mmap, sys, time, numpy as np
+with open(sys.argv[1], "rb") as f:  # a 250 MB file, every page read: file-backed, not anonymous
+    data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+assert int(np.frombuffer(data, np.uint8)[::4096].sum()) == 0
+shared = mmap.mmap(-1, 100_000_000)  # 100 MB shared anonymous, every page written: shmem
+np.frombuffer(shared, np.uint8)[::4096] = 1
+time.sleep(1.0)
+"""
+
+
+def test_measure_tree_tells_anonymous_memory_from_mapped_files(tmp_path: Path) -> None:
+    measure_tree = _tool("measure_tree")
+    data = tmp_path / "zeros.bin"
+    data.write_bytes(bytes(250_000_000))
+    m = measure_tree.measure([sys.executable, "-c", MAPPED, str(data)], interval=0.1)
+    assert m["rc"] == 0 and m["peak_rss_sum_mb"] > 340 and m["peak_pss_sum_mb"] > 340, m
+    assert m["peak_rss_anon_sum_mb"] < 100 and m["peak_pss_anon_sum_mb"] < 100, m  # the interpreter + numpy
+    assert 95 < m["peak_rss_shmem_sum_mb"] < 110 and 95 < m["peak_pss_shmem_sum_mb"] < 110, m
+
+
+def test_tree_memory_skips_exited_processes_and_nulls_a_figure_the_kernel_lacks(monkeypatch) -> None:  # noqa: ANN001
+    measure_tree = _tool("measure_tree")
+    files = {  # pid 1: a kernel without Pss_Anon / Pss_Shmem; pid 2: a zombie; pid 3: gone
+        "/proc/1/status": {b"VmRSS:": 1000, b"RssAnon:": 600, b"RssShmem:": 100},
+        "/proc/1/smaps_rollup": {b"Pss:": 900},
+        "/proc/2/status": {}, "/proc/2/smaps_rollup": {}, "/proc/3/status": None, "/proc/3/smaps_rollup": None,
+    }
+    monkeypatch.setattr(measure_tree, "tree_pids", lambda root: [1, 2, 3])
+    monkeypatch.setattr(measure_tree, "_read_kb", lambda path, keys: files[path])
+    sums, n = measure_tree.tree_memory_mb(1)
+    assert n == 3 and (sums["rss"], sums["rss_anon"], sums["rss_shmem"], sums["pss"]) == (1.024, 0.6144, 0.1024, 0.9216)
+    assert sums["pss_anon"] is None and sums["pss_shmem"] is None

@@ -10,18 +10,30 @@ links, rebuilt at every sample so forks and exits are followed) and sums
 * ``pss``: ``Pss`` from ``/proc/<pid>/smaps_rollup`` (shared pages divided among their sharers: sums
   to the physical memory the tree holds; needs Linux >= 4.14).
 
+Both include file-backed pages a process has mapped (memory-mapped inputs, shared libraries:
+reclaimable page cache, not heap), so the same two sums are also taken of
+
+* anonymous memory: ``rss_anon`` (``RssAnon`` of ``/proc/<pid>/status``) and ``pss_anon``
+  (``Pss_Anon`` of ``smaps_rollup``): private heap, numpy arrays, stacks; the memory the tree cannot
+  give back without swap. Pages a forked child still shares with its parent count in each
+  process's ``RssAnon`` (``Pss_Anon`` divides them);
+* shared memory: ``rss_shmem`` / ``pss_shmem`` (``RssShmem`` / ``Pss_Shmem``): shared anonymous
+  mappings, ``/dev/shm`` and other tmpfs files (torch passes tensors between processes there). Not
+  in the anonymous figures and not reclaimable either.
+
+``rss - rss_anon - rss_shmem`` is the file-backed part (``RssFile``). A figure this kernel does not
+provide (``Pss_Anon`` / ``Pss_Shmem`` need Linux >= 5.7 or so) is reported as ``null``.
+
 ``cpu_s`` is the user + system CPU time of the whole tree (``RUSAGE_CHILDREN``: every descendant
 that was waited for, which pool workers and ranks are), a figure that other load on the machine
 barely changes: ``cpu_s / cores`` is the wall time the command needs on that many idle cores if it
 keeps them all busy (a lower bound otherwise).
 
-Both include file-backed pages a process has mapped (memory-mapped inputs: reclaimable page
-cache, not heap); anonymous memory alone (``RssAnon``, ``Pss_Anon``) is not reported yet.
-
 The reported peaks are the maxima of those sums over the samples (a spike shorter than the
 interval can be missed). No cgroup, no root needed. Writes one JSON line to ``--json`` (and
-stdout): ``cmd, rc, wall_s, cpu_s, peak_rss_sum_mb, peak_pss_sum_mb, peak_processes, samples,
-load_before/after`` (``/proc/loadavg``, 1-minute figure; the machine may be shared).
+stdout): ``cmd, rc, wall_s, cpu_s, peak_rss_sum_mb, peak_pss_sum_mb, peak_rss_anon_sum_mb,
+peak_pss_anon_sum_mb, peak_rss_shmem_sum_mb, peak_pss_shmem_sum_mb, peak_processes, samples,
+load_before/after`` (each peak the maximum of its own sum: they may come from different samples) (``/proc/loadavg``, 1-minute figure; the machine may be shared).
 
 Example::
 
@@ -67,23 +79,51 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
-def _kb(path: str, key: bytes) -> int:
+#: figure -> (file under /proc/<pid>/, line key); values in kB
+FIGURES = {
+    "rss": ("status", b"VmRSS:"),
+    "pss": ("smaps_rollup", b"Pss:"),
+    "rss_anon": ("status", b"RssAnon:"),
+    "pss_anon": ("smaps_rollup", b"Pss_Anon:"),
+    "rss_shmem": ("status", b"RssShmem:"),
+    "pss_shmem": ("smaps_rollup", b"Pss_Shmem:"),
+}
+
+
+def _read_kb(path: str, keys: list[bytes]) -> dict[bytes, int] | None:
+    """The ``keys`` present in ``path`` (kB); None when the file cannot be read (the process exited)."""
+    found: dict[bytes, int] = {}
     try:
         with open(path, "rb") as f:
             for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1])
+                for key in keys:
+                    if line.startswith(key):
+                        found[key] = int(line.split()[1])
     except (OSError, ValueError):
-        pass
-    return 0
+        return None
+    return found
 
 
-def tree_memory_mb(root: int) -> tuple[float, float, int]:
-    """(sum of VmRSS, sum of Pss, number of processes) of ``root``'s tree, in MB (10^6 bytes)."""
+def tree_memory_mb(root: int) -> tuple[dict[str, float | None], int]:
+    """Sums over ``root``'s tree of each of :data:`FIGURES`, in MB (10^6 bytes), and the number of processes.
+
+    A process that exits between the listing and the read, or a zombie (its files have no memory
+    lines), adds 0; a figure absent where the file's other figures are present (an older kernel) is None.
+    """
     pids = tree_pids(root)
-    rss = sum(_kb(f"/proc/{p}/status", b"VmRSS:") for p in pids)
-    pss = sum(_kb(f"/proc/{p}/smaps_rollup", b"Pss:") for p in pids)
-    return rss * 1024 / 1e6, pss * 1024 / 1e6, len(pids)
+    sums: dict[str, float | None] = dict.fromkeys(FIGURES, 0.0)
+    for name in ("status", "smaps_rollup"):
+        wanted = {fig: key for fig, (file, key) in FIGURES.items() if file == name}
+        for pid in pids:
+            found = _read_kb(f"/proc/{pid}/{name}", list(wanted.values()))
+            if not found:
+                continue
+            for fig, key in wanted.items():
+                if key not in found:
+                    sums[fig] = None
+                elif sums[fig] is not None:
+                    sums[fig] += found[key] * 1024 / 1e6
+    return sums, len(pids)
 
 
 def _load() -> float:
@@ -97,18 +137,21 @@ def measure(cmd: list[str], interval: float = 0.2) -> dict[str, object]:
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
-    peak_rss = peak_pss = 0.0
+    peaks: dict[str, float | None] = dict.fromkeys(FIGURES, 0.0)
     peak_n = samples = 0
     while proc.poll() is None:
-        rss, pss, n = tree_memory_mb(proc.pid)
-        peak_rss, peak_pss, peak_n = max(peak_rss, rss), max(peak_pss, pss), max(peak_n, n)
+        sums, n = tree_memory_mb(proc.pid)
+        for fig, value in sums.items():
+            old = peaks[fig]
+            peaks[fig] = None if value is None or old is None else max(old, value)
+        peak_n = max(peak_n, n)
         samples += 1
         time.sleep(interval)
     wall = time.perf_counter() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     return {"cmd": " ".join(cmd), "rc": proc.returncode, "wall_s": round(wall, 2), "cpu_s": round(cpu, 1),
-            "peak_rss_sum_mb": round(peak_rss, 1), "peak_pss_sum_mb": round(peak_pss, 1),
+            **{f"peak_{fig}_sum_mb": None if v is None else round(v, 1) for fig, v in peaks.items()},
             "peak_processes": peak_n, "samples": samples, "interval_s": interval,
             "load_before": load_before, "load_after": _load()}
 
