@@ -12,6 +12,8 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.ipc  # noqa: F401 (pa.ipc)
 import pyarrow.parquet as pq
 import pytest
 
@@ -90,12 +92,11 @@ def run_prepare(raw: Path, out: Path, schema: Path | str, **kw) -> dict:
 
 
 def read_split(out: Path, split: str) -> dict[int, dict]:
-    """Rows of a split keyed by sample_id (asserts sample ids are unique)."""
+    """Rows of a split keyed by sample_id (asserts sample ids are unique), per-request fields joined."""
     rows: dict[int, dict] = {}
-    for path in sorted((out / split).glob("*.parquet")):
-        for row in pq.read_table(path).to_pylist():
-            assert row["sample_id"] not in rows
-            rows[row["sample_id"]] = row
+    for row in PreparedSet.open(out).read_table(split).to_pylist():
+        assert row["sample_id"] not in rows
+        rows[row["sample_id"]] = row
     return rows
 
 
@@ -163,13 +164,36 @@ def test_hand_written_round_trip_every_value(tmp_path: Path, schema_path: Path) 
     schema = pq.read_schema(next((out / "train").glob("*.parquet")))
     assert str(schema.field("sample_id").type) == "int64" and str(schema.field("click").type) == "int8"
     # ids int32 (every table fits), lists and items non-nullable, no dictionary on list columns
-    assert str(schema.field("109_14").type) == "list<element: int32 not null>"
-    assert str(schema.field("109_14__w").type) == "list<element: float not null>"
-    assert not schema.field("109_14").nullable and not schema.field("sample_id").nullable
+    assert str(schema.field("853").type) == "list<element: int32 not null>"
+    assert str(schema.field("853__w").type) == "list<element: float not null>"
+    assert not schema.field("853").nullable and not schema.field("sample_id").nullable
     meta = pq.ParquetFile(next((out / "train").glob("*.parquet"))).metadata
     chunks = {meta.schema.column(c).path: meta.row_group(0).column(c) for c in range(meta.num_columns)}
-    assert chunks["109_14.list.element"].compression.startswith("LZ4")
-    assert not chunks["109_14.list.element"].has_dictionary_page
+    assert chunks["853.list.element"].compression.startswith("LZ4")
+    assert not chunks["853.list.element"].has_dictionary_page
+
+    # the user fields are stored once per request (the default layout), not on the rows
+    user = ["101", "121", "109_14"]
+    assert not set(user) & set(schema.names) and "109_14__w" not in schema.names
+    entry = manifest["per_request"]
+    assert entry["fields"] == user and entry["files"] == [
+        {"file": "requests/train.arrow", "first_request_id": 0, "requests": 3},
+        {"file": "requests/test.arrow", "first_request_id": 3, "requests": 1},
+    ]
+    requests = pa.ipc.open_file(str(out / "requests" / "train.arrow")).read_all()
+    assert requests.column("109_14").to_pylist() == [[1, 2], [1], []]  # ka, kb, kc in file order
+    assert requests.column("109_14__w").to_pylist() == [[0.5, 2.25], [1.5], []]
+    assert str(requests.schema.field("109_14").type) == "list<element: int32 not null>"
+    # mean ids per train row, each request counted once per row that references it (ka 2, kb 2, kc 1)
+    assert entry["ids_per_row"]["train"]["109_14"] == pytest.approx((2 * 2 + 1 * 2 + 0) / 5)
+    assert PreparedSet.open(out).ids_per_row("train")["109_14"] == pytest.approx(6 / 5)
+
+    # the per-row layout stores the same rows with every field on them
+    row_out = tmp_path / "per_row"
+    row_manifest = run_prepare(raw, row_out, schema_path, user_features="per-row")
+    assert "per_request" not in row_manifest and not (row_out / "requests").exists()
+    assert set(user) <= set(pq.read_schema(next((row_out / "train").glob("*.parquet"))).names)
+    assert read_split(row_out, "train") == train and read_split(row_out, "test") == test
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +319,7 @@ def test_cli_strict_message(tmp_path: Path, schema_path: Path, capsys: pytest.Ca
 
 @pytest.fixture(scope="module")
 def synth_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    synth = pytest.importorskip("ctnocvr_rec.data.synth")
+    from ctnocvr_rec.data import synth
     folder = tmp_path_factory.mktemp("synth_raw")
     synth.generate(synth.SynthConfig(rows_train=3000, rows_test=600, users=300, items=200, seed=3), folder)
     return folder
@@ -573,3 +597,22 @@ def test_vocab_mapping_rank_min_count_and_oov(top_id: int) -> None:
         FieldSpec("h", "item", mapping="hash", num_buckets=7), np.array([3]), np.array([1])
     )
     assert hashed.map(np.array([3, 10, 10**12])).tolist() == [3, 3, 10**12 % 7] and hashed.num_embeddings == 7
+
+
+def test_vocab_lookup_table_starts_at_the_fields_first_id() -> None:
+    """Ali-CCP ids are global across fields: a field whose ids start at 9 M gets a table over its own
+    span, and maps exactly as the binary search does (ids below, inside gaps and above the span)."""
+    from ctnocvr_rec.data.schema import FieldSpec
+    from ctnocvr_rec.data.vocab import FieldVocab
+
+    rng = np.random.default_rng(0)
+    raw = np.unique(rng.integers(9_000_000, 9_050_000, 20_000))
+    vocab = FieldVocab.build(FieldSpec("x", "item", min_count=2), raw, rng.integers(1, 9, len(raw)))
+    table = vocab._dense_table()
+    assert table is not None and len(table) == raw[-1] - raw[0] + 1  # not 9 M entries
+    ids = np.concatenate([raw, raw - 1, raw + 1, [0, 8_999_999, 9_050_001, -3, 2**40]])
+    lookup = vocab.map(ids)
+    vocab._table = None  # the binary search path
+    assert lookup.tolist() == vocab.map(ids).tolist()
+    sparse = FieldVocab.build(FieldSpec("s", "item"), np.array([5, 10**6, 2 * 10**6]), np.array([1, 1, 1]))
+    assert sparse._dense_table() is None  # 2 M span for 3 ids: binary search

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pytest
 
 from ctnocvr_rec.data import prepare as prep
+from ctnocvr_rec.data.prepared import PreparedSet
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
@@ -38,9 +39,15 @@ def test_make_fullshape_prepares_whole_with_the_full_shape(tmp_path: Path) -> No
     assert sum(manifest["splits"][s]["rows"] for s in ("train", "valid")) == rows_train
     assert manifest["splits"]["test"]["rows"] == rows_test
     # every request's histories land on its rows: ~509 history ids per row (+9 single user ids)
-    table = pq.read_table(str(out / "train"))
+    # (stored once per request, the default layout: joined back onto the rows here)
+    assert set(fullshape.HISTORY_MEAN) <= set(manifest["per_request"]["fields"])
+    table = PreparedSet.open(out).read_table("train")
     per_row = sum(pc.list_value_length(table.column(h)).to_numpy() for h in fullshape.HISTORY_MEAN)
     assert 430 < per_row.mean() < 590, per_row.mean()
+    # the manifest's ids per row (the planner's pooling factors) are the joined rows' means
+    recorded = manifest["per_request"]["ids_per_row"]["train"]
+    for h in fullshape.HISTORY_MEAN:
+        assert recorded[h] == pytest.approx(pc.list_value_length(table.column(h)).to_numpy().mean()), h
     # rows per request ~ REAL_ROWS / REAL_REQUESTS (58), every request used, ids Zipf-skewed
     requests = np.unique(table.column("request_id").to_numpy())
     assert len(requests) > 0.9 * round(730_000 * 1e-4)

@@ -28,8 +28,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     # 701 test rows over 2 ranks with batch 128: ranks get 351 / 350 rows -> 3 batches each, the
-    # last ones short; valid has 301 rows -> 2 vs 2 batches of unequal size
-    return write_tiny_prepared(tmp_path_factory.mktemp("prepared"), {"train": 3000, "valid": 301, "test": 701})
+    # last ones short; valid has 301 rows -> 2 vs 2 batches of unequal size. The user fields are
+    # stored per request (prepare's default layout), so the 2-rank runs, the SIGKILL resume and
+    # the 1-rank load below also cover the request tables memory-mapped by every rank and worker.
+    return write_tiny_prepared(tmp_path_factory.mktemp("prepared"), {"train": 3000, "valid": 301, "test": 701},
+                               per_request=True)
 
 
 def write_config(path: Path, prepared: Path, run_dir: Path) -> Path:

@@ -275,7 +275,8 @@ def phase_prepare(args: argparse.Namespace) -> dict[str, Any]:
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     manifest = prepare(
         PrepareOptions(
-            args.raw, args.prepared, workers=args.workers, force=True, progress=not args.no_progress
+            args.raw, args.prepared, workers=args.workers, force=True, progress=not args.no_progress,
+            user_features=args.user_features,
         )
     )
     seconds = time.perf_counter() - t0
@@ -348,6 +349,8 @@ def add_dense_columns(prepared: str | Path, out: str | Path, num_dense: int, see
                 table = table.append_column(pa.field(f"{name}__d", pa.float32(), nullable=False), pa.array(values))
             write_shard(table, out / rel, compression=meta.row_group(0).column(0).compression.lower(),
                         row_group_size=meta.row_group(0).num_rows)
+    if (prepared / "requests").is_dir():  # per-request fields (data/requests.py): the same tables
+        shutil.copytree(prepared / "requests", out / "requests", dirs_exist_ok=True)
     manifest["schema"]["dense"] = [{"name": n, "transform": "none", "standardize": False} for n in names]
     manifest["dense_stats"] = {n: {"mean": 0.0, "std": 1.0} for n in names}
     write_manifest(out, manifest)
@@ -392,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure the loader with this many dense features appended (0 = off)")
     parser.add_argument("--skip-prepare", action="store_true",
                         help="reuse the prepared set in --work (loader measurements only)")
+    parser.add_argument("--user-features", choices=("per-request", "per-row"), default="per-request",
+                        help="prepare's layout of the user fields (default: prepare's default, per-request)")
     parser.add_argument("--dense-out", help=argparse.SUPPRESS)
     parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     parser.add_argument("--raw", help=argparse.SUPPRESS)
@@ -426,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         str(args.dense),
         "--dense-out",
         str(work / "prepared_dense"),
+        "--user-features",
+        args.user_features,
     ]
     if args.no_progress:
         common_argv.append("--no-progress")

@@ -90,6 +90,7 @@ from ctnocvr_rec.data.batch import CtnocvrBatch
 
 # re-exported: these helpers used to live here (prepared.py keeps them free of torch)
 from ctnocvr_rec.data.prepared import PreparedSet, read_manifest, resolve_schema, split_files  # noqa: F401
+from ctnocvr_rec.data.requests import RequestStore
 from ctnocvr_rec.data.schema import FieldSchema, FieldSpec
 
 #: batches per decoded window when rows are not shuffled (fewer, larger numpy calls per batch)
@@ -183,12 +184,23 @@ class _Rows:
     ids to int64), a constant number of numpy calls per field.
     """
 
-    def __init__(self, table: pa.Table, schema: FieldSchema, order: np.ndarray | None = None) -> None:
+    def __init__(self, table: pa.Table, schema: FieldSchema, order: np.ndarray | None = None,
+                 requests: RequestStore | None = None) -> None:
         self.schema = schema
         self.n = table.num_rows if order is None else len(order)
+        self.columns = {}
+        for name in (*ID_COLUMNS, *LABEL_COLUMNS):
+            col = table.column(name).to_numpy()
+            self.columns[name] = col if order is None else col[order]
+        per_request = set(requests.fields) if requests is not None else set()
 
         def one_field(spec: FieldSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
             """(offsets int32/int64 [n + 1] from 0, ids [nnz], weights float32 [nnz] or None)."""
+            if spec.name in per_request:
+                # stored once per request (data/requests.py): one gather by the rows' request ids,
+                # already in ``order``, gives the same lists the per-row layout stores
+                assert requests is not None
+                return requests.parts(spec.name, self.columns["request_id"], take=_take, weights=spec.weighted)
             offsets, ids = _list_parts(table.column(spec.name), spec.name)
             weights = None
             if spec.weighted:
@@ -224,10 +236,6 @@ class _Rows:
         self._unweighted_keys = schema.unweighted_feature_names
         #: ``[n, D]`` float32 dense features (row order as the fields), None for a sparse-only schema
         self.dense = _dense_matrix(table, schema, order)
-        self.columns = {}
-        for name in (*ID_COLUMNS, *LABEL_COLUMNS):
-            col = table.column(name).to_numpy()
-            self.columns[name] = col if order is None else col[order]
 
     def _kjt(self, field_index: list[int], keys: list[str], lo: int, hi: int,
              weighted: bool) -> KeyedJaggedTensor:
@@ -291,14 +299,16 @@ class _Rows:
         )
 
 
-def table_to_batch(table: pa.Table, schema: FieldSchema) -> CtnocvrBatch:
+def table_to_batch(table: pa.Table, schema: FieldSchema, requests: RequestStore | None = None) -> CtnocvrBatch:
     """Build a :class:`CtnocvrBatch` from a prepared-split table of ``B`` rows, vectorised.
 
     Per field, the lengths are the differences of the list offsets and the ids are the
     ``[offsets[0], offsets[-1])`` window of the child values (this also handles sliced and chunked
     columns), copied straight into preallocated arrays; see :meth:`_Rows.batch` for the layout.
+    ``requests``: the prepared set's request store when some fields are stored per request
+    (:mod:`ctnocvr_rec.data.requests`); their lists are gathered by the table's ``request_id``.
     """
-    return _Rows(table, schema).batch(0, table.num_rows)
+    return _Rows(table, schema, requests=requests).batch(0, table.num_rows)
 
 
 def canonical_order(n_batches: int, workers: int) -> np.ndarray:
@@ -384,7 +394,13 @@ class ParquetBatchDataset(IterableDataset):
         self.drop_remainder = drop_remainder
         self.prefetch_batches = max(1, prefetch_batches)
         self.files = prepared.files(split)
-        self.columns = [*ID_COLUMNS, *LABEL_COLUMNS, *feature_columns(self.schema)]
+        #: the prepared set (its request tables are opened lazily, in the process that reads)
+        self.prepared = prepared
+        per_request = set(prepared.per_request_fields)
+        self.per_request_fields = [s.name for s in self.schema if s.name in per_request]
+        self._requests: RequestStore | None = None
+        skip = {c for s in self.schema if s.name in per_request for c in (s.name, s.weight_column)}
+        self.columns = [c for c in (*ID_COLUMNS, *LABEL_COLUMNS, *feature_columns(self.schema)) if c not in skip]
         self.units: list[_Unit] = []
         for i, path in enumerate(self.files):
             handle = pq.ParquetFile(path)
@@ -469,6 +485,19 @@ class ParquetBatchDataset(IterableDataset):
 
     # ---------------------------------------------------------------- reading
 
+    def request_store(self) -> RequestStore | None:
+        """The memory-mapped request tables when fields of the schema are stored per request (opened
+        on first use, in the process that reads), else None."""
+        if self.per_request_fields and self._requests is None:
+            self._requests = self.prepared.request_store()
+        return self._requests if self.per_request_fields else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a memory map does not pickle (DataLoader workers under spawn): each process opens its own
+        state = dict(self.__dict__)
+        state["_requests"] = None
+        return state
+
     def __iter__(self) -> Iterator[CtnocvrBatch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -495,6 +524,7 @@ class ParquetBatchDataset(IterableDataset):
         # workers already use the cores. The reader decodes the next row group this worker needs in
         # its own thread while the current one is cut into batches.
         order = self._unit_order()
+        requests = self.request_store()
         reader = _RangeReader(self.files, order, self.columns, use_threads=info is None,
                               wanted_rows=[(ranges[w, r][0] + j * b, min(ranges[w, r][0] + (j + 1) * b, ranges[w, r][1]))
                                            for w, r, j in mine])
@@ -527,7 +557,7 @@ class ParquetBatchDataset(IterableDataset):
                     # the permutation picks each batch's rows; taking them in stream order (sorted)
                     # reads memory forwards and the order inside a batch does not matter
                     rows = np.concatenate([np.sort(perm[k:k + b]) for k in range(0, len(perm), b)])
-                window["rows"] = _Rows(reader.read(w_lo, w_hi), self.schema, rows)
+                window["rows"] = _Rows(reader.read(w_lo, w_hi), self.schema, rows, requests)
                 window["index"] = (w, r, first)
             k = j - first
             return window["rows"].batch(k * b, min((k + 1) * b, window["rows"].n))

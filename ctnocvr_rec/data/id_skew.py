@@ -32,6 +32,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ctnocvr_rec.data.prepared import PreparedSet
+
 #: exponents are searched in [0, MAX_EXPONENT]
 MAX_EXPONENT = 8.0
 
@@ -116,7 +118,14 @@ def profile_prepared(prepared_dir: str | Path, fields: list[str], split: str = "
     files = sorted(glob.glob(os.path.join(str(root), split, "*.parquet")))
     if not files:
         raise FileNotFoundError(f"no Parquet files in {root / split}: not a prepared set")
-    table = pq.read_table(files, columns=fields)
+    # fields stored once per request (data/requests.py) are joined onto the rows by request_id
+    prepared = PreparedSet.open(root) if PreparedSet.exists(root) else None
+    per_request = [f for f in fields if prepared is not None and f in prepared.per_request_fields]
+    table = pq.read_table(files, columns=[f for f in fields if f not in per_request]
+                          + (["request_id"] if per_request else []))
+    if per_request:
+        assert prepared is not None
+        table = prepared.request_store().join(table, per_request)
     out: dict[str, FieldProfile] = {}
     for name in fields:
         vocab_file = root / "vocab" / f"{name}.parquet"

@@ -179,6 +179,47 @@ class PreparedSet:
             )
         return {f.name: self.num_embeddings[f.name] for f in self.schema}
 
+    @property
+    def per_request(self) -> dict[str, Any] | None:
+        """``manifest["per_request"]`` (:mod:`ctnocvr_rec.data.requests`): fields stored once per
+        request and joined by ``request_id``; None when every field is on the rows."""
+        entry = self.manifest.get("per_request")
+        return entry if isinstance(entry, dict) and entry.get("fields") else None
+
+    @property
+    def per_request_fields(self) -> tuple[str, ...]:
+        """Names of the fields stored per request (not in the shards); empty for a per-row set."""
+        entry = self.per_request
+        return tuple(str(n) for n in entry["fields"]) if entry else ()
+
+    def request_store(self) -> Any:
+        """The memory-mapped :class:`~ctnocvr_rec.data.requests.RequestStore` (None for a per-row set)."""
+        from ctnocvr_rec.data.requests import RequestStore
+
+        entry = self.per_request
+        return RequestStore.open(self.root, entry) if entry else None
+
+    def read_table(self, split: str, columns: list[str] | None = None) -> Any:
+        """The rows of ``split`` as one ``pyarrow.Table`` (shards in name order), per-request fields
+        joined by ``request_id`` as list columns, so a per-request set reads like a per-row one.
+        ``columns``: the shard columns and fields wanted (default: all). Reads the whole split into
+        memory: for inspection and tests; the loader streams instead."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tables = [pq.read_table(path) for path in self.files(split)]
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        wanted_fields = [n for n in self.per_request_fields
+                         if columns is None or n in columns or f"{n}__w" in columns]
+        if wanted_fields:
+            table = self.request_store().join(table, wanted_fields)
+        if columns is not None:
+            missing = [c for c in columns if c not in table.column_names]
+            if missing:
+                raise ValueError(f"{self.root / split}: no column(s) {missing}")
+            table = table.select(columns)
+        return table
+
     def ids_per_row(self, split: str = "train") -> dict[str, float]:
         """Mean ids per row of every field of :attr:`schema` over ``split``'s shards (empty when the
         split has none): the planner's pooling factors, which its cost model uses to balance tables
@@ -186,9 +227,12 @@ class PreparedSet:
 
         Read from the Parquet footers alone (no data page is decoded, so it is cheap on any size):
         a list column chunk records one value per id and one level per empty list, so a row with an
-        empty list counts as one id here.
+        empty list counts as one id here. Per-request fields (not in the shards) take the mean that
+        ``prepare`` recorded in the manifest (``per_request.ids_per_row``).
         """
         import pyarrow.parquet as pq
+
+        from ctnocvr_rec.data.requests import ids_per_row as request_ids_per_row
 
         try:
             files = self.files(split)
@@ -212,7 +256,9 @@ class PreparedSet:
                     values[name] = values.get(name, 0) + group.column(i).num_values
         if not rows:
             return {}
-        return {name: values[name] / rows for name in self.schema.names if name in values}
+        means = {name: values[name] / rows for name in values}
+        means.update(request_ids_per_row(self.per_request, split))
+        return {name: means[name] for name in self.schema.names if name in means}
 
     def dense_stats(self) -> dict[str, dict[str, Any]]:
         """``{name: {"mean", "std", ...}}`` of every dense feature of :attr:`schema` (the fitted values of

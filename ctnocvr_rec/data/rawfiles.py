@@ -93,3 +93,26 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # exists, owned by someone else
     return True
+
+
+def release_free_memory() -> bool:
+    """Return freed heap pages to the OS (glibc ``malloc_trim(0)``); False where there is no glibc.
+
+    After the common table's big temporaries are freed, glibc keeps much of that memory in the
+    process's heap (its mmap threshold grows with the sizes freed, so later large arrays come from
+    the heap, which is only trimmed at its top). Measured on the 1/10 full-shape set: the parent held
+    ~1.5 GB of such pages going into pass 2, which every forked worker then counted too.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        return False
+    if trim is None:
+        return False
+    trim(0)
+    return True

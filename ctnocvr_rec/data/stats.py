@@ -131,7 +131,11 @@ def compute_stats(
     """Table 2 + per-field stats of each split, and of all of them together (``"all"``) if several."""
     prepared = PreparedSet.open(prepared_dir, schema)
     schema, num_embeddings = prepared.schema, prepared.num_embeddings
-    columns = ["user_id", "click", "conversion", *schema.names]
+    # fields stored once per request (data/requests.py) are joined onto each row group by request_id
+    per_request = [n for n in schema.names if n in prepared.per_request_fields]
+    requests = prepared.request_store() if per_request else None
+    columns = ["user_id", "click", "conversion", *(["request_id"] if per_request else []),
+               *(n for n in schema.names if n not in per_request)]
     total = _SplitAcc()
     out: dict[str, Any] = {"prepared_dir": str(prepared_dir), "splits": {}}
     for split in splits:
@@ -143,6 +147,8 @@ def compute_stats(
                 raise ValueError(f"{path}: missing column(s) {missing}")
             for g in range(handle.metadata.num_row_groups):  # bounded memory: one row group at a time
                 table = handle.read_row_group(g, columns=columns)
+                if requests is not None:
+                    table = requests.join(table, per_request)
                 _accumulate(acc, table, schema)
                 if len(splits) > 1:
                     _accumulate(total, table, schema)

@@ -94,21 +94,32 @@ class FieldVocab:
         if len(self.raw_ids) == 0:
             return np.zeros_like(ids)
         table = self._dense_table()
-        if table is not None:  # small raw-id range: one gather instead of a binary search per id
-            inside = (ids >= 0) & (ids < len(table))
-            return np.where(inside, table[np.where(inside, ids, 0)], OOV_ID).astype(np.int64)
+        if table is not None:  # compact raw-id range: one gather instead of a binary search per id
+            base = int(self.raw_ids[0])
+            inside = (ids >= base) & (ids < base + len(table))
+            return np.where(inside, table[np.where(inside, ids - base, 0)], OOV_ID).astype(np.int64)
         pos = np.minimum(np.searchsorted(self.raw_ids, ids), len(self.raw_ids) - 1)
         return np.where(self.raw_ids[pos] == ids, self.mapped[pos], OOV_ID)
 
     def _dense_table(self) -> np.ndarray | None:
-        """``table[raw_id] = mapped id`` (int32) when the raw ids span at most 2^24 values, else None."""
+        """``table[raw_id - raw_ids[0]] = mapped id`` (int32) when the raw ids span at most 2^24
+        values and at most 16x their count (Ali-CCP's ids are global across fields: a table from 0
+        would cost every field the span of all fields before it), else None (binary search)."""
         if not hasattr(self, "_table"):
             self._table = None
-            top = int(self.raw_ids[-1]) if len(self.raw_ids) else -1
-            if 0 <= int(self.raw_ids[0]) and top < (1 << 24) and int(self.mapped.max()) < (1 << 31):
-                self._table = np.full(top + 1, OOV_ID, np.int32)
-                self._table[self.raw_ids] = self.mapped
+            if len(self.raw_ids):
+                base, top = int(self.raw_ids[0]), int(self.raw_ids[-1])
+                span = top - base + 1
+                if span <= min(1 << 24, max(16 * len(self.raw_ids), 1 << 16)) and int(self.mapped.max()) < (1 << 31):
+                    self._table = np.full(span, OOV_ID, np.int32)
+                    self._table[self.raw_ids - base] = self.mapped
         return self._table
+
+    def prepare_lookup(self) -> None:
+        """Build the lookup table now (call before forking workers: they then share it instead of
+        each building its own copy)."""
+        if self.spec.mapping != "hash":
+            self._dense_table()
 
     @classmethod
     def build(cls, spec: FieldSpec, raw_ids: np.ndarray, counts: np.ndarray) -> FieldVocab:

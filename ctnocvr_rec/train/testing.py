@@ -60,7 +60,7 @@ def raw_dense_values(rows: int, seed: int, num_dense: int) -> dict[str, np.ndarr
 
 
 def _split_table(schema: FieldSchema, rows: int, seed: int, first_sample_id: int, users: int,
-                 dense: dict[str, np.ndarray] | None = None) -> pa.Table:
+                 dense: dict[str, np.ndarray] | None = None, own_requests: bool = False) -> pa.Table:
     """One split; ``dense``: the *stored* (transformed) values of every dense feature of ``schema``."""
     rng = np.random.default_rng(seed)
     effects = np.random.default_rng(1234).normal(0.0, 1.5, size=(3, VOCAB))  # same truth for all splits
@@ -85,17 +85,62 @@ def _split_table(schema: FieldSchema, rows: int, seed: int, first_sample_id: int
     conversion = (click * (rng.random(rows) < 1 / (1 + np.exp(-logit_conv)))).astype(np.int8)
     scalars = {
         "sample_id": np.arange(first_sample_id, first_sample_id + rows),
+        # (drawn either way, so the rest of the table does not depend on own_requests)
         "request_id": rng.integers(0, max(1, rows // 4), rows),
         "user_id": first_ids["101"] % users,
         "click": click,
         "conversion": conversion,
     }
+    if own_requests:  # every row its own request, numbered like the sample ids (from 0)
+        scalars["request_id"] = scalars["sample_id"] - 1
     return shard_table(scalars, fields, schema, {spec.name: VOCAB for spec in schema}, dense=dense)
 
 
+def _move_user_fields_to_requests(root: Path, schema: FieldSchema, tables: dict[str, pa.Table]) -> None:
+    """Rewrite a tiny set in the per-request layout (ctnocvr_rec/data/requests.py): every split's
+    user fields go to ``requests/<split>.arrow`` (its rows are its own requests, in table order) and
+    leave the shards; the manifest gains ``per_request``."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from ctnocvr_rec.data.prepared import read_manifest, write_manifest
+    from ctnocvr_rec.data.requests import FOLDER, MANIFEST_KEY, write_request_table
+    from ctnocvr_rec.data.shards import id_type, write_shard
+
+    user = [spec for spec in schema if spec.is_user]
+    drop = [c for spec in user for c in ((spec.name, spec.weight_column) if spec.weighted else (spec.name,))]
+    manifest = read_manifest(root)
+    files, ids_per_row = [], {}
+    for split, table in tables.items():
+        rid = table.column("request_id").to_numpy()
+        first = int(rid[0])
+        assert (rid == np.arange(first, first + len(rid))).all()
+        fields = {}
+        for spec in user:
+            column = table.column(spec.name).combine_chunks()
+            offsets = column.offsets.to_numpy().astype(np.int64)
+            weights = table.column(spec.weight_column).combine_chunks().values.to_numpy() if spec.weighted else None
+            fields[spec.name] = (offsets - offsets[0], column.values.to_numpy(), weights)
+        rel = f"{FOLDER}/{split}.arrow"
+        write_request_table(root / rel, fields, {spec.name: id_type(VOCAB) for spec in user})
+        files.append({"file": rel, "first_request_id": first, "requests": len(rid)})
+        ids_per_row[split] = {spec.name: float(pc.mean(pc.list_value_length(table.column(spec.name))).as_py())
+                              for spec in user}
+        for rel_shard in manifest["splits"][split]["files"]:
+            shard = pq.read_table(root / rel_shard).drop_columns(drop)
+            write_shard(shard, root / rel_shard, row_group_size=250)
+    manifest[MANIFEST_KEY] = {"fields": [spec.name for spec in user], "key": "request_id", "files": files,
+                              "ids_per_row": ids_per_row}
+    write_manifest(root, manifest)
+
+
 def write_tiny_prepared(root: str | Path, splits: dict[str, int] | None = None, rows_per_file: int = 1000,
-                        seed: int = 0, users: int = 25, num_dense: int = 0) -> Path:
+                        seed: int = 0, users: int = 25, num_dense: int = 0, per_request: bool = False) -> Path:
     """Write ``root/{train,valid,test}/part-*.parquet`` + ``manifest.json``; returns ``root``.
+
+    ``per_request``: every row is its own request (``request_id`` = ``sample_id - 1``) and the user
+    fields are stored in ``requests/<split>.arrow`` instead of the shards (the per-request layout of
+    ``prepare``, ctnocvr_rec/data/requests.py); the batches the loader yields hold the same values.
 
     ``num_dense``: dense features of :func:`aliccp_dense_schema` (0: the sparse-only set, unchanged);
     their raw values are :func:`raw_dense_values` of each split's seed, the transform fitted on the
@@ -113,10 +158,12 @@ def write_tiny_prepared(root: str | Path, splits: dict[str, int] | None = None, 
     for k, (split, rows) in enumerate(splits.items()):
         stored = {d.name: transform_dense(raw[split][d.name], d.transform, d.standardize,
                                           stats[d.name]["mean"], stats[d.name]["std"]) for d in schema.dense}
-        tables[split] = _split_table(schema, rows, seed + 101 * k, first, users, stored)
+        tables[split] = _split_table(schema, rows, seed + 101 * k, first, users, stored, own_requests=per_request)
         first += rows
     write_split_tables(root, schema, tables, {spec.name: VOCAB for spec in schema}, rows_per_file,
                        row_group_size=250, dense_stats=stats if schema.dense else None)
+    if per_request:
+        _move_user_fields_to_requests(root, schema, tables)
     return root
 
 

@@ -68,10 +68,16 @@ class PrepareOptions:
     #: with "none" (6.7x the zstd size), 0.69M "lz4" (2.3x), 0.33-0.49M "zstd" (1x). lz4 reads within
     #: ~10% of uncompressed at a third of its size; "none" for the last bit, "zstd" to save disk.
     compression: str = "lz4"
+    #: where the user fields (the common-features file's) go: ``per-request`` writes each request's
+    #: once to ``requests/<split>.arrow`` and the loader joins them by ``request_id``
+    #: (:mod:`ctnocvr_rec.data.requests`; at Ali-CCP's full shape 24x less disk and ~3x less prepare
+    #: CPU, docs/fullshape.md); ``per-row`` copies them onto every impression row (the layout before
+    #: 2026-12-01). The rows the loader yields are the same either way.
+    user_features: str = "per-request"
 
     def output_options(self) -> dict[str, Any]:
         """The options that change the output (fingerprint + manifest)."""
-        return output_options(self)
+        return {**output_options(self), "user_features": self.user_features}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,6 +140,12 @@ class RawContext:
     vocabs: dict[str, FieldVocab] = field(default_factory=dict)
     request_base: int = 0
     out_tmp: Path | None = None
+    #: fields stored once per request (``user_features == "per-request"``: every user field), and the
+    #: schema of what the shards hold (the others)
+    per_request: tuple[str, ...] = ()
+    shard_schema: FieldSchema | None = None
+    #: ``manifest["per_request"]["files"]`` entries written so far
+    request_files: list[dict[str, Any]] = field(default_factory=list)
     #: wall seconds per phase ("train/common", "train/pass1", ...), reported, never written
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -208,6 +220,9 @@ def _common_task(task: tuple[str, int, int]) -> _CommonPart:
     line_offset = start + chunk.line_starts[chunk.line]
     chunk.line_starts = chunk.line_ends = np.zeros(0, np.int64)  # not needed by the parent
     chunk.rejects = []
+    # int32 ids from here on where they fit: the parent holds every chunk's pieces at once while it
+    # concatenates them (the measured peak of a split's common table)
+    chunk.slots = [_narrow(s) for s in chunk.slots]
     return _CommonPart(chunk.n_lines, chunk, rejects, key_offsets, key_bytes, line_offset)
 
 
@@ -215,6 +230,61 @@ def _raw_line_at(path: Path, offset: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
         return f.readline().rstrip(b"\n").rstrip(b"\r")
+
+
+def _narrow(csr: Csr) -> Csr:
+    """The same CSR with int32 raw ids when every id fits (lossless): the common table is the one
+    structure that grows with the data (~378 M ids at Ali-CCP's full shape), so 4 bytes per id is
+    1.5 GB of peak memory."""
+    ids = csr.ids
+    if ids.dtype == np.int64 and (not len(ids) or (np.iinfo(np.int32).min <= int(ids.min()) and int(
+            ids.max()) <= np.iinfo(np.int32).max)):
+        return Csr(csr.offsets, ids.astype(np.int32), csr.weights)
+    return csr
+
+
+class _SpilledColumn:
+    """A growing 1-D array kept in a scratch file while a file's chunks are parsed, read back whole
+    at the end: the parent then holds one copy of the common table instead of every chunk's pieces
+    plus the concatenated arrays (measured: that end-of-parse concatenation was the run's peak)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pieces: list[tuple[int, int, np.dtype]] = []  # byte offset, length, dtype
+        self._file = open(path, "wb")  # noqa: SIM115 (closed in read())
+        self._bytes = 0
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values)
+        self.pieces.append((self._bytes, len(values), values.dtype))
+        self._file.write(values.tobytes())  # one piece at a time (a chunk's worth of ids)
+        self._bytes += values.nbytes
+
+    def read(self, empty_dtype: type) -> np.ndarray:
+        """All pieces in order as one array (the widest piece dtype).
+
+        When every piece has one dtype (always, short of raw ids beyond int32) the array is the file,
+        memory-mapped read-only: page cache shared by the workers forked later, not heap each of them
+        counts in its RSS. Otherwise the pieces are read into memory and the file is deleted."""
+        self._file.close()
+        dtypes = {d for _, n, d in self.pieces if n}
+        dtype = np.result_type(*dtypes) if dtypes else np.dtype(empty_dtype)
+        total = sum(n for _, n, _ in self.pieces)
+        if not total:
+            self.path.unlink()
+            return np.zeros(0, dtype)
+        if len(dtypes) == 1:
+            return np.memmap(self.path, dtype, mode="r", shape=(total,))
+        out = np.empty(total, dtype)
+        pos = 0
+        with open(self.path, "rb") as f:
+            for offset, n, piece_dtype in self.pieces:
+                if n:
+                    f.seek(offset)
+                    out[pos:pos + n] = np.fromfile(f, piece_dtype, n)
+                    pos += n
+        self.path.unlink()
+        return out
 
 
 def load_common(path: Path, ctx: RawContext, pool: Any, progress: bool) -> CommonTable:
@@ -237,6 +307,12 @@ def load_common(path: Path, ctx: RawContext, pool: Any, progress: bool) -> Commo
     key_bytes: list[np.ndarray] = []
     line_offsets: list[np.ndarray] = []
     key_base = 0
+    spill_dir = ctx.scratch / f"common-{ctx.split_tag}"
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    weighted = ctx.user_slots.weighted
+    spilled_ids = [_SpilledColumn(spill_dir / f"ids-{k}.bin") for k in range(len(weighted))]
+    spilled_weights = [_SpilledColumn(spill_dir / f"weights-{k}.bin") if w else None for k, w in enumerate(weighted)]
+    lengths: list[list[np.ndarray]] = [[] for _ in weighted]
     with progress_bar(os.path.getsize(path), f"common   {path.name}", progress) as bar:
         for (start, end), part in zip(ranges, imap(pool, _common_task, tasks)):
             for line, reason, detail, raw, hashes in part.rejects:
@@ -246,6 +322,12 @@ def load_common(path: Path, ctx: RawContext, pool: Any, progress: bool) -> Commo
             if ctx.options.strict and part.rejects:
                 raise_first(rejects, ctx.options.raw_dir)
             lines.append(part.chunk.line + line_base + 1)
+            for k, slot in enumerate(part.chunk.slots):
+                lengths[k].append(np.diff(slot.offsets))
+                spilled_ids[k].append(slot.ids)
+                if spilled_weights[k] is not None:
+                    spilled_weights[k].append(slot.weights)  # type: ignore[union-attr, arg-type]
+            part.chunk.slots = []
             parts.append(part.chunk)
             key_offsets.append(part.key_offsets[:-1] + key_base)
             key_base += int(part.key_offsets[-1])
@@ -261,11 +343,14 @@ def load_common(path: Path, ctx: RawContext, pool: Any, progress: bool) -> Commo
     h1 = np.concatenate([p.key_h1 for p in parts]) if parts else np.zeros(0, np.uint64)
     h2 = np.concatenate([p.key_h2 for p in parts]) if parts else np.zeros(0, np.uint64)
     slots = []
-    for k, w in enumerate(ctx.user_slots.weighted):
-        # one field at a time, freeing the chunk pieces as we go: peak = table + one field
-        slots.append(Csr.concat([p.slots[k] for p in parts], w) if parts else Csr.empty(0, w))
-        for p in parts:
-            p.slots[k] = Csr.empty(0, w)
+    for k in range(len(weighted)):
+        offsets = np.zeros(sum(len(n) for n in lengths[k]) + 1, np.int64)
+        if len(offsets) > 1:
+            np.cumsum(np.concatenate(lengths[k]), out=offsets[1:])
+        ids = spilled_ids[k].read(np.int32)
+        weights = spilled_weights[k].read(np.float32) if spilled_weights[k] is not None else None  # type: ignore[union-attr]
+        slots.append(_narrow(Csr(offsets, ids, weights)))
+    # (the memory-mapped files stay until the split is done: ctx.scratch is removed with them)
     # duplicate keys: the first line wins, later ones are rejects
     order = np.argsort(h1, kind="stable")
     same = h1[order][1:] == h1[order][:-1]

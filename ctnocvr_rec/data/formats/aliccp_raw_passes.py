@@ -208,20 +208,28 @@ def pass2_task(task: tuple[int, int]) -> dict[str, dict[str, Any]]:
             "conversion": buy,
         }
         fields: dict[str, FieldValues] = {}
+        request_ids: dict[str, int] = {}
         for spec in ctx.schema:
+            if spec.name in ctx.per_request:
+                # stored once per request (requests/<split>.arrow); count the ids a row would carry
+                lengths = common.slots[ctx.user_slots.names.index(spec.name)].lengths
+                request_ids[spec.name] = int(lengths[crow].sum())
+                continue
             if spec.is_user:
                 csr = common.slots[ctx.user_slots.names.index(spec.name)].take(crow)
             else:
                 csr = skeleton[spec.name].take(rows)
             fields[spec.name] = FieldValues(csr.offsets, csr.ids, csr.weights if spec.weighted else None)
-        num_embeddings = {spec.name: ctx.vocabs[spec.name].num_embeddings for spec in ctx.schema}
+        shard_schema = ctx.shard_schema or ctx.schema
+        num_embeddings = {spec.name: ctx.vocabs[spec.name].num_embeddings for spec in shard_schema}
         rel = f"{split_name}/part-{bucket:05d}.parquet"
-        write_shard(shard_table(scalars, fields, ctx.schema, num_embeddings), ctx.out_tmp / rel,
+        write_shard(shard_table(scalars, fields, shard_schema, num_embeddings), ctx.out_tmp / rel,
                     compression=ctx.options.compression)
         written[split_name] = {
             "file": rel,
             "rows": len(rows),
             "clicks": int(click.sum()),
             "conversions": int(buy.sum()),
+            "request_ids": request_ids,
         }
     return written
