@@ -4,9 +4,10 @@
 TorchX, or directly in one process). Rank 0 returns the ``metrics.json`` content; other ranks None.
 
 Determinism and resume: the data position saved with a checkpoint is the loader state right after
-the last *trained* batch. ``TrainPipelineSparseDist`` reads up to two batches ahead, so the loader
-state is snapshotted as each batch is handed to the pipeline (:class:`TrackedBatches`) and the
-snapshot of the batch just trained is the one saved.
+the last *trained* batch. ``TrainPipelineSparseDist`` reads up to two batches ahead (and the
+lock-step reader in front of it, :class:`~ctnocvr_rec.train.lockstep.LockstepBatches`, one more), so
+the loader state is snapshotted as each batch is read (:class:`TrackedBatches`) and the snapshot of
+the batch just trained is the one saved.
 """
 
 from __future__ import annotations
