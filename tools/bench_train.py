@@ -165,8 +165,11 @@ def bench_ours(ctx, arch: str, size: str, args: argparse.Namespace, workload: di
     total = args.warmup + args.steps * (args.windows + (1 if args.profile else 0))
     batches = iter([data[i % len(data)] for i in range(total + 2)])
     pipeline = TrainPipelineSparseDist(model, optimizer, ctx.device)
-    seconds = _timed_windows(lambda: pipeline.progress(batches), args.warmup, args.steps, args.windows,
-                             sync=lambda: barrier(ctx))
+    step = lambda: pipeline.progress(batches)  # noqa: E731
+    if args.loop_collectives != "none":  # what ctnocvr_rec/train/loop.py adds per step around the pipeline
+        step = loop_step(ctx, pipeline, batches, args.loop_collectives)
+        batches = None  # the loop step owns the iterator now
+    seconds = _timed_windows(step, args.warmup, args.steps, args.windows, sync=lambda: barrier(ctx))
     if args.profile:
         if ctx.is_main:
             from ctnocvr_rec.train.setup import describe_plan
@@ -174,10 +177,41 @@ def bench_ours(ctx, arch: str, size: str, args: argparse.Namespace, workload: di
             Path(args.profile).mkdir(parents=True, exist_ok=True)
             (Path(args.profile) / f"{workload['kind']}-{arch}-{size}-{ctx.world_size}r.plan.txt").write_text(
                 describe_plan(sharded.plan) + "\n")
-        profile_steps(lambda: pipeline.progress(batches), args.steps,
+        profile_steps(step, args.steps,
                       Path(args.profile) / f"{workload['kind']}-{arch}-{size}-{ctx.world_size}r-rank{ctx.rank}")
     pipeline.detach()
     return BATCH * ctx.world_size / seconds
+
+
+def loop_step(ctx, pipeline, batches, protocol: str):
+    """One step as the trainer's loop takes it around the pipeline: batches in lock-step over the
+    ranks and the non-finite-loss check after the step. ``protocol="one"``: the loop's own functions
+    (one tiny all-reduce per step, train/lockstep.py); ``"two"``: the loop before 2026-12-01, one
+    all-reduce per batch handed out (``synced_batches(..., until="any_done")``) and one for the check."""
+    counter = iter(range(1, 10**9))
+    if protocol == "one":
+        from ctnocvr_rec.train.loop import loop_batches, loop_step_check
+
+        synced = loop_batches(ctx, batches)
+
+        def step() -> None:
+            loop_step_check(ctx, next(counter), pipeline.progress(synced), synced)
+
+        return step
+    from ctnocvr_rec.train.distributed import all_reduce_cpu
+    from ctnocvr_rec.train.evaluate import synced_batches
+
+    old = synced_batches(ctx, batches, until="any_done")
+
+    def old_step() -> None:
+        outputs = pipeline.progress(old)
+        flag = torch.tensor([0 if all(torch.isfinite(v).all() for k, v in outputs.items() if k.startswith("loss"))
+                             else 1], dtype=torch.int32)
+        all_reduce_cpu(ctx, flag, "max")
+        if flag.item():
+            raise RuntimeError(f"non-finite loss at step {next(counter)}")
+
+    return old_step
 
 
 def profile_steps(step, steps: int, stem: Path) -> None:
@@ -428,6 +462,7 @@ def common_flags(args: argparse.Namespace, workload_file: Path) -> list[str]:
     flags += ["--rechub-steps", str(args.rechub_steps)] if args.rechub_steps else []
     flags += ["--profile", args.profile] if args.profile else []
     flags += ["--keep-weight-grads"] if args.keep_weight_grads else []
+    flags += ["--loop-collectives", args.loop_collectives]
     return flags + (["--no-tune-allocator"] if args.no_tune_allocator else [])
 
 
@@ -579,6 +614,10 @@ def main() -> None:
     parser.add_argument("--keep-weight-grads", action="store_true",
                         help="let fbgemm compute the per-sample weights' gradient in our runs and parts "
                         "(as before train/weight_grads.py), for a before/after comparison")
+    parser.add_argument("--loop-collectives", choices=["none", "one", "two"], default="none",
+                        help="take each of our steps as the trainer's loop does: batches in lock-step over the "
+                        "ranks and the non-finite-loss check, with the loop's one all-reduce per step (one, "
+                        "train/lockstep.py) or the two of the loop before 2026-12-01 (two); none: the bare pipeline")
     parser.add_argument("--json", help="also write all figures to this file")
     parser.add_argument("--profile", help="folder: after timing, profile --steps more steps of each of our "
                         "runs on every rank (torch.profiler, CPU) into <folder>/<workload>-<model>-<size>-<N>r-rank<r>.txt")

@@ -4,9 +4,10 @@
 TorchX, or directly in one process). Rank 0 returns the ``metrics.json`` content; other ranks None.
 
 Determinism and resume: the data position saved with a checkpoint is the loader state right after
-the last *trained* batch. ``TrainPipelineSparseDist`` reads up to two batches ahead, so the loader
-state is snapshotted as each batch is handed to the pipeline (:class:`TrackedBatches`) and the
-snapshot of the batch just trained is the one saved.
+the last *trained* batch. ``TrainPipelineSparseDist`` reads up to two batches ahead (and the
+lock-step reader in front of it, :class:`~ctnocvr_rec.train.lockstep.LockstepBatches`, one more), so
+the loader state is snapshotted as each batch is read (:class:`TrackedBatches`) and the snapshot of
+the batch just trained is the one saved.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from ctnocvr_rec.train import checkpoint as ckpt
 from ctnocvr_rec.train import reshard
 from ctnocvr_rec.train.data_source import TrainData, estimate_steps_per_epoch, open_eval_batches
 from ctnocvr_rec.train.distributed import DistContext, all_reduce_cpu, barrier, broadcast_from_main
-from ctnocvr_rec.train.evaluate import evaluate, synced_batches
+from ctnocvr_rec.train.evaluate import evaluate
+from ctnocvr_rec.train.lockstep import LockstepBatches
 from ctnocvr_rec.train.logs import RunLogger
 from ctnocvr_rec.train.metrics import format_metrics_table
 from ctnocvr_rec.train.optim import LRSchedule, build_optimizer
@@ -145,12 +147,12 @@ def _loss_values(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(outputs[k]) for k in LOSS_TERMS if k in outputs}
 
 
-def _check_finite(ctx: DistContext, step: int, losses: dict[str, float], last_ckpt: str | None) -> None:
-    """Stop every rank together when any rank saw a non-finite loss term."""
+def _check_finite(ctx: DistContext, step: int, losses: dict[str, float], last_ckpt: str | None,
+                  batches: LockstepBatches[CtnocvrBatch]) -> None:
+    """Stop every rank together when any rank saw a non-finite loss term (the verdict rides on the
+    lock-step batches' one all-reduce per step, :meth:`LockstepBatches.after_step`)."""
     bad_local = [k for k, v in losses.items() if not math.isfinite(v)]
-    flag = torch.tensor([1 if bad_local else 0], dtype=torch.int32)
-    all_reduce_cpu(ctx, flag, "max")
-    if flag.item():
+    if not batches.after_step(ok=not bad_local):
         terms = ", ".join(f"{k}={losses[k]}" for k in bad_local) or "(on another rank)"
         where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
         raise NonFiniteLossError(
@@ -158,6 +160,22 @@ def _check_finite(ctx: DistContext, step: int, losses: dict[str, float], last_ck
             "Lower the learning rates or check the input data.",
             step, {k: losses[k] for k in bad_local},
         )
+
+
+def loop_batches(ctx: DistContext, batches: Iterator[CtnocvrBatch]) -> LockstepBatches[CtnocvrBatch]:
+    """``batches`` as the loop hands them to the pipeline: in lock-step over the ranks, stopping every
+    rank as soon as one has none left (:class:`~ctnocvr_rec.train.lockstep.LockstepBatches`)."""
+    return LockstepBatches(ctx, batches)
+
+
+def loop_step_check(ctx: DistContext, step: int, outputs: dict[str, torch.Tensor],
+                    batches: LockstepBatches[CtnocvrBatch], last_ckpt: str | None = None) -> dict[str, float]:
+    """After a step (collective): its loss terms as floats, checked finite on every rank together in
+    the same all-reduce that keeps ``batches`` in lock-step; raises :class:`NonFiniteLossError` on
+    every rank when any rank saw a non-finite term."""
+    losses = _loss_values(outputs)
+    _check_finite(ctx, step, losses, last_ckpt, batches)
+    return losses
 
 
 class Trainer:
@@ -314,7 +332,7 @@ class Trainer:
         while not done and st.epoch < tc.epochs:
             epoch_batches = data.epoch_batches(st.epoch, st.data_state)
             tracked = TrackedBatches(epoch_batches, data, keep_ids=id_log is not None)
-            synced = synced_batches(ctx, tracked, until="any_done")
+            synced = loop_batches(ctx, tracked)
             model.train()
             while True:
                 if total_steps > 0 and st.step >= total_steps:
@@ -343,8 +361,7 @@ class Trainer:
                 if id_log is not None:
                     log_trained_sample_ids(id_log, ctx.rank, st.epoch, st.step, tracked.pop_trained_ids())
                 rows = int(outputs["p_ctr"].shape[0]) if "p_ctr" in outputs else cfg.data.batch_size
-                losses = _loss_values(outputs)
-                _check_finite(ctx, st.step, losses, self.last_checkpoint)
+                losses = loop_step_check(ctx, st.step, outputs, synced, self.last_checkpoint)
                 _maybe_inject_fault(ctx, st.step)
                 for k, v in losses.items():
                     window[k] = window.get(k, 0.0) + v
