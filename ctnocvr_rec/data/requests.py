@@ -126,6 +126,7 @@ class RequestStore:
         self._firsts = np.array([f.first for f in files], np.int64)
         self._ends = np.array([f.first + f.requests for f in files], np.int64)
         self._parts: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._single: dict[tuple[int, str], bool] = {}
 
     @classmethod
     def open(cls, root: str | Path, entry: Mapping[str, Any]) -> RequestStore:
@@ -164,6 +165,9 @@ class RequestStore:
         key = (k, name)
         if key not in self._parts:
             self._parts[key] = self.files[k].field(name)
+            offsets = self._parts[key][0]
+            # one id per request (a profile field): the gather index is the request rows themselves
+            self._single[key] = len(offsets) - 1 == int(offsets[-1]) and bool((np.diff(offsets) == 1).all())
         return self._parts[key]
 
     def _locate(self, request_ids: np.ndarray) -> np.ndarray:
@@ -194,7 +198,10 @@ class RequestStore:
         for f, rows in groups:
             offsets, ids = self._field(f, name)
             rid = request_ids if rows is None else request_ids[rows]
-            out_offsets, src = csr_gather_index(offsets, rid - self.files[f].first)
+            if self._single[(f, name)]:
+                out_offsets, src = np.arange(len(rid) + 1, dtype=np.int64), rid - self.files[f].first
+            else:
+                out_offsets, src = csr_gather_index(offsets, rid - self.files[f].first)
             got_w = take(self._field(f, f"{name}__w")[1], src) if has_weights else None
             pieces.append((out_offsets, take(ids, src), got_w))
         if len(groups) <= 1:
