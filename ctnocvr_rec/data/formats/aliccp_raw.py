@@ -56,7 +56,9 @@ from ctnocvr_rec.data.formats.aliccp_raw_common import (
     fork_pool,
     imap,
     load_common,
+    map_common_ids,
     set_context,
+    weighted_common_counts,
 )
 from ctnocvr_rec.data.formats.aliccp_raw_passes import pass1_task, pass2_task
 from ctnocvr_rec.data.formats.base import PrepareError
@@ -182,12 +184,12 @@ def _process_split(
         for spec in ctx.schema:
             if spec.is_user:
                 csr = common.slots[ctx.user_slots.names.index(spec.name)]
-                ids, counts = _weighted_counts(csr, row_refs)
+                ids, counts = weighted_common_counts(csr, row_refs)
             else:
                 ids, counts = counters[ctx.skeleton_slots.names.index(spec.name)].result()
             ctx.vocabs[spec.name] = FieldVocab.build(spec, ids, counts)
     for k, name in enumerate(ctx.user_slots.names):
-        common.slots[k] = _map_ids(common.slots[k], ctx.vocabs[name])
+        common.slots[k] = map_common_ids(common.slots[k], ctx.vocabs[name])
     if ctx.per_request:
         _write_requests(ctx, split_tag)
         # pass 2 needs only the list lengths of these fields (ids per row): free the ids and weights
@@ -255,45 +257,6 @@ def _process_split(
     set_context(None)
     # the common table's spilled, memory-mapped columns (aliccp_raw_common._SpilledColumn)
     shutil.rmtree(ctx.scratch / f"common-{split_tag}", ignore_errors=True)
-
-
-#: ids handled at once when counting or mapping the common table (bounds the temporaries)
-_BLOCK_IDS = 4_000_000
-
-
-def _blocks(offsets: np.ndarray) -> list[tuple[int, int]]:
-    """Row ranges ``[lo, hi)`` of a CSR holding about :data:`_BLOCK_IDS` ids each (whole rows)."""
-    n = len(offsets) - 1
-    cuts = np.searchsorted(offsets, np.arange(0, int(offsets[-1]), _BLOCK_IDS), side="right") - 1
-    bounds = sorted({0, n, *np.clip(cuts, 0, n).tolist()})
-    return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
-
-
-def _weighted_counts(csr: Csr, row_refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted distinct ids of a user field and their impression counts (each common row's ids count
-    ``row_refs[row]`` times; ids counted 0 times dropped), block by block: exact, and the temporaries
-    of one block instead of three id-sized arrays for the whole field."""
-    acc = CountAccumulator()
-    for lo, hi in _blocks(csr.offsets):
-        a, b = int(csr.offsets[lo]), int(csr.offsets[hi])
-        weight = np.repeat(row_refs[lo:hi], np.diff(csr.offsets[lo:hi + 1]))
-        ids, inverse = np.unique(csr.ids[a:b], return_inverse=True)
-        counts = np.bincount(inverse, weights=weight, minlength=len(ids)).astype(np.int64)
-        seen = counts > 0
-        acc.add(ids[seen], counts[seen])
-    return acc.result()
-
-
-def _map_ids(csr: Csr, vocab: FieldVocab) -> Csr:
-    """``csr`` with its raw ids mapped to table rows, block by block into one array of the shards'
-    id type (int32 short of a 2^31-row table), so the raw and mapped ids never both exist in full
-    at int64."""
-    dtype = np.int32 if vocab.num_embeddings <= np.iinfo(np.int32).max else np.int64
-    mapped = np.empty(len(csr.ids), dtype)
-    for lo, hi in _blocks(csr.offsets):
-        a, b = int(csr.offsets[lo]), int(csr.offsets[hi])
-        mapped[a:b] = vocab.map(csr.ids[a:b])
-    return Csr(csr.offsets, mapped, csr.weights)
 
 
 def _write_requests(ctx: RawContext, split_tag: str) -> None:

@@ -33,7 +33,7 @@ from ctnocvr_rec.data.rawformat import (
     word_view,
 )
 from ctnocvr_rec.data.schema import DEFAULT_SCHEMA, FieldSchema
-from ctnocvr_rec.data.vocab import FieldVocab
+from ctnocvr_rec.data.vocab import CountAccumulator, FieldVocab
 from ctnocvr_rec.data.writer_rules import (
     output_options,
     progress_bar,
@@ -435,3 +435,47 @@ def fork_pool(workers: int) -> Any:
     if workers <= 1:
         return None
     return multiprocessing.get_context("fork").Pool(workers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3 helpers: the common table's vocabulary counts and id mapping, block by block
+# ----------------------------------------------------------------------------------------------
+
+
+#: ids handled at once when counting or mapping the common table (bounds the temporaries)
+_BLOCK_IDS = 4_000_000
+
+
+def _blocks(offsets: np.ndarray) -> list[tuple[int, int]]:
+    """Row ranges ``[lo, hi)`` of a CSR holding about :data:`_BLOCK_IDS` ids each (whole rows)."""
+    n = len(offsets) - 1
+    cuts = np.searchsorted(offsets, np.arange(0, int(offsets[-1]), _BLOCK_IDS), side="right") - 1
+    bounds = sorted({0, n, *np.clip(cuts, 0, n).tolist()})
+    return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+
+
+def weighted_common_counts(csr: Csr, row_refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct ids of a user field and their impression counts (each common row's ids count
+    ``row_refs[row]`` times; ids counted 0 times dropped), block by block: exact, and the temporaries
+    of one block instead of three id-sized arrays for the whole field."""
+    acc = CountAccumulator()
+    for lo, hi in _blocks(csr.offsets):
+        a, b = int(csr.offsets[lo]), int(csr.offsets[hi])
+        weight = np.repeat(row_refs[lo:hi], np.diff(csr.offsets[lo:hi + 1]))
+        ids, inverse = np.unique(csr.ids[a:b], return_inverse=True)
+        counts = np.bincount(inverse, weights=weight, minlength=len(ids)).astype(np.int64)
+        seen = counts > 0
+        acc.add(ids[seen], counts[seen])
+    return acc.result()
+
+
+def map_common_ids(csr: Csr, vocab: FieldVocab) -> Csr:
+    """``csr`` with its raw ids mapped to table rows, block by block into one array of the shards'
+    id type (int32 short of a 2^31-row table), so the raw and mapped ids never both exist in full
+    at int64."""
+    dtype = np.int32 if vocab.num_embeddings <= np.iinfo(np.int32).max else np.int64
+    mapped = np.empty(len(csr.ids), dtype)
+    for lo, hi in _blocks(csr.offsets):
+        a, b = int(csr.offsets[lo]), int(csr.offsets[hi])
+        mapped[a:b] = vocab.map(csr.ids[a:b])
+    return Csr(csr.offsets, mapped, csr.weights)
