@@ -440,3 +440,29 @@ def test_loader_gives_no_weighted_kjt_for_an_unweighted_schema(tmp_path):
     for batch in batches:
         assert batch.weighted_features is None
         assert batch.sparse_features.keys() == ["f_a", "f_b"] and batch.sparse_features.weights_or_none() is None
+
+
+def test_read_ahead_is_capped_in_bytes(prepared, monkeypatch):
+    """A slow consumer lets the read-ahead fill: it holds at most READ_AHEAD_BYTES of batches."""
+    import time
+
+    root, schema, _ = prepared
+    plain = ParquetBatchDataset(root, "train", 8, schema=schema)
+    assert plain.prefetch_batches == 8  # small batches: the count applies
+    monkeypatch.setattr(dataset_mod, "READ_AHEAD_BYTES", 3 * plain.batch_bytes)
+    capped = ParquetBatchDataset(root, "train", 8, schema=schema)
+    assert capped.prefetch_batches == 3
+    built = []
+    original = dataset_mod._Rows.batch
+
+    def counting(self, lo, hi):  # noqa: ANN001, ANN202
+        built.append(hi - lo)
+        return original(self, lo, hi)
+
+    monkeypatch.setattr(dataset_mod._Rows, "batch", counting)
+    ahead, rows = [], 0
+    for i, batch in enumerate(capped):
+        time.sleep(0.005)  # the consumer is slower than the loader
+        ahead.append(len(built) - (i + 1))
+        rows += batch.batch_size
+    assert rows == ROWS and max(ahead) <= 3 and max(ahead) >= 2

@@ -95,6 +95,10 @@ from ctnocvr_rec.data.schema import FieldSchema, FieldSpec
 
 #: batches per decoded window when rows are not shuffled (fewer, larger numpy calls per batch)
 _PLAIN_WINDOW_BATCHES = 4
+#: bytes of batches a loader may build ahead of its consumer (``prefetch_batches`` is capped by it).
+#: Measured on the 1/10 full-shape set (528 ids per row): with 8 evaluation batches of 16,384 rows
+#: read ahead, each loader worker of a 2-rank evaluation grew to 2.3-2.5 GB.
+READ_AHEAD_BYTES = 256 << 20
 
 #: non-feature columns of a prepared split (design.md, "Prepared data set")
 ID_COLUMNS = ("sample_id", "request_id", "user_id")
@@ -356,7 +360,10 @@ class ParquetBatchDataset(IterableDataset):
             loader's CPU).
         drop_remainder: every rank gets the same number of full batches (training); off: every row
             exactly once, ranks may differ by one batch (evaluation).
-        prefetch_batches: batches read ahead by a background thread while the current one is built.
+        prefetch_batches: batches read ahead by a background thread while the current one is built,
+            at most :data:`READ_AHEAD_BYTES` of them (estimated from the split's ids per row): at
+            Ali-CCP's full shape an evaluation batch of 16,384 rows is ~100 MB, and a slow consumer
+            lets the read-ahead fill completely.
     """
 
     def __init__(
@@ -393,6 +400,10 @@ class ParquetBatchDataset(IterableDataset):
         self.shuffle_window_batches = shuffle_window_batches
         self.drop_remainder = drop_remainder
         self.prefetch_batches = max(1, prefetch_batches)
+        ids_per_row = sum(prepared.ids_per_row(split).values())
+        #: estimated bytes of one batch: int64 id + float32 weight per id, the dense row, 5 scalars
+        self.batch_bytes = int(batch_size * (12 * ids_per_row + 4 * len(self.schema.dense) + 40))
+        self.prefetch_batches = max(1, min(self.prefetch_batches, READ_AHEAD_BYTES // max(1, self.batch_bytes)))
         self.files = prepared.files(split)
         #: the prepared set (its request tables are opened lazily, in the process that reads)
         self.prepared = prepared
