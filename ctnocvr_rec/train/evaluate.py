@@ -147,9 +147,12 @@ def predict(
                 value = outputs.get(name) if name.startswith("p_") else getattr(batch, name)
                 if value is None:
                     continue
-                parts.setdefault(name, []).append(value.detach().float().cpu().numpy()
+                # a copy: a view would keep the batch's storage alive for the whole split (one shared-
+                # memory file descriptor per column and batch when a loader worker built it:
+                # tests/test_train_eval_fds.py), or a model output's larger base tensor
+                parts.setdefault(name, []).append((value.detach().float().cpu().numpy()
                                                   if name not in _INT_COLUMNS
-                                                  else value.detach().cpu().numpy())
+                                                  else value.detach().cpu().numpy()).copy())
     finally:
         model.train(was_training)
     return {
