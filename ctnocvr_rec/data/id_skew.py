@@ -23,8 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import glob
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,17 +113,8 @@ def profile_prepared(prepared_dir: str | Path, fields: list[str], split: str = "
     ids mapped to OOV included); list lengths from the ``<split>/*.parquet`` shards.
     """
     root = Path(prepared_dir)
-    files = sorted(glob.glob(os.path.join(str(root), split, "*.parquet")))
-    if not files:
-        raise FileNotFoundError(f"no Parquet files in {root / split}: not a prepared set")
-    # fields stored once per request (data/requests.py) are joined onto the rows by request_id
-    prepared = PreparedSet.open(root) if PreparedSet.exists(root) else None
-    per_request = [f for f in fields if prepared is not None and f in prepared.per_request_fields]
-    table = pq.read_table(files, columns=[f for f in fields if f not in per_request]
-                          + (["request_id"] if per_request else []))
-    if per_request:
-        assert prepared is not None
-        table = prepared.request_store().join(table, per_request)
+    # (fields stored once per request, data/requests.py, come joined onto the rows)
+    table = PreparedSet.open(root).read_table(split, columns=fields)
     out: dict[str, FieldProfile] = {}
     for name in fields:
         vocab_file = root / "vocab" / f"{name}.parquet"

@@ -207,18 +207,23 @@ class PreparedSet:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        tables = [pq.read_table(path) for path in self.files(split)]
-        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        files = self.files(split)
+        per_request = set(self.per_request_fields)
         wanted_fields = [n for n in self.per_request_fields
                          if columns is None or n in columns or f"{n}__w" in columns]
-        if wanted_fields:
-            table = self.request_store().join(table, wanted_fields)
-        if columns is not None:
-            missing = [c for c in columns if c not in table.column_names]
+        shard_columns = None
+        if columns is not None:  # read only what is asked (plus the join key)
+            shard_columns = [c for c in columns if c.removesuffix("__w") not in per_request]
+            if wanted_fields and "request_id" not in shard_columns:
+                shard_columns.append("request_id")
+            missing = [c for c in shard_columns if c not in pq.read_schema(files[0]).names]
             if missing:
                 raise ValueError(f"{self.root / split}: no column(s) {missing}")
-            table = table.select(columns)
-        return table
+        tables = [pq.read_table(path, columns=shard_columns) for path in files]
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        if wanted_fields:
+            table = self.request_store().join(table, wanted_fields)
+        return table if columns is None else table.select(columns)
 
     def ids_per_row(self, split: str = "train") -> dict[str, float]:
         """Mean ids per row of every field of :attr:`schema` over ``split``'s shards (empty when the
