@@ -324,3 +324,36 @@ def test_field_embedding_selects_pooled_columns_by_key_not_position():
     emb.embedding_bag_collection = ReversedKeys(emb.embedding_bag_collection)
     emb.weighted_embedding_bag_collection = ReversedKeys(emb.weighted_embedding_bag_collection)
     torch.testing.assert_close(emb(plain, weighted), expected)
+
+
+def test_both_ebcs_are_called_before_either_result_is_read():
+    """Sharded EBCs return lazy awaitables whose output all-to-all runs until read; FieldEmbedding
+    must start both before waiting on either, so one EBC's all-to-all overlaps the other's lookup."""
+    schema = tiny_schema()
+    sizes = _sizes(schema)
+    emb = FieldEmbedding(schema, sizes, embedding_dim=6, device=CPU)
+    plain, weighted = random_features(schema, sizes, batch_size=4, generator=torch.Generator().manual_seed(6))
+    expected = emb(plain, weighted)
+    events: list[str] = []
+
+    class Lazy:  # stands in for TorchRec's LazyAwaitable[KeyedTensor]
+        def __init__(self, name: str, kt) -> None:
+            self.name, self.kt = name, kt
+
+        def to_dict(self):
+            events.append(f"wait {self.name}")
+            return self.kt.to_dict()
+
+    class Recording(torch.nn.Module):
+        def __init__(self, name: str, ebc) -> None:
+            super().__init__()
+            self.name, self.ebc = name, ebc
+
+        def forward(self, kjt):
+            events.append(f"call {self.name}")
+            return Lazy(self.name, self.ebc(kjt))
+
+    emb.embedding_bag_collection = Recording("plain", emb.embedding_bag_collection)
+    emb.weighted_embedding_bag_collection = Recording("weighted", emb.weighted_embedding_bag_collection)
+    torch.testing.assert_close(emb(plain, weighted), expected)
+    assert events[:2] == ["call weighted", "call plain"] and sorted(events[2:]) == ["wait plain", "wait weighted"]

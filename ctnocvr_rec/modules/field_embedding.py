@@ -217,10 +217,12 @@ class FieldEmbedding(nn.Module):
         # group, not by table config, so column offsets computed from the config would be wrong.
         # (Two separate dicts rather than one merged: under the pipeline's fx trace the pooled
         # outputs are Proxies, which support indexing but not iteration.)
-        pooled_plain = (  # {f_<field>: [B, ceil4(dim)]}
-            self.embedding_bag_collection(features).to_dict() if self.embedding_bag_collection is not None else None
-        )
-        pooled_weighted = None
+        # Both EBCs are called before either result is read. Sharded, each call runs its lookup,
+        # starts the all-to-all of its pooled output and returns a lazy awaitable; reading it
+        # (``to_dict``) waits. So the weighted tables' all-to-all is under way while the unweighted
+        # lookup runs, and in the backward the two gradient all-to-alls overlap the other EBC's
+        # kernel too. Unsharded, the order changes nothing.
+        weighted_out = None
         if self.weighted_embedding_bag_collection is not None:
             if weighted_features is None:
                 raise ValueError(
@@ -228,7 +230,10 @@ class FieldEmbedding(nn.Module):
                     "weighted_features is None (build the batch with the schema's weighted/unweighted split, "
                     "CtnocvrBatch.weighted_features)"
                 )
-            pooled_weighted = self.weighted_embedding_bag_collection(weighted_features).to_dict()
+            weighted_out = self.weighted_embedding_bag_collection(weighted_features)
+        plain_out = self.embedding_bag_collection(features) if self.embedding_bag_collection is not None else None
+        pooled_plain = plain_out.to_dict() if plain_out is not None else None  # {f_<field>: [B, ceil4(dim)]}
+        pooled_weighted = weighted_out.to_dict() if weighted_out is not None else None
         parts = []
         for slot in self.slots:
             pooled = pooled_weighted if slot.feature_name in self._weighted_set else pooled_plain
