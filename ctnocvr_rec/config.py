@@ -309,6 +309,12 @@ class PlanConfig:
     #: on CUDA, search HBM-only kernels first and add UVM/caching kernels only if nothing fits
     #: (same plans when they fit in HBM, ~3x less planning time)
     hbm_first: bool = True
+    #: precision of the pooled-embedding all-to-alls of the forward and the backward (TorchRec's
+    #: quantized comms): fp32 (exact, the default) | fp16 | bf16 (CUDA/NCCL only). fp16 halves the bytes
+    #: each rank sends per step, and rounds the pooled embeddings and their gradients to fp16 on the
+    #: way, so results are no longer bit-equal to a 1-rank run: opt in, e.g. for a bandwidth-bound cluster
+    comm_forward_precision: str = "fp32"
+    comm_backward_precision: str = "fp32"
 
 
 @dataclass

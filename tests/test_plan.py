@@ -261,6 +261,22 @@ def test_cpu_sparse_optimiser_rule() -> None:
     )
 
 
+def test_comm_precision_rule() -> None:
+    """plan.comm_*_precision: fp32 sends nothing through a codec, fp16 encodes the pooled all-to-all,
+    bf16 is refused on CPU (gloo has none; TorchRec would silently send fp16), unknown names are named."""
+    assert sharding.make_sharders(OptimConfig(), "cpu")[0].qcomm_codecs_registry is None
+    (sharder,) = sharding.make_sharders(
+        OptimConfig(), "cpu", PlanConfig(comm_forward_precision="fp16", comm_backward_precision="fp32")
+    )
+    codecs = sharder.qcomm_codecs_registry["POOLED_EMBEDDINGS_ALL_TO_ALL"]
+    assert str(codecs.forward.quantized_dtype) == "torch.float16"
+    assert str(codecs.backward.quantized_dtype) == "torch.float32"
+    with pytest.raises(ValueError, match=r"plan.comm_backward_precision='bf16' has no cpu all-to-all"):
+        sharding.make_sharders(OptimConfig(), "cpu", PlanConfig(comm_backward_precision="bf16"))
+    with pytest.raises(ValueError, match=r"plan.comm_forward_precision='int4' is not one of"):
+        sharding.make_sharders(OptimConfig(), "cpu", PlanConfig(comm_forward_precision="int4"))
+
+
 def test_diff_shows_moved_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cluster = api.Cluster(world_size=8, device="cuda", hbm_gb=80)
     base = api.what_if_plan(run_config(), cluster, preset="aliccp-full")

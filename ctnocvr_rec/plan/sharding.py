@@ -130,9 +130,45 @@ def fused_params(optim: OptimConfig, device_type: str) -> dict[str, Any]:
     }
 
 
-def make_sharders(optim: OptimConfig, device_type: str) -> list[ModuleSharder[nn.Module]]:
-    """The one sharder list (fused sparse optimiser included) for both planner and DMP."""
-    sharder = EmbeddingBagCollectionSharder(fused_params=fused_params(optim, device_type))
+#: precisions of the pooled-embedding all-to-alls (``plan.comm_*_precision``) -> devices that have them
+COMM_PRECISIONS: dict[str, tuple[str, ...]] = {"fp32": ("cpu", "cuda"), "fp16": ("cpu", "cuda"), "bf16": ("cuda",)}
+
+
+def qcomm_codecs(forward: str, backward: str, device_type: str) -> dict[str, Any] | None:
+    """TorchRec's quantized-comms codec registry for the pooled-embedding all-to-alls (``None``: fp32
+    both ways, nothing to encode). Refuses a precision the device's backend lacks instead of TorchRec's
+    silent fallback (gloo has no bf16 all-to-all: TorchRec would warn and send fp16)."""
+    _check_device_type(device_type)
+    for what, value in (("comm_forward_precision", forward), ("comm_backward_precision", backward)):
+        if value not in COMM_PRECISIONS:
+            raise ValueError(f"plan.{what}={value!r} is not one of {sorted(COMM_PRECISIONS)}")
+        if device_type not in COMM_PRECISIONS[value]:
+            raise ValueError(f"plan.{what}={value!r} has no {device_type} all-to-all (gloo sends fp32 or fp16); "
+                             f"use one of {[p for p, d in COMM_PRECISIONS.items() if device_type in d]}")
+    if forward == backward == "fp32":
+        return None
+    import torch
+    from torchrec.distributed.fbgemm_qcomm_codec import CommOp, CommType, QCommsConfig, get_qcomm_codecs_registry
+
+    return get_qcomm_codecs_registry(
+        QCommsConfig(forward_precision=CommType(forward), backward_precision=CommType(backward)),
+        comm_ops=[CommOp.POOLED_EMBEDDINGS_ALL_TO_ALL],  # the only one table-/column-wise shardings use here
+        device=torch.device(device_type),
+    )
+
+
+def make_sharders(
+    optim: OptimConfig, device_type: str, plan_cfg: PlanConfig | None = None
+) -> list[ModuleSharder[nn.Module]]:
+    """The one sharder list (fused sparse optimiser and the comms precision of ``plan_cfg`` included)
+    for both planner and DMP."""
+    plan_cfg = plan_cfg or PlanConfig()
+    sharder = EmbeddingBagCollectionSharder(
+        fused_params=fused_params(optim, device_type),
+        qcomm_codecs_registry=qcomm_codecs(
+            plan_cfg.comm_forward_precision, plan_cfg.comm_backward_precision, device_type
+        ),
+    )
     return [sharder]  # type: ignore[list-item]
 
 
