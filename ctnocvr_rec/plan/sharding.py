@@ -27,10 +27,12 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.fbgemm_qcomm_codec import CommOp, CommType, QCommsConfig, get_qcomm_codecs_registry
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.proposers import GreedyProposer, GridSearchProposer, UniformProposer
 from torchrec.distributed.planner.storage_reservations import (
@@ -147,9 +149,6 @@ def qcomm_codecs(forward: str, backward: str, device_type: str) -> dict[str, Any
                              f"use one of {[p for p, d in COMM_PRECISIONS.items() if device_type in d]}")
     if forward == backward == "fp32":
         return None
-    import torch
-    from torchrec.distributed.fbgemm_qcomm_codec import CommOp, CommType, QCommsConfig, get_qcomm_codecs_registry
-
     return get_qcomm_codecs_registry(
         QCommsConfig(forward_precision=CommType(forward), backward_precision=CommType(backward)),
         comm_ops=[CommOp.POOLED_EMBEDDINGS_ALL_TO_ALL],  # the only one table-/column-wise shardings use here
