@@ -2,6 +2,8 @@
 
     python tools/bench_paired.py --compare loop                 # bare pipeline vs the loop's collectives
     python tools/bench_paired.py --compare plan --bag-ids 0.75  # planner told ids per row vs + a per-row cost
+    python tools/bench_paired.py --compare comms                # fp32 vs fp16 pooled all-to-alls
+    python tools/bench_paired.py --compare overlap              # the two EBCs' all-to-alls overlapped vs not
 
 On a shared host the speed drifts by 2x within minutes, so separate runs of tools/bench_train.py
 (one variant per process, minutes apart) cannot resolve a few-percent change. Here every variant is
@@ -10,6 +12,9 @@ and the timed windows alternate between them (ABC, CBA, ...), so each window of 
 neighbour of the other taken seconds apart; the paired ratio (variant / first variant, window by
 window) is reported with its median.
 
+``--compare comms``: the pooled all-to-alls in fp32 (default) vs fp16 (``plan.comm_*_precision``).
+``--compare overlap``: FieldEmbedding as it is (both EBCs called before either result is read, so one
+EBC's all-to-all overlaps the other's lookup) vs ``serial`` (the weighted EBC's result waited for first).
 ``--compare loop``: ``none`` (bare ``TrainPipelineSparseDist.progress``), ``two`` (the loop before
 2026-12-01: an all-reduce per batch handed out and one for the non-finite check) and ``one`` (the
 loop's ``LockstepBatches``), on one model. ``--compare plan``: two DMP models, planned with each
@@ -31,6 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,12 +53,16 @@ def build_steps(ctx, args: argparse.Namespace, workload: dict[str, Any]) -> dict
 
     data = [bt.our_batch(raw, workload) for raw in bt.workload_batches(workload, args, seed=ctx.rank)]
 
-    def pipeline_for(extra_ids: float):
+    def pipeline_for(extra_ids: float, comm: str = "fp32", serial: bool = False):
         with tempfile.TemporaryDirectory() as tmp:
             cfg = bt.our_config(Path(tmp) / f"r{ctx.rank}", args.model, args.size, workload)
             for spec in cfg.plan.constraints.values():
                 spec["pooling_factors"] = [spec["pooling_factors"][0] + extra_ids]
+            cfg.plan.comm_forward_precision = cfg.plan.comm_backward_precision = comm
             sharded = build_sharded_model(cfg, ctx)
+        if serial:  # FieldEmbedding before 2026-12-01: the weighted EBC's result read before the other is called
+            sparse_arch = sharded.model.module.sparse_arch
+            sparse_arch.weighted_embedding_bag_collection = Eager(sparse_arch.weighted_embedding_bag_collection)
         optimizer, _ = build_optimizer(sharded.model, cfg.train.optim)
         return TrainPipelineSparseDist(sharded.model, optimizer, ctx.device)
 
@@ -65,11 +76,27 @@ def build_steps(ctx, args: argparse.Namespace, workload: dict[str, Any]) -> dict
             else:
                 steps[name] = bt.loop_step(ctx, pipeline, source, name)
         return steps
+    variants = {
+        "plan": {"ids": {}, f"ids+{args.bag_ids:g}": {"extra_ids": args.bag_ids}},
+        "comms": {"fp32": {}, "fp16": {"comm": "fp16"}},
+        "overlap": {"overlap": {}, "serial": {"serial": True}},
+    }[args.compare]
     steps = {}
-    for name, extra in (("ids", 0.0), (f"ids+{args.bag_ids:g}", args.bag_ids)):
-        pipeline, source = pipeline_for(extra), itertools.cycle(data)
+    for name, kwargs in variants.items():
+        pipeline, source = pipeline_for(**{"extra_ids": 0.0, **kwargs}), itertools.cycle(data)
         steps[name] = lambda p=pipeline, s=source: p.progress(s)
     return steps
+
+
+class Eager(torch.nn.Module):
+    """Wraps a sharded EBC so that its lazy result is waited for at once (no overlap with what follows)."""
+
+    def __init__(self, ebc: torch.nn.Module) -> None:
+        super().__init__()
+        self.ebc = ebc
+
+    def forward(self, features):
+        return self.ebc(features).wait()
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -99,7 +126,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--compare", choices=["loop", "plan"], required=True)
+    parser.add_argument("--compare", choices=["loop", "plan", "comms", "overlap"], required=True)
     parser.add_argument("--bag-ids", type=float, default=0.75,
                         help="plan: the extra pooling factor per table and row of the second variant")
     parser.add_argument("--model", default="mmoe", choices=list(bt.OUR_MODELS))

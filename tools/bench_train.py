@@ -154,6 +154,7 @@ def bench_ours(ctx, arch: str, size: str, args: argparse.Namespace, workload: di
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = our_config(Path(tmp) / f"r{ctx.rank}", arch, size, workload)
+        cfg.plan.comm_forward_precision = cfg.plan.comm_backward_precision = args.comm_precision
         sharded = build_sharded_model(cfg, ctx)
     model = sharded.model
     if args.keep_weight_grads:  # the trainer before the fix: fbgemm computes the history weights' gradient
@@ -462,7 +463,7 @@ def common_flags(args: argparse.Namespace, workload_file: Path) -> list[str]:
     flags += ["--rechub-steps", str(args.rechub_steps)] if args.rechub_steps else []
     flags += ["--profile", args.profile] if args.profile else []
     flags += ["--keep-weight-grads"] if args.keep_weight_grads else []
-    flags += ["--loop-collectives", args.loop_collectives]
+    flags += ["--loop-collectives", args.loop_collectives, "--comm-precision", args.comm_precision]
     return flags + (["--no-tune-allocator"] if args.no_tune_allocator else [])
 
 
@@ -618,6 +619,9 @@ def main() -> None:
                         help="take each of our steps as the trainer's loop does: batches in lock-step over the "
                         "ranks and the non-finite-loss check, with the loop's one all-reduce per step (one, "
                         "train/lockstep.py) or the two of the loop before 2026-12-01 (two); none: the bare pipeline")
+    parser.add_argument("--comm-precision", choices=["fp32", "fp16"], default="fp32",
+                        help="precision of our pooled-embedding all-to-alls (plan.comm_*_precision; fp16 is "
+                        "opt-in in the trainer: it rounds the embeddings and their gradients on the way)")
     parser.add_argument("--json", help="also write all figures to this file")
     parser.add_argument("--profile", help="folder: after timing, profile --steps more steps of each of our "
                         "runs on every rank (torch.profiler, CPU) into <folder>/<workload>-<model>-<size>-<N>r-rank<r>.txt")
@@ -645,7 +649,7 @@ def main() -> None:
     print(f"\nmachine: {threads} cores, torch {torch.__version__}, fp32 matmul {gflops_start:.1f} GFLOP/s at the "
           f"start, {gflops_end:.1f} at the end ({BATCH}x2048 @ 2048x2048; % of matmul uses {gflops:.1f}); "
           f"median of {args.windows} windows of {args.steps} steps, batch {BATCH}, {args.rounds} round(s), "
-          f"load average at the end {os.getloadavg()[0]:.2f}")
+          f"load average at the end {os.getloadavg()[0]:.2f}; our pooled all-to-alls in {args.comm_precision}")
     for kind, res in results.items():
         print(f"\n== workload: {kind} ==")
         print_tables(res, args, threads, gflops)
