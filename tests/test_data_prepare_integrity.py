@@ -24,7 +24,7 @@ import pytest
 
 from ctnocvr_rec.cli import main as cli_main
 from ctnocvr_rec.data import prepare as prep
-from ctnocvr_rec.data import rawfiles, rawformat, synth
+from ctnocvr_rec.data import rawfiles, rawformat, swar, synth
 
 SCHEMA = "aliccp"  # the packaged ctnocvr_rec/configs/fields/aliccp.yaml
 BOM = b"\xef\xbb\xbf"
@@ -159,7 +159,7 @@ def write_tiny(folder: Path, common: list[str], skeleton: list[str]) -> Path:
 
 
 def test_colliding_hashes_never_merge_two_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rawformat, "hash_tokens", weak_hash)
+    monkeypatch.setattr(swar, "hash_tokens", weak_hash)
     # two different common keys with equal hash pairs: stop, naming both lines and keys
     raw = write_tiny(tmp_path / "a", ["ka,1,101\x0211\x031.0", "kb,1,101\x0212\x031.0"], ["1,0,0,ka,0,"])
     with pytest.raises(prep.PrepareError, match=r"common_features_train\.csv:2: .*b'kb'.*b'ka' of line 1"):
@@ -283,9 +283,9 @@ def test_key_hash_depends_on_its_bytes_only() -> None:
     keys = [k.replace(b",", b"_") for k in keys]
     buffer = b"".join(keys)
     starts = np.cumsum([0] + [len(k) for k in keys[:-1]])
-    _, words = rawformat.padded_words(np.frombuffer(buffer, np.uint8))
-    h1, h2 = rawformat.hash_tokens(words, starts + rawformat.PAD, np.array([len(k) for k in keys]))
-    assert [(int(a), int(b)) for a, b in zip(h1, h2)] == [rawformat.hash_key(k) for k in keys]
+    _, words = swar.padded_words(np.frombuffer(buffer, np.uint8))
+    h1, h2 = swar.hash_tokens(words, starts + swar.PAD, np.array([len(k) for k in keys]))
+    assert [(int(a), int(b)) for a, b in zip(h1, h2)] == [swar.hash_key(k) for k in keys]
     # the statement: a longer neighbour line in the chunk changes no hash
     slots = rawformat.FieldSlots(("101",), (False,))
     data = b"".join(k + b",1,101\x027\x031.0\n" for k in keys[:50])
@@ -309,11 +309,11 @@ def test_strict_with_bom_and_crlf_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_tokens_equal_compares_every_byte_and_the_length() -> None:
-    _, a = rawformat.padded_words(np.frombuffer(b"abcdefghijklmnopqrstuvwxyz" * 2, np.uint8))
-    _, b = rawformat.padded_words(np.frombuffer(b"abcdefghijklmnopqrstuvwxyZ", np.uint8))
-    p = rawformat.PAD
+    _, a = swar.padded_words(np.frombuffer(b"abcdefghijklmnopqrstuvwxyz" * 2, np.uint8))
+    _, b = swar.padded_words(np.frombuffer(b"abcdefghijklmnopqrstuvwxyZ", np.uint8))
+    p = swar.PAD
     starts, lengths = np.array([p, p, p, p]), np.array([26, 25, 1, 9])
-    assert rawformat.tokens_equal(a, starts, lengths, b, starts, lengths).tolist() == [False, True, True, True]
+    assert swar.tokens_equal(a, starts, lengths, b, starts, lengths).tolist() == [False, True, True, True]
     # different lengths are different keys, even when one is a prefix of the other (no read past b)
-    got = rawformat.tokens_equal(a, np.array([p]), np.array([52]), b, np.array([p + 25]), np.array([1]))
+    got = swar.tokens_equal(a, np.array([p]), np.array([52]), b, np.array([p + 25]), np.array([1]))
     assert got.tolist() == [False]

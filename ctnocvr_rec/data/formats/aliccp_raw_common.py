@@ -20,19 +20,15 @@ from ctnocvr_rec.data.rawfiles import (
 )
 from ctnocvr_rec.data.rawformat import (
     COMMON,
-    PAD,
     Csr,
     FieldSlots,
     FileKind,
     ParsedChunk,
     Reason,
-    hash_key,
-    padded_words,
     parse_chunk,
-    tokens_equal,
-    word_view,
 )
 from ctnocvr_rec.data.schema import DEFAULT_SCHEMA, FieldSchema
+from ctnocvr_rec.data.swar import PAD, hash_key, padded_words, tokens_equal, word_view
 from ctnocvr_rec.data.vocab import CountAccumulator, FieldVocab
 from ctnocvr_rec.data.writer_rules import (
     output_options,

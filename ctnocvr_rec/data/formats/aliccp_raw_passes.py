@@ -18,14 +18,13 @@ from ctnocvr_rec.data.rawfiles import (
     read_range,
 )
 from ctnocvr_rec.data.rawformat import (
-    PAD,
     SKELETON,
     Csr,
     Reason,
-    padded_words,
     parse_chunk,
 )
 from ctnocvr_rec.data.shards import FieldValues, shard_table, write_shard
+from ctnocvr_rec.data.swar import PAD, padded_words
 from ctnocvr_rec.data.vocab import count_ids
 from ctnocvr_rec.data.writer_rules import (
     BUCKET_STREAM,
