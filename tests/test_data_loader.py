@@ -12,8 +12,10 @@ import pytest
 import torch
 from _prepared_fixture import aliccp_schema, write_prepared
 
+import ctnocvr_rec.data.batching as batching_mod
 import ctnocvr_rec.data.dataset as dataset_mod
-from ctnocvr_rec.data.dataset import ParquetBatchDataset, canonical_order, make_dataloader, table_to_batch
+from ctnocvr_rec.data.batching import table_to_batch
+from ctnocvr_rec.data.dataset import ParquetBatchDataset, canonical_order, make_dataloader
 from ctnocvr_rec.labels import derive_ctnocvr_label
 
 ROWS = 203  # not a multiple of any batch size / rank count used below: exercises the remainders
@@ -332,7 +334,7 @@ def _raw_rows(raw_dir, split: str) -> dict[int, dict]:
 @pytest.mark.slow
 def test_round_trip_synth_prepare_load_keeps_every_row_and_value(tmp_path):
     """synth -> prepare -> loader: every raw row comes back once, with every id, weight and label."""
-    prepare_mod = pytest.importorskip("ctnocvr_rec.data.prepare")
+    import ctnocvr_rec.data.prepare as prepare_mod
     from ctnocvr_rec.data.synth import SynthConfig, generate
 
     raw, out = tmp_path / "raw", tmp_path / "prepared"
@@ -386,7 +388,7 @@ def test_gather_index_matches_repeat_arange():
         starts, lengths = src_offsets[order], row_lengths[order].astype(np.int32)
         out_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         want = np.concatenate([np.arange(s, s + k) for s, k in zip(starts, lengths)] + [np.zeros(0, int)])
-        got = dataset_mod._gather_index(starts, lengths, out_offsets)
+        got = batching_mod._gather_index(starts, lengths, out_offsets)
         assert got.tolist() == want.tolist()
 
 
@@ -453,13 +455,13 @@ def test_read_ahead_is_capped_in_bytes(prepared, monkeypatch):
     capped = ParquetBatchDataset(root, "train", 8, schema=schema)
     assert capped.prefetch_batches == 3
     built = []
-    original = dataset_mod._Rows.batch
+    original = batching_mod.BatchRows.batch
 
     def counting(self, lo, hi):  # noqa: ANN001, ANN202
         built.append(hi - lo)
         return original(self, lo, hi)
 
-    monkeypatch.setattr(dataset_mod._Rows, "batch", counting)
+    monkeypatch.setattr(batching_mod.BatchRows, "batch", counting)
     ahead, rows = [], 0
     for i, batch in enumerate(capped):
         time.sleep(0.005)  # the consumer is slower than the loader

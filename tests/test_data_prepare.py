@@ -538,8 +538,7 @@ def test_empty_test_split_and_crlf_lines(tmp_path: Path, schema_path: Path) -> N
 
 def test_synth_prepare_load_round_trip(tmp_path: Path, synth_raw: Path) -> None:
     """synth -> prepare -> ParquetBatchDataset: every row once, every id, weight and label intact."""
-    pytest.importorskip("torch")
-    dataset_mod = pytest.importorskip("ctnocvr_rec.data.dataset")
+    import ctnocvr_rec.data.dataset as dataset_mod  # a broken import must fail, not skip
     out = tmp_path / "out"
     run_prepare(synth_raw, out, "aliccp", valid_fraction=0.2, rows_per_shard=700)
     schema = load_schema("aliccp")

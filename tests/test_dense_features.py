@@ -17,7 +17,8 @@ import torch
 
 from ctnocvr_rec.config import ConfigError, load_config
 from ctnocvr_rec.data.batch import CtnocvrBatch
-from ctnocvr_rec.data.dataset import ParquetBatchDataset, make_dataloader, table_to_batch
+from ctnocvr_rec.data.batching import table_to_batch
+from ctnocvr_rec.data.dataset import ParquetBatchDataset, make_dataloader
 from ctnocvr_rec.data.dense import fit_dense_stats, transform_dense
 from ctnocvr_rec.data.prepared import PreparedSet
 from ctnocvr_rec.models import build_model

@@ -90,7 +90,7 @@ def test_the_trainer_hooks_the_sharded_weighted_tables(tmp_path):
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     from ctnocvr_rec.config import RunConfig
-    from ctnocvr_rec.data.dataset import table_to_batch
+    from ctnocvr_rec.data.batching import table_to_batch
     from ctnocvr_rec.train.distributed import init_distributed, shutdown
     from ctnocvr_rec.train.optim import build_optimizer
     from ctnocvr_rec.train.setup import build_sharded_model

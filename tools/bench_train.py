@@ -85,7 +85,7 @@ def workload_batches(workload: dict[str, Any], args: argparse.Namespace, seed: i
 
 def our_batch(raw: RawBatch, workload: dict[str, Any]):
     """The batch the trainer's loader would build from these rows (unweighted + weighted KJT)."""
-    from ctnocvr_rec.data.dataset import table_to_batch
+    from ctnocvr_rec.data.batching import table_to_batch
     from ctnocvr_rec.data.schema import FieldSchema
 
     return table_to_batch(to_table(raw, workload), FieldSchema.from_dict(workload["schema"]))
