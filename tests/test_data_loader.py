@@ -14,6 +14,7 @@ from _prepared_fixture import aliccp_schema, write_prepared
 
 import ctnocvr_rec.data.batching as batching_mod
 import ctnocvr_rec.data.dataset as dataset_mod
+import ctnocvr_rec.data.units as units_mod
 from ctnocvr_rec.data.batching import table_to_batch
 from ctnocvr_rec.data.dataset import ParquetBatchDataset, canonical_order, make_dataloader
 from ctnocvr_rec.labels import derive_ctnocvr_label
@@ -155,14 +156,14 @@ def test_canonical_order_interleaves_contiguous_blocks():
 def test_workers_decode_only_their_own_row_groups(prepared, monkeypatch):
     root, _, _ = prepared
     reads = []
-    original = dataset_mod._RangeReader._unit_table
+    original = units_mod.RangeReader._unit_table
 
     def counting(self, k):
         if self._cached is None or self._cached[0] != k:
             reads.append(self.order[k])
         return original(self, k)
 
-    monkeypatch.setattr(dataset_mod._RangeReader, "_unit_table", counting)
+    monkeypatch.setattr(units_mod.RangeReader, "_unit_table", counting)
     ds = ParquetBatchDataset(root, "train", batch_size=8)
     for w in range(2):
         _run_as(ds, w, 2, monkeypatch)

@@ -63,17 +63,13 @@ loader on those: 578k / 535k and 293k / 290k). Other load on the machine lowers 
 from __future__ import annotations
 
 import itertools
-import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -85,6 +81,7 @@ from ctnocvr_rec.data.batching import ID_COLUMNS, LABEL_COLUMNS, BatchRows, feat
 from ctnocvr_rec.data.prepared import PreparedSet, read_manifest, resolve_schema, split_files  # noqa: F401
 from ctnocvr_rec.data.requests import RequestStore
 from ctnocvr_rec.data.schema import FieldSchema
+from ctnocvr_rec.data.units import RangeReader, Unit
 
 #: batches per decoded window when rows are not shuffled (fewer, larger numpy calls per batch)
 _PLAIN_WINDOW_BATCHES = 4
@@ -110,15 +107,6 @@ def canonical_order(n_batches: int, workers: int) -> np.ndarray:
     grid = starts[None, :] + np.arange(rounds)[:, None]  # [round, worker]
     valid = np.arange(rounds)[:, None] < counts[None, :]
     return grid[valid].astype(np.int64)  # row-major: round by round, workers in turn
-
-
-@dataclass(frozen=True)
-class _Unit:
-    """One row group of one file."""
-
-    file: int
-    row_group: int
-    rows: int
 
 
 class ParquetBatchDataset(IterableDataset):
@@ -191,7 +179,7 @@ class ParquetBatchDataset(IterableDataset):
         self._requests: RequestStore | None = None
         skip = {c for s in self.schema if s.name in per_request for c in (s.name, s.weight_column)}
         self.columns = [c for c in (*ID_COLUMNS, *LABEL_COLUMNS, *feature_columns(self.schema)) if c not in skip]
-        self.units: list[_Unit] = []
+        self.units: list[Unit] = []
         for i, path in enumerate(self.files):
             handle = pq.ParquetFile(path)
             meta = handle.metadata
@@ -199,7 +187,7 @@ class ParquetBatchDataset(IterableDataset):
             missing = [c for c in self.columns if c not in names]
             if missing:
                 raise ValueError(f"{path}: missing column(s) {missing} required by schema {self.schema.source}")
-            self.units.extend(_Unit(i, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
+            self.units.extend(Unit(i, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
         self.num_rows = sum(u.rows for u in self.units)
         self.set_epoch(0)
 
@@ -236,7 +224,7 @@ class ParquetBatchDataset(IterableDataset):
             return [(self.world_size, self.rank, j) for j in range(len(self))]
         return [(w, r, j) for w, r, first, end in self._plan for j in range(first, end)]
 
-    def _unit_order(self) -> list[_Unit]:
+    def _unit_order(self) -> list[Unit]:
         if not self.shuffle:
             return list(self.units)
         perm = np.random.default_rng([self.seed, self.epoch, 0x51]).permutation(len(self.units))
@@ -315,7 +303,7 @@ class ParquetBatchDataset(IterableDataset):
         # its own thread while the current one is cut into batches.
         order = self._unit_order()
         requests = self.request_store()
-        reader = _RangeReader(self.files, order, self.columns, use_threads=info is None,
+        reader = RangeReader(self.files, order, self.columns, use_threads=info is None,
                               wanted_rows=[(ranges[w, r][0] + j * b, min(ranges[w, r][0] + (j + 1) * b, ranges[w, r][1]))
                                            for w, r, j in mine])
         window: dict[str, Any] = {"index": -1}
@@ -373,97 +361,6 @@ class ParquetBatchDataset(IterableDataset):
                 fut.cancel()
             pool.shutdown(wait=True)
             reader.close()
-
-
-class _RangeReader:
-    """Reads row ranges of the virtual stream (units concatenated in ``order``); caches one unit.
-
-    ``wanted_rows``: the row ranges that will be read, in order. When given, a background thread
-    decodes the next unit they need while the caller works on the current one (Arrow releases the
-    GIL), and no unit outside them is decoded.
-    """
-
-    def __init__(
-        self,
-        files: list[str],
-        order: list[_Unit],
-        columns: list[str],
-        use_threads: bool = True,
-        wanted_rows: list[tuple[int, int]] | None = None,
-    ) -> None:
-        self.files = files
-        self.use_threads = use_threads
-        self.order = order
-        self.columns = columns
-        self.starts = np.concatenate([[0], np.cumsum([u.rows for u in order])]).astype(np.int64)
-        self._handles: dict[int, pq.ParquetFile] = {}
-        self._cached: tuple[int, pa.Table] | None = None
-        self._lock = threading.Lock()  # one decode at a time per file handle
-        self._ahead: tuple[int, Future] | None = None
-        self._next_unit: dict[int, int] = {}
-        self._pool: ThreadPoolExecutor | None = None
-        if wanted_rows:
-            units = []
-            for r_lo, r_hi in wanted_rows:
-                first = int(np.searchsorted(self.starts, r_lo, side="right")) - 1
-                last = int(np.searchsorted(self.starts, r_hi - 1, side="right")) - 1
-                units.extend(u for u in range(first, last + 1) if not units or units[-1] != u)
-            self._next_unit = {k: nxt for k, nxt in zip(units, units[1:])}
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-read-ahead")
-
-    def close(self) -> None:
-        """Stop the read-ahead thread (waits for a decode in progress)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-
-    def _decode(self, k: int) -> pa.Table:
-        unit = self.order[k]
-        with self._lock:
-            handle = self._handles.get(unit.file)
-            if handle is None:
-                # memory-mapped, coalesced column reads: ~10-15% less CPU per decoded row here
-                handle = self._handles[unit.file] = pq.ParquetFile(
-                    self.files[unit.file], memory_map=True, pre_buffer=True)
-            table = handle.read_row_group(unit.row_group, columns=self.columns, use_threads=self.use_threads)
-        invalid = pc.greater(table.column("conversion"), table.column("click"))
-        bad = pc.sum(invalid).as_py() or 0
-        if bad:
-            first = int(np.flatnonzero(invalid.to_numpy(zero_copy_only=False))[0])
-            raise ValueError(
-                f"{self.files[unit.file]} row group {unit.row_group}: {bad} row(s) with conversion=1 and "
-                f"click=0 (invalid label pair, paper Table 1), first at row {first} of the group "
-                f"(sample_id {table.column('sample_id')[first].as_py()}); re-run `ctnocvr data prepare`")
-        return table
-
-    def _unit_table(self, k: int) -> pa.Table:
-        if self._cached is not None and self._cached[0] == k:
-            return self._cached[1]
-        if self._ahead is not None and self._ahead[0] == k:
-            table = self._ahead[1].result()
-        else:
-            table = self._decode(k)
-        self._ahead = None
-        self._cached = (k, table)
-        nxt = self._next_unit.get(k)
-        if nxt is not None and self._pool is not None:
-            self._ahead = (nxt, self._pool.submit(self._decode, nxt))
-        return table
-
-    def read(self, lo: int, hi: int) -> pa.Table:
-        """Rows ``[lo, hi)`` of the stream as one table (possibly several chunks)."""
-        if hi <= lo:
-            raise ValueError(f"empty row range [{lo}, {hi})")
-        first = int(np.searchsorted(self.starts, lo, side="right")) - 1
-        pieces = []
-        k = first
-        while k < len(self.order) and self.starts[k] < hi:
-            u_lo = max(lo, int(self.starts[k])) - int(self.starts[k])
-            u_hi = min(hi, int(self.starts[k + 1])) - int(self.starts[k])
-            if u_hi > u_lo:
-                pieces.append(self._unit_table(k).slice(u_lo, u_hi - u_lo))
-            k += 1
-        return pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)
 
 
 def _worker_init(_: int) -> None:
