@@ -187,7 +187,7 @@ class RequestStore:
         ``(offsets [n + 1] int64 from 0, ids [nnz], weights [nnz] float32 or None)``; row ``i``'s
         list is request ``request_ids[i]``'s. ``take(values, index)``: the gather to use (the loader
         passes a faster one). ``weights=False`` skips the weight column."""
-        from ctnocvr_rec.data.rawformat import csr_gather_index
+        from ctnocvr_rec.data.csr import csr_gather_index
 
         request_ids = np.asarray(request_ids, np.int64)
         k = self._locate(request_ids)

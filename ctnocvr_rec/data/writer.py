@@ -38,11 +38,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from ctnocvr_rec.data.csr import csr_gather_index
 from ctnocvr_rec.data.dense import ExactMoments, dense_transform, standardize_dense
 from ctnocvr_rec.data.formats.base import InputSource, PrepareError, RawRows, Reason, Reject, raw_text
 from ctnocvr_rec.data.prepared import FORMAT, write_manifest
 from ctnocvr_rec.data.rawfiles import remove_stale_temporaries, temporary_folder
-from ctnocvr_rec.data.rawformat import csr_gather_index
 from ctnocvr_rec.data.schema import FieldSchema
 from ctnocvr_rec.data.shards import FieldValues, shard_table, write_shard
 from ctnocvr_rec.data.vocab import CountAccumulator, FieldVocab, count_ids

@@ -96,7 +96,7 @@ def check_schema_matches(contract: ServingContract, schema: FieldSchema, where: 
 def _take(chunk: RawRows, keep: np.ndarray) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
                                                      dict[str, np.ndarray]]:
     """Rows ``keep`` of ``chunk`` as scorer columns ``{field: (ids, lengths, weights)}`` and dense ``{name: [B]}``."""
-    from ctnocvr_rec.data.rawformat import csr_gather_index
+    from ctnocvr_rec.data.csr import csr_gather_index
 
     columns = {}
     for name, values in chunk.sparse.items():

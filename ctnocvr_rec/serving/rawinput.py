@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ctnocvr_rec.data.csr import Csr
 from ctnocvr_rec.data.prepare import COMMON_FILE, SKELETON_FILE, chunk_ranges
-from ctnocvr_rec.data.rawformat import COMMON, SKELETON, Csr, FieldSlots, Reason, parse_chunk
+from ctnocvr_rec.data.rawformat import COMMON, SKELETON, FieldSlots, Reason, parse_chunk
 
 
 @dataclass

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from ctnocvr_rec.data.csr import Csr
 from ctnocvr_rec.data.formats.aliccp_raw_common import (
     COMMON_FILE,
     MIN_BUCKETS,
@@ -71,10 +72,7 @@ from ctnocvr_rec.data.rawfiles import (
     remove_stale_temporaries,
     temporary_folder,
 )
-from ctnocvr_rec.data.rawformat import (
-    Csr,
-    FieldSlots,
-)
+from ctnocvr_rec.data.rawformat import FieldSlots
 from ctnocvr_rec.data.requests import FOLDER as REQUESTS_FOLDER
 from ctnocvr_rec.data.requests import LAYOUTS as REQUEST_LAYOUTS
 from ctnocvr_rec.data.requests import write_request_table

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ctnocvr_rec.data.csr import Csr
 from ctnocvr_rec.data.formats.base import PrepareError, raw_text
 from ctnocvr_rec.data.rawfiles import (
     chunk_ranges,
@@ -20,7 +21,6 @@ from ctnocvr_rec.data.rawfiles import (
 )
 from ctnocvr_rec.data.rawformat import (
     COMMON,
-    Csr,
     FieldSlots,
     FileKind,
     ParsedChunk,

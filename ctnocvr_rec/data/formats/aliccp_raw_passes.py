@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from ctnocvr_rec.data.csr import Csr
 from ctnocvr_rec.data.formats.aliccp_raw_common import RawContext, context, key_of_line, line_text
 from ctnocvr_rec.data.formats.base import PrepareError
 from ctnocvr_rec.data.rawfiles import (
@@ -19,7 +20,6 @@ from ctnocvr_rec.data.rawfiles import (
 )
 from ctnocvr_rec.data.rawformat import (
     SKELETON,
-    Csr,
     Reason,
     parse_chunk,
 )
