@@ -1,0 +1,120 @@
+"""What the evaluation keeps per row, and that joining it does not double it.
+
+An evaluation keeps, for the exact whole-split metrics, a few columns of every row of the split
+(millions per rank at Ali-CCP's full shape); everything else of a batch is dropped after its forward.
+Measured on the 1/10 full-shape test split (4.3 M rows, ``docs/train.md``), the memory a one-process
+evaluation gained per row was these columns: 52 B per row (all ids as int64, labels as float32),
+joined at the end into copies (twice the bytes) and copied once more by the one-rank gather.
+Checked here with ``tracemalloc``, which sees numpy's buffers (the batches, built before it starts,
+and torch's own buffers are not counted): the old code fails each test.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from ctnocvr_rec.data.batch import CtnocvrBatch
+from ctnocvr_rec.train.distributed import DistContext
+from ctnocvr_rec.train.evaluate import (
+    PREDICTION_COLUMNS,
+    evaluate,
+    gather_columns,
+    needed_columns,
+    predict,
+)
+from ctnocvr_rec.train.metrics import task_metrics
+
+ROWS_PER_BATCH = 2048
+BATCHES = 40
+ROWS = ROWS_PER_BATCH * BATCHES
+
+
+class Scores(torch.nn.Module):
+    """Stands in for a ranker: one probability per task, from the batch's ids."""
+
+    def forward(self, batch: CtnocvrBatch) -> tuple[None, dict[str, torch.Tensor]]:
+        p = torch.sigmoid(batch.sparse_features.values().float() / 400)
+        return None, {"p_ctr": p, "p_cvr": p.sqrt(), "p_ctcvr": p * p.sqrt(), "p_ctnocvr": p - p * p.sqrt()}
+
+
+def _batches() -> list[CtnocvrBatch]:
+    rng = np.random.default_rng(7)
+    out = []
+    for b in range(BATCHES):
+        ids = torch.from_numpy(rng.integers(0, 1000, ROWS_PER_BATCH))
+        kjt = KeyedJaggedTensor(keys=["f"], values=ids, lengths=torch.ones(ROWS_PER_BATCH, dtype=torch.int32))
+        click = torch.from_numpy((rng.random(ROWS_PER_BATCH) < 0.3).astype(np.float32))
+        conversion = click * torch.from_numpy((rng.random(ROWS_PER_BATCH) < 0.3).astype(np.float32))
+        first = b * ROWS_PER_BATCH
+        out.append(CtnocvrBatch.from_labels(
+            kjt, click, conversion,
+            sample_id=torch.arange(first, first + ROWS_PER_BATCH),
+            request_id=torch.arange(first, first + ROWS_PER_BATCH) // 8,
+            user_id=torch.from_numpy(rng.integers(0, 300, ROWS_PER_BATCH))))
+    return out
+
+
+def _one_rank() -> DistContext:
+    return DistContext(0, 1, 0, 1, torch.device("cpu"), "gloo", None, False)
+
+
+def _traced(fn):  # type: ignore[no-untyped-def]
+    """``(result, peak numpy bytes traced above the start while fn ran)``."""
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+
+
+def test_evaluation_keeps_only_needed_columns_in_compact_types() -> None:
+    assert needed_columns(gauc=True, predictions=False) == (
+        "user_id", "click", "conversion", "ctnocvr", "p_ctr", "p_cvr", "p_ctcvr", "p_ctnocvr")
+    assert needed_columns(gauc=False, predictions=False) == (
+        "click", "conversion", "ctnocvr", "p_ctr", "p_cvr", "p_ctcvr", "p_ctnocvr")
+    assert needed_columns(gauc=False, predictions=True) == PREDICTION_COLUMNS
+
+    batches = _batches()
+    columns = predict(_one_rank(), Scores(), batches, ["f"], torch.device("cpu"),
+                      columns=needed_columns(gauc=True, predictions=False))
+    assert set(columns) == set(needed_columns(gauc=True, predictions=False))
+    assert all(len(c) == ROWS for c in columns.values())
+    # 8 B of user_id + 3 x 1 B of labels + 4 x 4 B of predictions
+    assert sum(c.nbytes for c in columns.values()) == 27 * ROWS
+    assert columns["click"].dtype == np.int8 and columns["p_ctr"].dtype == np.float32
+    # the labels are the batches' (0/1, exact)
+    np.testing.assert_array_equal(columns["conversion"], torch.cat([b.conversion for b in batches]).numpy())
+
+
+def test_predict_joins_the_kept_columns_without_holding_them_twice() -> None:
+    batches = _batches()
+    columns, peak = _traced(lambda: predict(_one_rank(), Scores(), batches, ["f"], torch.device("cpu")))
+    kept = sum(c.nbytes for c in columns.values())
+    largest = max(c.nbytes for c in columns.values())
+    # the kept chunks, plus one column being joined (slack: small arrays, list growth)
+    assert peak <= kept + largest + 64 * 1024, (peak / ROWS, kept / ROWS)
+    assert kept == 43 * ROWS  # every column: 3 x 8 B of ids + 3 x 1 B of labels + 4 x 4 B
+
+
+def test_one_rank_gather_returns_the_columns_without_copying() -> None:
+    local = {"click": np.zeros(10, np.int8), "p_ctr": np.full(10, 0.5, np.float32)}
+    arrays = dict(local)
+    gathered = gather_columns(_one_rank(), local)
+    assert gathered is not None
+    assert gathered["click"] is arrays["click"] and gathered["p_ctr"] is arrays["p_ctr"]
+    assert local == {}  # emptied as gathered
+
+
+def test_evaluate_metrics_equal_those_of_all_columns_kept_as_float() -> None:
+    batches = _batches()
+    full = predict(_one_rank(), Scores(), batches, ["f"], torch.device("cpu"))
+    reference = task_metrics({k: v.astype(np.float64) if k in ("click", "conversion", "ctnocvr") else v
+                              for k, v in full.items()})
+    metrics, _ = _traced(lambda: evaluate(_one_rank(), Scores(), batches, ["f"], torch.device("cpu")))
+    assert metrics == reference
