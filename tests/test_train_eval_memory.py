@@ -11,12 +11,16 @@ and torch's own buffers are not counted): the old code fails each test.
 
 from __future__ import annotations
 
+import ctypes.util
+import platform
 import tracemalloc
 
 import numpy as np
+import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from ctnocvr_rec.data import rawfiles
 from ctnocvr_rec.data.batch import CtnocvrBatch
 from ctnocvr_rec.train.distributed import DistContext
 from ctnocvr_rec.train.evaluate import (
@@ -135,3 +139,19 @@ def test_metrics_over_the_whole_split_need_few_temporary_bytes_per_row() -> None
     assert peak / rows <= 48, peak / rows
     # the same figures from float64 columns (the scores' dtype changes neither order nor ties)
     assert task_metrics({k: v.astype(np.float64) for k, v in columns.items()}) == metrics
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_giving_freed_heap_back_forks_no_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate() trims the heap twice per pass; ``find_library`` would fork ``ldconfig`` from a
+    process holding the split's columns each time."""
+    rawfiles._malloc_trim.cache_clear()
+
+    def no_child(name: str) -> str:
+        raise AssertionError("find_library runs ldconfig in a child process")
+
+    monkeypatch.setattr(ctypes.util, "find_library", no_child)
+    try:
+        assert rawfiles.release_free_memory()
+    finally:
+        rawfiles._malloc_trim.cache_clear()
