@@ -155,3 +155,18 @@ def test_giving_freed_heap_back_forks_no_child(monkeypatch: pytest.MonkeyPatch) 
         assert rawfiles.release_free_memory()
     finally:
         rawfiles._malloc_trim.cache_clear()
+
+
+def test_bf16_predictions_are_kept_as_float32() -> None:
+    """Under autocast a model outputs bf16, which has no numpy type."""
+
+    class Bf16Scores(Scores):
+        def forward(self, batch: CtnocvrBatch) -> tuple[None, dict[str, torch.Tensor]]:
+            _, outputs = super().forward(batch)
+            return None, {k: v.to(torch.bfloat16) for k, v in outputs.items()}
+
+    batches = _batches()[:2]
+    columns = predict(_one_rank(), Bf16Scores(), batches, ["f"], torch.device("cpu"))
+    expected = torch.cat([Bf16Scores()(b)[1]["p_ctr"] for b in batches]).float().numpy()
+    assert columns["p_ctr"].dtype == np.float32
+    np.testing.assert_array_equal(columns["p_ctr"], expected)

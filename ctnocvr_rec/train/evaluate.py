@@ -137,9 +137,9 @@ def _kept(name: str, value: torch.Tensor) -> np.ndarray:
     float32 predictions. Always a copy: a view would keep the batch's storage alive for the whole split
     (one shared-memory file descriptor per column and batch when a loader worker built it:
     tests/test_train_eval_fds.py), or a model output's larger base tensor."""
-    array = value.detach().cpu().numpy()
+    value = value.detach() if name in _INT_COLUMNS else value.detach().float()  # bf16 has no numpy type
     dtype = np.int64 if name in _INT_COLUMNS else np.int8 if name in _LABEL_COLUMNS else np.float32
-    return np.array(array, dtype=dtype, copy=True)
+    return np.array(value.cpu().numpy(), dtype=dtype, copy=True)
 
 
 def _concatenate_releasing(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
@@ -254,8 +254,8 @@ def evaluate(
     Freed heap pages go back to the OS after the pass and at the end (``malloc_trim``): the trainer
     raises glibc's trim threshold (:mod:`ctnocvr_rec.train.allocator`), so without this a rank would
     keep the evaluation's peak (batches of ``eval_batch_size`` rows, the metrics' sort buffers over
-    the whole split) as free heap for the rest of the run: ~1.2 GB after a one-process pass over the
-    1/10 full-shape test split (``docs/train.md``).
+    the whole split) as free heap for the rest of the run: 1.2-2.3 GB after a one-process pass over
+    the 1/10 full-shape test split with the trainer's settings (``docs/train.md``).
     """
     try:
         local = predict(ctx, model, batches, feature_names, device, bf16=bf16, max_batches=max_batches,
