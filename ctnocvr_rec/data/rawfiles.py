@@ -7,11 +7,13 @@ not rows; see ``docs/design.md`` ("Reader rules").
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import shutil
 import socket
 from pathlib import Path
+from typing import Any
 
 UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -103,16 +105,31 @@ def release_free_memory() -> bool:
     the heap, which is only trimmed at its top). Measured on the 1/10 full-shape set: the parent held
     ~1.5 GB of such pages going into pass 2, which every forked worker then counted too.
     """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
-    except OSError:
-        return False
+    trim = _malloc_trim()
     if trim is None:
         return False
     trim(0)
     return True
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim`` (None without glibc), looked up once: ``ctypes.util.find_library``
+    runs ``ldconfig`` in a child process, which a big process should not fork at every call."""
+    import ctypes
+    import ctypes.util
+
+    for name in ("libc.so.6", "find"):
+        if name == "find":  # not the usual glibc soname: ask the system (runs ldconfig)
+            name = ctypes.util.find_library("c")
+            if not name:
+                break
+        try:
+            trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
+        except OSError:
+            continue
+        if trim is not None:
+            trim.argtypes = [ctypes.c_size_t]
+            trim.restype = ctypes.c_int
+            return trim
+    return None

@@ -20,6 +20,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ctnocvr_rec.data.batch import CtnocvrBatch
+from ctnocvr_rec.data.rawfiles import release_free_memory
 from ctnocvr_rec.train.distributed import DistContext, all_reduce_cpu, gather_to_main
 from ctnocvr_rec.train.metrics import task_metrics
 
@@ -114,6 +115,44 @@ def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMan
     return contextlib.nullcontext()
 
 
+#: label columns: 0/1 by the batch contract (``data/batch.py``), kept as int8 (exact, 1 byte per row)
+_LABEL_COLUMNS = ("click", "conversion", "ctnocvr")
+
+
+def needed_columns(gauc: bool, predictions: bool) -> tuple[str, ...]:
+    """The :data:`PREDICTION_COLUMNS` an evaluation keeps per row: labels and ``p_*`` always,
+    ``user_id`` for GAUC, ``sample_id`` / ``request_id`` only when the predictions are written.
+
+    Per row that is 4 x 4 B of ``p_*`` + 3 x 1 B of labels (+ 8 B ``user_id``, + 16 B of ids): 27 B
+    with GAUC against the 52 B of keeping every column as before (float32 labels, all ids).
+    """
+    if predictions:
+        return PREDICTION_COLUMNS
+    return tuple(n for n in PREDICTION_COLUMNS
+                 if n.startswith("p_") or n in _LABEL_COLUMNS or (n == "user_id" and gauc))
+
+
+def _kept(name: str, value: torch.Tensor) -> np.ndarray:
+    """A new numpy array holding ``value`` ``[B]`` as kept for the split: int64 ids, int8 labels,
+    float32 predictions. Always a copy: a view would keep the batch's storage alive for the whole split
+    (one shared-memory file descriptor per column and batch when a loader worker built it:
+    tests/test_train_eval_fds.py), or a model output's larger base tensor."""
+    value = value.detach() if name in _INT_COLUMNS else value.detach().float()  # bf16 has no numpy type
+    dtype = np.int64 if name in _INT_COLUMNS else np.int8 if name in _LABEL_COLUMNS else np.float32
+    return np.array(value.cpu().numpy(), dtype=dtype, copy=True)
+
+
+def _concatenate_releasing(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """One array per column from its per-batch chunks, freeing each column's chunks as it is joined,
+    so the join needs one column's bytes more than the chunks, not twice all of them."""
+    out = {}
+    for name in list(parts):
+        chunks = parts.pop(name)
+        out[name] = np.concatenate(chunks) if chunks else np.empty(0)
+        del chunks
+    return out
+
+
 @torch.no_grad()
 def predict(
     ctx: DistContext,
@@ -123,8 +162,11 @@ def predict(
     device: torch.device,
     bf16: bool = False,
     max_batches: int = 0,
+    columns: Iterable[str] = PREDICTION_COLUMNS,
 ) -> dict[str, np.ndarray]:
-    """This rank's predictions + labels + ids as numpy columns (``PREDICTION_COLUMNS`` present)."""
+    """This rank's ``columns`` (default: all :data:`PREDICTION_COLUMNS`; a ``p_*`` column the model
+    does not output is absent) as numpy arrays ``[rows]``: int64 ids, int8 labels, float32 ``p_*``."""
+    wanted = [n for n in PREDICTION_COLUMNS if n in set(columns)]
     was_training = model.training
     model.eval()
     parts: dict[str, list[np.ndarray]] = {}
@@ -143,31 +185,35 @@ def predict(
                 _, outputs = model(batch.to(device))
             if not real:
                 continue
-            for name in PREDICTION_COLUMNS:
+            for name in wanted:
                 value = outputs.get(name) if name.startswith("p_") else getattr(batch, name)
-                if value is None:
-                    continue
-                # a copy: a view would keep the batch's storage alive for the whole split (one shared-
-                # memory file descriptor per column and batch when a loader worker built it:
-                # tests/test_train_eval_fds.py), or a model output's larger base tensor
-                parts.setdefault(name, []).append((value.detach().float().cpu().numpy()
-                                                  if name not in _INT_COLUMNS
-                                                  else value.detach().cpu().numpy()).copy())
+                if value is not None:
+                    parts.setdefault(name, []).append(_kept(name, value))
+            del batch, outputs
     finally:
         model.train(was_training)
-    return {
-        name: np.concatenate(chunks) if chunks else np.empty(0)
-        for name, chunks in parts.items()
-    }
+    return _concatenate_releasing(parts)
 
 
 def gather_columns(ctx: DistContext, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-    """Concatenate every rank's columns on rank 0 (None on other ranks)."""
-    gathered = gather_to_main(ctx, columns)
-    if gathered is None:
-        return None
-    names = [n for n in PREDICTION_COLUMNS if any(n in part for part in gathered)]
-    return {n: np.concatenate([part[n] for part in gathered if n in part]) for n in names}
+    """Concatenate every rank's columns on rank 0 (None on other ranks). Collective.
+
+    One gather per name of :data:`PREDICTION_COLUMNS` (the same calls on every rank, whichever
+    columns it has), each popped from ``columns`` as it goes: the pickled copies of one column are
+    all that is in flight at a time, instead of every column twice over (pickled and unpickled) on
+    top of the local ones. One rank's columns are returned as they are (no copy). ``columns`` is
+    empty afterwards.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name in PREDICTION_COLUMNS:
+        gathered = gather_to_main(ctx, columns.pop(name, None))
+        if gathered is None:
+            continue
+        pieces = [part for part in gathered if part is not None]
+        if pieces:
+            out[name] = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        del gathered, pieces
+    return out if ctx.is_main else None
 
 
 def write_predictions(columns: dict[str, np.ndarray], path: str | Path) -> Path:
@@ -203,14 +249,26 @@ def evaluate(
     bf16: bool = False,
     max_batches: int = 0,
 ) -> dict[str, float] | None:
-    """Exact whole-split metrics on rank 0 (None on the other ranks). Collective: all ranks call it."""
-    local = predict(ctx, model, batches, feature_names, device, bf16=bf16, max_batches=max_batches)
-    columns = gather_columns(ctx, local)
-    if columns is None:
-        return None
-    if "click" not in columns or columns["click"].size == 0:
-        raise ValueError("the evaluation split has no rows")
-    metrics = task_metrics(columns, gauc=gauc)
-    if predictions_path is not None:
-        write_predictions(columns, predictions_path)
-    return metrics
+    """Exact whole-split metrics on rank 0 (None on the other ranks). Collective: all ranks call it.
+
+    Freed heap pages go back to the OS after the pass and at the end (``malloc_trim``): the trainer
+    raises glibc's trim threshold (:mod:`ctnocvr_rec.train.allocator`), so without this a rank would
+    keep the evaluation's peak (batches of ``eval_batch_size`` rows, the metrics' sort buffers over
+    the whole split) as free heap for the rest of the run: 1.2-2.3 GB after a one-process pass over
+    the 1/10 full-shape test split with the trainer's settings (``docs/train.md``).
+    """
+    try:
+        local = predict(ctx, model, batches, feature_names, device, bf16=bf16, max_batches=max_batches,
+                        columns=needed_columns(gauc, predictions_path is not None))
+        release_free_memory()
+        columns = gather_columns(ctx, local)
+        if columns is None:
+            return None
+        if "click" not in columns or columns["click"].size == 0:
+            raise ValueError("the evaluation split has no rows")
+        metrics = task_metrics(columns, gauc=gauc)
+        if predictions_path is not None:
+            write_predictions(columns, predictions_path)
+        return metrics
+    finally:
+        release_free_memory()

@@ -9,37 +9,77 @@ from __future__ import annotations
 import numpy as np
 
 
+def _tie_runs(sorted_scores: np.ndarray, breaks: np.ndarray | None = None) -> np.ndarray:
+    """Start of every run of equal values in ``sorted_scores`` ``[n]`` (n >= 1), int64 ``[runs]``;
+    ``breaks`` (bool ``[n]``, optional, consumed): positions that start a run anyway (a new group)."""
+    new = np.empty(sorted_scores.size, dtype=bool) if breaks is None else breaks
+    if breaks is None:
+        new[0] = True
+        np.not_equal(sorted_scores[1:], sorted_scores[:-1], out=new[1:])
+    else:
+        new[1:] |= sorted_scores[1:] != sorted_scores[:-1]
+    return np.flatnonzero(new)
+
+
+def _twice_rank_sums(starts: np.ndarray, positives: np.ndarray, n: int) -> np.ndarray:
+    """``2 x`` the 1-based average rank of each run times its positives, int64 ``[runs]`` (exact):
+    a run ``[start, end)`` of tied scores has average rank ``(start + end + 1) / 2``."""
+    twice = np.empty_like(starts)
+    twice[:-1] = starts[1:]
+    twice[-1] = n
+    twice += starts
+    twice += 1
+    twice *= positives
+    return twice
+
+
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Exact ROC AUC (Mann-Whitney U with average ranks for ties); NaN if one class is absent.
 
-    Equals ``sklearn.metrics.roc_auc_score`` on the same inputs.
+    Equals ``sklearn.metrics.roc_auc_score`` on the same inputs. The rank sum of the positives is
+    taken per run of tied scores in integer arithmetic (``2 x`` average rank x positives of the run),
+    so it is exact and needs ~20 B of temporaries per row (one sort order, the sorted scores and
+    labels, the run starts) rather than a float rank for every row: the evaluation runs this over
+    every row of a test split at once.
     """
-    labels = np.asarray(labels).astype(bool).ravel()
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    n_pos = int(labels.sum())
-    n_neg = labels.size - n_pos
+    positive = np.asarray(labels).astype(bool).ravel()
+    scores = np.asarray(scores).ravel()
+    if scores.dtype.kind != "f":  # floats sort as they are (float32 -> float64 keeps order and ties)
+        scores = scores.astype(np.float64)
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     order = np.argsort(scores, kind="mergesort")
     sorted_scores = scores[order]
-    # average 1-based rank of each group of tied scores
-    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
-    starts = np.concatenate(([0], boundaries))
-    ends = np.concatenate((boundaries, [scores.size]))
-    avg_rank = (starts + ends + 1) / 2.0
-    ranks = np.empty(scores.size, dtype=np.float64)
-    ranks[order] = np.repeat(avg_rank, ends - starts)
-    rank_sum_pos = ranks[labels].sum()
+    positive = positive[order]
+    del order
+    starts = _tie_runs(sorted_scores)
+    del sorted_scores
+    twice = _twice_rank_sums(starts, np.add.reduceat(positive, starts, dtype=np.int64), positive.size)
+    rank_sum_pos = int(twice.sum()) / 2.0
     return float((rank_sum_pos - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def log_loss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
-    """Mean binary cross-entropy of probabilities ``probs`` (clipped to [eps, 1-eps]); NaN if empty."""
-    labels = np.asarray(labels, dtype=np.float64).ravel()
+    """Mean binary cross-entropy of probabilities ``probs`` (clipped to [eps, 1-eps]); NaN if empty.
+
+    Computed in place on one float64 copy of ``probs`` plus one result array (16 B per row, not a
+    float64 temporary per operation): the evaluation runs it over every row of a test split.
+    """
+    labels = np.asarray(labels).ravel()
     probs = np.clip(np.asarray(probs, dtype=np.float64).ravel(), eps, 1.0 - eps)
     if labels.size == 0:
         return float("nan")
-    return float(-np.mean(labels * np.log(probs) + (1.0 - labels) * np.log1p(-probs)))
+    if labels.dtype.kind not in "bi":  # signed integers or bools need no float copy; others do
+        labels = labels.astype(np.float64)
+    loss = np.log(probs)
+    loss *= labels
+    np.negative(probs, out=probs)
+    np.log1p(probs, out=probs)
+    probs *= 1 - labels
+    loss += probs
+    return float(-np.mean(loss))
 
 
 def calibration(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -56,40 +96,50 @@ def grouped_auc(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> f
 
     Groups with only one class carry no ranking information and are left out (the usual
     definition, e.g. the DIN paper's user-weighted AUC). Vectorised: one lexsort over
-    ``(group, score)``, average ranks for ties inside a group, then per-group rank sums, so it is
-    exact and runs in O(n log n) however many groups there are. NaN when no group has both classes.
+    ``(group, score)``, then per run of equal ``(group, score)`` its positives and ``2 x`` its average
+    rank inside the group (integers, as in :func:`roc_auc`), summed per group. Exact, O(n log n)
+    however many groups there are, ~30 B of temporaries per row. NaN when no group has both classes.
     """
     groups = np.asarray(groups).ravel()
-    labels = np.asarray(labels).astype(bool).ravel()
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    n = labels.size
+    positive = np.asarray(labels).astype(bool).ravel()
+    scores = np.asarray(scores).ravel()
+    if scores.dtype.kind != "f":
+        scores = scores.astype(np.float64)
+    n = positive.size
     if n == 0:
         return float("nan")
     order = np.lexsort((scores, groups))
-    g, s, y = groups[order], scores[order], labels[order]
-    # start of each group in the sorted order, and of each run of equal (group, score)
+    sorted_groups = groups[order]
     new_group = np.empty(n, dtype=bool)
     new_group[0] = True
-    new_group[1:] = g[1:] != g[:-1]
-    new_tie = new_group.copy()
-    new_tie[1:] |= s[1:] != s[:-1]
-    tie_starts = np.flatnonzero(new_tie)
-    tie_ends = np.append(tie_starts[1:], n)
-    group_id = np.cumsum(new_group) - 1  # 0..G-1 per sorted row
-    group_starts = np.flatnonzero(new_group)
-    # 1-based rank inside the group, averaged over ties
-    avg_pos = (tie_starts + tie_ends + 1) / 2.0
-    ranks = np.repeat(avg_pos, tie_ends - tie_starts) - group_starts[group_id]
-    n_groups = group_starts.size
-    pos = np.bincount(group_id, weights=y, minlength=n_groups)
-    size = np.bincount(group_id, minlength=n_groups).astype(np.float64)
+    np.not_equal(sorted_groups[1:], sorted_groups[:-1], out=new_group[1:])
+    del sorted_groups
+    group_starts = np.flatnonzero(new_group)  # [G] row of each group's first element
+    sorted_scores = scores[order]
+    positive = positive[order]
+    del order
+    # runs of equal (group, score): a new group always starts a run
+    run_starts = _tie_runs(sorted_scores, breaks=new_group)
+    del sorted_scores, new_group
+    run_positives = np.add.reduceat(positive, run_starts, dtype=np.int64)
+    del positive
+    # 2 x average rank inside the group = 2 x global average rank - 2 x the group's start
+    twice = _twice_rank_sums(run_starts, run_positives, n)
+    first_run = np.searchsorted(run_starts, group_starts)  # [G] index of each group's first run
+    group_of_run = np.repeat(np.arange(group_starts.size), np.diff(np.append(first_run, run_starts.size)))
+    twice -= 2 * group_starts[group_of_run] * run_positives
+    del group_of_run
+    rank_sum2 = np.add.reduceat(twice, first_run)
+    pos = np.add.reduceat(run_positives, first_run)
+    del twice, run_positives, run_starts
+    size = np.diff(np.append(group_starts, n))
     neg = size - pos
-    rank_sum = np.bincount(group_id, weights=np.where(y, ranks, 0.0), minlength=n_groups)
     valid = (pos > 0) & (neg > 0)
     if not valid.any():
         return float("nan")
-    auc = (rank_sum[valid] - pos[valid] * (pos[valid] + 1) / 2.0) / (pos[valid] * neg[valid])
-    return float(np.average(auc, weights=size[valid]))
+    pos, neg = pos[valid].astype(np.float64), neg[valid].astype(np.float64)
+    auc = (rank_sum2[valid] / 2.0 - pos * (pos + 1) / 2.0) / (pos * neg)
+    return float(np.average(auc, weights=size[valid].astype(np.float64)))
 
 
 #: (task, label column, prediction column, rows) of the per-task metrics; rows "clicked" = click == 1
@@ -130,8 +180,11 @@ def task_metrics(columns: dict[str, np.ndarray], gauc: bool = True) -> dict[str,
     if gauc and "user_id" in columns and "p_ctr" in columns:
         users = np.asarray(columns["user_id"])
         known = users >= 0
-        out["gauc_ctr"] = grouped_auc(users[known], np.asarray(columns["click"])[known],
-                                      np.asarray(columns["p_ctr"])[known])
+        if known.all():  # no copies of the whole split's columns when every user is known
+            out["gauc_ctr"] = grouped_auc(users, np.asarray(columns["click"]), np.asarray(columns["p_ctr"]))
+        else:
+            out["gauc_ctr"] = grouped_auc(users[known], np.asarray(columns["click"])[known],
+                                          np.asarray(columns["p_ctr"])[known])
     return out
 
 
