@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -144,8 +145,10 @@ def _timed_windows(step, warmup: int, steps: int, windows: int, sync=lambda: Non
     return statistics.median(per_step)
 
 
-def bench_ours(ctx, arch: str, size: str, args: argparse.Namespace, workload: dict[str, Any]) -> float:
-    """Samples/s over all ranks of the trainer's own DMP + pipeline path."""
+def bench_ours(ctx, arch: str, size: str, args: argparse.Namespace,
+               workload: dict[str, Any]) -> tuple[float, dict[str, float]]:
+    """Samples/s over all ranks of the trainer's own DMP + pipeline path, and every rank's wall / user /
+    system seconds per step (``cpu`` keys ``wall_r<rank>``, ...)."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     from ctnocvr_rec.train.distributed import barrier
@@ -170,7 +173,18 @@ def bench_ours(ctx, arch: str, size: str, args: argparse.Namespace, workload: di
     if args.loop_collectives != "none":  # what ctnocvr_rec/train/loop.py adds per step around the pipeline
         step = loop_step(ctx, pipeline, batches, args.loop_collectives)
         batches = None  # the loop step owns the iterator now
-    seconds = _timed_windows(step, args.warmup, args.steps, args.windows, sync=lambda: barrier(ctx))
+    for _ in range(args.warmup):
+        step()
+    barrier(ctx)
+    usage0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    seconds = _timed_windows(step, 0, args.steps, args.windows, sync=lambda: barrier(ctx))
+    usage1, wall1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    n = args.steps * args.windows
+    # this rank's CPU per step over the timed windows: every thread of the process (the step's own,
+    # gloo's and the pipeline's), user and system (the kernel side of gloo's TCP transport)
+    mine = [(wall1 - wall0) / n, (usage1.ru_utime - usage0.ru_utime) / n, (usage1.ru_stime - usage0.ru_stime) / n]
+    every = [None] * ctx.world_size
+    torch.distributed.all_gather_object(every, mine)
     if args.profile:
         if ctx.is_main:
             from ctnocvr_rec.train.setup import describe_plan
@@ -181,7 +195,8 @@ def bench_ours(ctx, arch: str, size: str, args: argparse.Namespace, workload: di
         profile_steps(step, args.steps,
                       Path(args.profile) / f"{workload['kind']}-{arch}-{size}-{ctx.world_size}r-rank{ctx.rank}")
     pipeline.detach()
-    return BATCH * ctx.world_size / seconds
+    cpu = {f"{what}_r{r}": v for r, values in enumerate(every) for what, v in zip(("wall", "user", "sys"), values)}
+    return BATCH * ctx.world_size / seconds, cpu
 
 
 def loop_step(ctx, pipeline, batches, protocol: str):
@@ -429,7 +444,8 @@ def worker(args: argparse.Namespace) -> None:
     results = {}
     for size in args.sizes:
         for arch in args.models:
-            results[f"{arch}/{size}"] = bench_ours(ctx, arch, size, args, workload)
+            results[f"{arch}/{size}"], cpu = bench_ours(ctx, arch, size, args, workload)
+            results.update({f"cpu:{arch}/{size}:{k}": v for k, v in cpu.items()})
     if ctx.is_main:
         Path(args.out).write_text(json.dumps(results))
     shutdown(ctx)
@@ -562,6 +578,7 @@ def print_tables(res: dict[str, Any], args: argparse.Namespace, threads: int, gf
         if key in rechub:
             row += f" {rechub[key]:>13,.0f} {rechub_tuned[key]:>10,.0f} {best / max(rechub[key], rechub_tuned[key]):>10.2f}x"
         print(row)
+    print_cpu(res, args, flops)
     parts = res["parts_seconds"]
     if parts:
         # The two parts every step must do, each timed alone: a step cannot be faster than their sum
@@ -582,6 +599,26 @@ def print_tables(res: dict[str, Any], args: argparse.Namespace, threads: int, gf
             if key in rechub:
                 row += f" {max(bound_1r, bound_nr) / max(rechub[key], rechub_tuned[key]):>11.2f}x"
             print(row)
+
+
+def print_cpu(res: dict[str, Any], args: argparse.Namespace, flops: dict[str, float]) -> None:
+    """Per rank and step of our runs: wall, CPU (user / system, all threads of the rank's process) and
+    how busy the rank kept its share of the cores; with the 1-thread parts, the CPU a rank spends
+    beyond the embedding + dense work the bound counts (distribution, copies, gloo, Python)."""
+    parts = res["parts_seconds"].get(1, {})
+    print("\nCPU per rank and step, ms (getrusage over the timed windows; parts = emb 1t + dense 1t):")
+    print(f"{'model/size':<12} {'ranks':>5} {'rank':>4} {'wall':>7} {'user':>7} {'sys':>6} {'CPU/wall':>8} "
+          f"{'parts':>7} {'CPU - parts':>11}")
+    for key in flops:
+        for n in args.ranks:
+            got = res["ours"][n]
+            for r in range(n):
+                wall, user, sys_ = (1e3 * got.get(f"cpu:{key}:{w}_r{r}", float("nan")) for w in ("wall", "user", "sys"))
+                row = f"{key:<12} {n:>5} {r:>4} {wall:>7.1f} {user:>7.1f} {sys_:>6.1f} {(user + sys_) / wall:>8.2f}"
+                if n > 1 and key in parts:
+                    work = 1e3 * (parts["embedding"] + parts[key])
+                    row += f" {work:>7.1f} {user + sys_ - work:>11.1f}"
+                print(row)
 
 
 def main() -> None:
