@@ -7,6 +7,8 @@ not rows; see ``docs/design.md`` ("Reader rules").
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import glob
 import os
@@ -112,24 +114,63 @@ def release_free_memory() -> bool:
     return True
 
 
-@functools.cache
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim`` (None without glibc), looked up once: ``ctypes.util.find_library``
-    runs ``ldconfig`` in a child process, which a big process should not fork at every call."""
-    import ctypes
-    import ctypes.util
+#: glibc's own starting values (bytes) for ``mallopt``'s M_MMAP_THRESHOLD, M_TRIM_THRESHOLD and
+#: M_TOP_PAD (<malloc.h> parameter numbers -3, -1, -2)
+GLIBC_DEFAULT_MALLOPT = {-3: 128 * 1024, -1: 128 * 1024, -2: 0}
 
+
+def reset_malloc_defaults() -> bool:
+    """Put glibc's mmap threshold, trim threshold and top pad back to glibc's starting values and
+    return the free heap to the OS; False where there is no glibc ``mallopt``.
+
+    For forked loader workers: a training rank raises these limits (``train/allocator.py``: blocks
+    up to 1 GiB from the heap, 1 GiB of free heap kept) so that its step reuses the same pages, and a
+    forked worker inherits them. A worker only builds batches (~100 MB each at the evaluation's
+    16,384 rows of the full Ali-CCP shape), hands them to its rank and frees them; under the inherited
+    settings each batch comes from the heap and up to 1 GiB of freed heap stays resident per worker.
+
+    After this, blocks of 128 KiB or more are ``mmap``ed and given back on ``free``, and the heap top
+    is trimmed past 128 KiB. Setting the values explicitly keeps glibc's *dynamic* mmap threshold
+    off (it was already off in a process that called ``mallopt`` before the fork); it would let the
+    threshold climb to 32 MiB after large frees, with the trim threshold twice that. The fixed 128 KiB
+    is chosen because a worker's large blocks live for one batch only: mapping them fresh costs page
+    faults, not retained memory (measured in ``docs/train.md``).
+    """
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
+        return False
+    ok = all(mallopt(param, value) == 1 for param, value in GLIBC_DEFAULT_MALLOPT.items())
+    release_free_memory()
+    return ok
+
+
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim`` (None without glibc)."""
+    return _libc_function("malloc_trim")
+
+
+#: C signatures (argument types, result type) of the glibc functions used here
+_LIBC_SIGNATURES: dict[str, tuple[list[Any], Any]] = {
+    "malloc_trim": ([ctypes.c_size_t], ctypes.c_int),
+    "mallopt": ([ctypes.c_int, ctypes.c_int], ctypes.c_int),
+}
+
+
+@functools.cache
+def _libc_function(symbol: str) -> Any:
+    """``symbol`` of glibc with its C signature (None without it), looked up once:
+    ``ctypes.util.find_library`` runs ``ldconfig`` in a child process, which a big process should not
+    fork at every call."""
     for name in ("libc.so.6", "find"):
         if name == "find":  # not the usual glibc soname: ask the system (runs ldconfig)
             name = ctypes.util.find_library("c")
             if not name:
                 break
         try:
-            trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
+            fn = getattr(ctypes.CDLL(name), symbol, None)
         except OSError:
             continue
-        if trim is not None:
-            trim.argtypes = [ctypes.c_size_t]
-            trim.restype = ctypes.c_int
-            return trim
+        if fn is not None:
+            fn.argtypes, fn.restype = _LIBC_SIGNATURES[symbol]
+            return fn
     return None
