@@ -5,7 +5,8 @@ The main process calls ``tune_host_allocator()`` first, as ``ctnocvr train`` doe
 iterates :func:`ctnocvr_rec.data.dataset.make_dataloader` over one split with ``--workers`` worker
 processes (a fast consumer: only the batch sizes are read). Mode ``inherit`` runs the workers with
 the previous ``_worker_init`` (``torch.set_num_threads(1)`` only), so they keep the rank's settings;
-mode ``reset`` with the current one. Prints one JSON line per pass. Usage::
+mode ``reset`` with the current one; mode ``mallopt=MMAP:TRIM:PAD`` sets other values (bytes) in the
+workers, for comparison. Prints one JSON line per pass. Usage::
 
     python tools/bench_loader_workers.py /work/fullshape_data/s10_req --split test --batch-size 16384 \\
         --rank 0 --world-size 2 --rounds 2
@@ -20,10 +21,11 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 
 import torch
 
-from ctnocvr_rec.data import dataset
+from ctnocvr_rec.data import dataset, rawfiles
 from ctnocvr_rec.train.allocator import tune_host_allocator
 
 
@@ -31,11 +33,27 @@ def _inherit_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def _custom_init(values: tuple[int, int, int]) -> Callable[[int], None]:
+    """A worker init that sets mmap threshold, trim threshold and top pad to ``values`` (bytes)."""
+    def init(_: int) -> None:
+        torch.set_num_threads(1)
+        mallopt = rawfiles._libc_function("mallopt")
+        for param, value in zip((-3, -1, -2), values, strict=True):
+            assert mallopt(param, value) == 1, (param, value)
+        rawfiles.release_free_memory()
+    return init
+
+
 def one_pass(args: argparse.Namespace, mode: str) -> dict[str, object]:
     """Samples/s of one pass over the split in ``mode`` (``inherit`` or ``reset``)."""
     original = dataset._worker_init
     if mode == "inherit":
         dataset._worker_init = _inherit_init
+    elif mode.startswith("mallopt="):
+        mmap_t, trim_t, pad = (int(v) for v in mode.split("=")[1].split(":"))
+        dataset._worker_init = _custom_init((mmap_t, trim_t, pad))
+    elif mode != "reset":
+        raise ValueError(f"unknown mode {mode!r}")
     try:
         loader = dataset.make_dataloader(args.prepared_dir, args.split, args.batch_size, rank=args.rank,
                                          world_size=args.world_size, num_workers=args.workers)
@@ -60,7 +78,8 @@ def main() -> None:
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--modes", default="inherit,reset", help="comma-separated: inherit, reset")
+    p.add_argument("--modes", default="inherit,reset",
+                   help="comma-separated: inherit, reset, mallopt=MMAP:TRIM:PAD (bytes, set in each worker)")
     args = p.parse_args()
     if args.workers < 1:
         p.error("--workers must be >= 1 (the reset happens in worker processes)")

@@ -130,11 +130,14 @@ def reset_malloc_defaults() -> bool:
     settings each batch comes from the heap and up to 1 GiB of freed heap stays resident per worker.
 
     After this, blocks of 128 KiB or more are ``mmap``ed and given back on ``free``, and the heap top
-    is trimmed past 128 KiB. Setting the values explicitly keeps glibc's *dynamic* mmap threshold
-    off (it was already off in a process that called ``mallopt`` before the fork); it would let the
-    threshold climb to 32 MiB after large frees, with the trim threshold twice that. The fixed 128 KiB
-    is chosen because a worker's large blocks live for one batch only: mapping them fresh costs page
-    faults, not retained memory (measured in ``docs/train.md``).
+    is trimmed past 128 KiB. glibc's *dynamic* mmap threshold (which climbs up to 32 MiB after large
+    frees, the trim threshold following at twice that) cannot be switched back on: any ``mallopt`` of
+    these parameters, the rank's included, turns it off for good. Fixed 128 KiB is glibc's starting
+    state and kept the least (1/10 full-shape evaluation, 2 ranks: peak anonymous RSS per worker 1.78 ->
+    1.14 GB; 32 MiB / 64 MiB, the dynamic ceiling, 1.28 GB; trim threshold 32 MiB alone, mmap
+    threshold left at 1 GiB: no gain, the memory is fragments, not a free top). The price is page
+    faults on every fresh mapping: the loader alone builds ~40 % fewer batches per second (27 % at
+    32 MiB), still well above what the evaluation consumes (``docs/train.md``).
     """
     mallopt = _libc_function("mallopt")
     if mallopt is None:
