@@ -1,10 +1,11 @@
 """Loader workers run under glibc's default heap limits, not the ones their rank raised for its step.
 
 Checked by behaviour, in a fresh interpreter that tunes its allocator like a training rank
-(``tune_host_allocator``) and then forks one DataLoader worker: where a 1 MiB ``malloc`` lands
-(``[heap]`` or its own mapping, from ``/proc/self/maps``: the mmap threshold) and how much free
-memory the heap keeps at its top after 2 MiB of smaller blocks are freed (``mallinfo2().keepcost``:
-the trim threshold and top pad).
+(``tune_host_allocator``) and then forks one DataLoader worker: where a 48 MiB ``malloc`` lands
+(``[heap]`` or its own mapping, from ``/proc/self/maps``: the mmap threshold, 1 GiB tuned, 32 MiB in
+a worker) and how much free memory the main heap keeps at its top after 2 MiB of smaller blocks are
+freed (``mallinfo2().keepcost``: the trim threshold and top pad; tuned >= the 256 MiB pad, in a
+worker at most the 64 MiB trim threshold).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ _PROBE = textwrap.dedent(
     libc.mallinfo2.restype = MallInfo2
 
     def probe():
-        ptr = libc.malloc(1 << 20)
+        ptr = libc.malloc(48 << 20)
         where = "unmapped"
         for line in open("/proc/self/maps"):
             lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
@@ -49,7 +50,7 @@ _PROBE = textwrap.dedent(
         blocks = [libc.malloc(64 << 10) for _ in range(32)]
         for b in reversed(blocks):
             libc.free(b)
-        return {"block_1mib": where, "keepcost": libc.mallinfo2().keepcost}
+        return {"block_48mib": where, "keepcost": libc.mallinfo2().keepcost}
 
     class Probe(IterableDataset):
         def __iter__(self):
@@ -77,14 +78,13 @@ def _probe(mode: str) -> dict[str, dict[str, object]]:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or platform.libc_ver()[1] < "2.33",
                     reason="glibc mallopt and mallinfo2 (glibc >= 2.33)")
 def test_loader_worker_runs_under_glibc_default_heap_limits() -> None:
-    tuned = {"block_1mib": "heap"}
     reset = _probe("worker_init")
-    # the rank: tuned (1 MiB from the heap, >= 1 MiB kept free at the top: the 256 MiB top pad), before and after
+    # the rank: tuned (48 MiB from the heap, >= 128 MiB kept free at the top: the 256 MiB pad), before and after
     for state in (reset["parent"], reset["parent_after"]):
-        assert state["block_1mib"] == "heap" and int(state["keepcost"]) >= 1 << 20, reset  # type: ignore[call-overload]
-    # its worker, after _worker_init: 1 MiB is mmapped (threshold 128 KiB), the heap top trimmed (128 KiB, pad 0)
-    assert reset["worker"]["block_1mib"] == "mmap", reset
-    assert int(reset["worker"]["keepcost"]) < 128 << 10, reset  # type: ignore[call-overload]
+        assert state["block_48mib"] == "heap" and int(state["keepcost"]) >= 128 << 20, reset  # type: ignore[call-overload]
+    # its worker, after _worker_init: 48 MiB is mmapped (threshold 32 MiB), the heap top trimmed (64 MiB, pad 0)
+    assert reset["worker"]["block_48mib"] == "mmap", reset
+    assert int(reset["worker"]["keepcost"]) < 64 << 20, reset  # type: ignore[call-overload]
     # the probe tells the two apart: a worker without _worker_init keeps the rank's settings
     inherited = _probe("none")["worker"]
-    assert inherited["block_1mib"] == tuned["block_1mib"] and int(inherited["keepcost"]) >= 1 << 20, inherited  # type: ignore[call-overload]
+    assert inherited["block_48mib"] == "heap" and int(inherited["keepcost"]) >= 128 << 20, inherited  # type: ignore[call-overload]

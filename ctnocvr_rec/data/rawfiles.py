@@ -114,35 +114,37 @@ def release_free_memory() -> bool:
     return True
 
 
-#: glibc's own starting values (bytes) for ``mallopt``'s M_MMAP_THRESHOLD, M_TRIM_THRESHOLD and
-#: M_TOP_PAD (<malloc.h> parameter numbers -3, -1, -2)
-GLIBC_DEFAULT_MALLOPT = {-3: 128 * 1024, -1: 128 * 1024, -2: 0}
+#: what a worker sets (bytes) for ``mallopt``'s M_MMAP_THRESHOLD, M_TRIM_THRESHOLD and M_TOP_PAD
+#: (<malloc.h> parameter numbers -3, -1, -2): where glibc's dynamic thresholds end up in a process
+#: that frees large blocks (mmap threshold at its 32 MiB ceiling, trim threshold twice that), no pad
+WORKER_MALLOPT = {-3: 32 << 20, -1: 64 << 20, -2: 0}
 
 
 def reset_malloc_defaults() -> bool:
-    """Put glibc's mmap threshold, trim threshold and top pad back to glibc's starting values and
-    return the free heap to the OS; False where there is no glibc ``mallopt``.
+    """Put glibc's mmap threshold, trim threshold and top pad back to glibc's own (steady-state)
+    behaviour, :data:`WORKER_MALLOPT`, and return the free heap to the OS; False without glibc ``mallopt``.
 
     For forked loader workers: a training rank raises these limits (``train/allocator.py``: blocks
-    up to 1 GiB from the heap, 1 GiB of free heap kept) so that its step reuses the same pages, and a
-    forked worker inherits them. A worker only builds batches (~100 MB each at the evaluation's
-    16,384 rows of the full Ali-CCP shape), hands them to its rank and frees them; under the inherited
-    settings each batch comes from the heap and up to 1 GiB of freed heap stays resident per worker.
+    up to 1 GiB from the heap, 1 GiB of free heap kept, 256 MiB top pad) so that its step reuses the
+    same pages, and a forked worker inherits them. A worker only builds batches (~100 MB each at the
+    evaluation's 16,384 rows of the full Ali-CCP shape), hands them to its rank and frees them; under
+    the inherited settings its heaps keep the fragments (1.8 GB anonymous per evaluation worker on the
+    1/10 full-shape set, 2 ranks).
 
-    After this, blocks of 128 KiB or more are ``mmap``ed and given back on ``free``, and the heap top
-    is trimmed past 128 KiB. glibc's *dynamic* mmap threshold (which climbs up to 32 MiB after large
-    frees, the trim threshold following at twice that) cannot be switched back on: any ``mallopt`` of
-    these parameters, the rank's included, turns it off for good. Fixed 128 KiB is glibc's starting
-    state and kept the least (1/10 full-shape evaluation, 2 ranks: peak anonymous RSS per worker 1.78 ->
-    1.14 GB; 32 MiB / 64 MiB, the dynamic ceiling, 1.28 GB; trim threshold 32 MiB alone, mmap
-    threshold left at 1 GiB: no gain, the memory is fragments, not a free top). The price is page
-    faults on every fresh mapping: the loader alone builds ~40 % fewer batches per second (27 % at
-    32 MiB), still well above what the evaluation consumes (``docs/train.md``).
+    glibc's *dynamic* mmap threshold (starting at 128 KiB, climbing with the sizes freed up to 32 MiB,
+    the trim threshold following at twice that) cannot be switched back on: any ``mallopt`` of these
+    parameters, the rank's included, turns it off for good. So the values are fixed at where it ends up
+    for a process freeing blocks this large. Measured on that evaluation (``docs/train.md``): per-worker
+    peak 1.78 -> 1.28 GB, evaluation rows/s unchanged within noise, the loader alone ~27 % fewer
+    batches per second (page faults on fresh mappings; still far above what the evaluation consumes).
+    glibc's starting 128 KiB for both kept 0.15 GB less per worker but cost ~11 % of the evaluation's
+    rows/s on 2 cores; lowering only the trim threshold (32 MiB, mmap threshold left at 1 GiB) kept
+    as much as before or more (one run): the memory is heap fragments, not a free heap top.
     """
     mallopt = _libc_function("mallopt")
     if mallopt is None:
         return False
-    ok = all(mallopt(param, value) == 1 for param, value in GLIBC_DEFAULT_MALLOPT.items())
+    ok = all(mallopt(param, value) == 1 for param, value in WORKER_MALLOPT.items())
     release_free_memory()
     return ok
 
