@@ -135,7 +135,7 @@ def reset_malloc_defaults() -> bool:
     the trim threshold following at twice that) cannot be switched back on: any ``mallopt`` of these
     parameters, the rank's included, turns it off for good. So the values are fixed at where it ends up
     for a process freeing blocks this large. Measured on that evaluation (``docs/train.md``): per-worker
-    peak 1.78 -> 1.28 GB, evaluation rows/s unchanged within noise, the loader alone ~27 % fewer
+    peak 1.77-1.87 -> 1.23-1.31 GB, evaluation rows/s not separable from noise, the loader alone ~27 % fewer
     batches per second (page faults on fresh mappings; still far above what the evaluation consumes).
     glibc's starting 128 KiB for both kept 0.15 GB less per worker but cost ~11 % of the evaluation's
     rows/s on 2 cores; lowering only the trim threshold (32 MiB, mmap threshold left at 1 GiB) kept
