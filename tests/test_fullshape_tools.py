@@ -86,6 +86,20 @@ def test_measure_tree_counts_forked_workers(tmp_path: Path, monkeypatch) -> None
     assert alone["peak_rss_sum_mb"] < 200, alone
 
 
+def test_measure_tree_per_process_peaks_name_each_worker() -> None:
+    """``--per-process``: each pool worker (depth 1, its parent the command) has its own 200 MB peak,
+    the command's own process not."""
+    measure_tree = _tool("measure_tree")
+    m = measure_tree.measure([sys.executable, "-c", CHILD], interval=0.1, per_process=True)
+    procs = m["per_process"]
+    root = [p for p in procs if p["depth"] == 0]
+    workers = [p for p in procs if p["depth"] == 1 and p["peak_rss_anon_mb"] > 150]
+    assert len(root) == 1 and root[0]["peak_rss_anon_mb"] < 150, procs
+    assert len(workers) == 2 and all(w["ppid"] == root[0]["pid"] for w in workers), procs
+    assert all(w["first_s"] <= w["last_s"] for w in procs), procs
+    assert "per_process" not in measure_tree.measure([sys.executable, "-c", "pass"], interval=0.1)
+
+
 def test_measure_tree_cli_returns_the_commands_exit_code(tmp_path: Path) -> None:
     out = tmp_path / "m.jsonl"
     rc = subprocess.run([sys.executable, str(TOOLS / "measure_tree.py"), "--json", str(out), "--",

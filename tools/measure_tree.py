@@ -34,6 +34,10 @@ interval can be missed). No cgroup, no root needed. Writes one JSON line to ``--
 stdout): ``cmd, rc, wall_s, cpu_s, peak_rss_sum_mb, peak_pss_sum_mb, peak_rss_anon_sum_mb,
 peak_pss_anon_sum_mb, peak_rss_shmem_sum_mb, peak_pss_shmem_sum_mb, peak_processes, samples,
 load_before/after`` (each peak the maximum of its own sum: they may come from different samples) (``/proc/loadavg``, 1-minute figure; the machine may be shared).
+``--per-process`` adds ``per_process``: one entry per process ever seen (``pid, ppid, depth`` below
+the command, seconds ``first_s`` / ``last_s`` it was seen, the tail of its command line, and its own
+peaks of each figure, MB), so a DataLoader worker (depth 3 under ``train --nproc N``: launcher ->
+``torch.distributed.run`` -> rank -> worker) can be told from its rank.
 
 Example::
 
@@ -70,12 +74,18 @@ def _children_map() -> dict[int, list[int]]:
 
 def tree_pids(root: int) -> list[int]:
     """``root`` and all its live descendants."""
+    return list(tree_parents(root))
+
+
+def tree_parents(root: int) -> dict[int, tuple[int, int]]:
+    """``root`` and all its live descendants: pid -> (ppid, depth below ``root``; root: (0, 0))."""
     kids = _children_map()
-    out, todo = [], [root]
+    out: dict[int, tuple[int, int]] = {}
+    todo = [(root, 0, 0)]
     while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(kids.get(pid, []))
+        pid, ppid, depth = todo.pop()
+        out[pid] = (ppid, depth)
+        todo.extend((kid, pid, depth + 1) for kid in kids.get(pid, []))
     return out
 
 
@@ -104,13 +114,17 @@ def _read_kb(path: str, keys: list[bytes]) -> dict[bytes, int] | None:
     return found
 
 
-def tree_memory_mb(root: int) -> tuple[dict[str, float | None], int]:
+def tree_memory_mb(
+    root: int, per_process: dict[int, dict[str, float | None]] | None = None, pids: list[int] | None = None,
+) -> tuple[dict[str, float | None], int]:
     """Sums over ``root``'s tree of each of :data:`FIGURES`, in MB (10^6 bytes), and the number of processes.
 
     A process that exits between the listing and the read, or a zombie (its files have no memory
     lines), adds 0; a figure absent where the file's other figures are present (an older kernel) is None.
+    ``per_process``, if given, receives each process's own figures of this sample (pid -> figure -> MB);
+    ``pids``: the tree's processes if already listed.
     """
-    pids = tree_pids(root)
+    pids = tree_pids(root) if pids is None else pids
     sums: dict[str, float | None] = dict.fromkeys(FIGURES, 0.0)
     for name in ("status", "smaps_rollup"):
         wanted = {fig: key for fig, (file, key) in FIGURES.items() if file == name}
@@ -119,11 +133,39 @@ def tree_memory_mb(root: int) -> tuple[dict[str, float | None], int]:
             if not found:
                 continue
             for fig, key in wanted.items():
-                if key not in found:
+                value = found[key] * 1024 / 1e6 if key in found else None
+                if per_process is not None:
+                    per_process.setdefault(pid, {})[fig] = value
+                if value is None:
                     sums[fig] = None
                 elif sums[fig] is not None:
-                    sums[fig] += found[key] * 1024 / 1e6
+                    sums[fig] += value
     return sums, len(pids)
+
+
+def _cmd_tail(pid: int, chars: int = 80) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[-chars:]
+    except OSError:
+        return ""
+
+
+def _merge_process_peaks(
+    procs: dict[int, dict[str, object]], sample: dict[int, dict[str, float | None]],
+    parents: dict[int, tuple[int, int]], t: float,
+) -> None:
+    """Fold one sample's per-process figures into ``procs`` (pid -> record with the peaks so far)."""
+    for pid, figs in sample.items():
+        rec = procs.get(pid)
+        if rec is None:
+            ppid, depth = parents.get(pid, (0, -1))
+            rec = procs[pid] = {"pid": pid, "ppid": ppid, "depth": depth, "first_s": round(t, 1),
+                                "cmd": _cmd_tail(pid), **{f"peak_{fig}_mb": 0.0 for fig in FIGURES}}
+        rec["last_s"] = round(t, 1)
+        for fig, value in figs.items():
+            old = rec[f"peak_{fig}_mb"]
+            rec[f"peak_{fig}_mb"] = None if value is None or old is None else round(max(float(old), value), 1)  # type: ignore[arg-type]
 
 
 def _load() -> float:
@@ -131,7 +173,7 @@ def _load() -> float:
         return float(f.read().split()[0])
 
 
-def measure(cmd: list[str], interval: float = 0.2) -> dict[str, object]:
+def measure(cmd: list[str], interval: float = 0.2, per_process: bool = False) -> dict[str, object]:
     """Run ``cmd`` to completion, sampling its tree; returns the figures (see module docstring)."""
     load_before = _load()
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -139,8 +181,13 @@ def measure(cmd: list[str], interval: float = 0.2) -> dict[str, object]:
     proc = subprocess.Popen(cmd)
     peaks: dict[str, float | None] = dict.fromkeys(FIGURES, 0.0)
     peak_n = samples = 0
+    procs: dict[int, dict[str, object]] = {}
     while proc.poll() is None:
-        sums, n = tree_memory_mb(proc.pid)
+        sample: dict[int, dict[str, float | None]] | None = {} if per_process else None
+        parents = tree_parents(proc.pid) if per_process else {}
+        sums, n = tree_memory_mb(proc.pid, sample, list(parents) if per_process else None)
+        if sample is not None:
+            _merge_process_peaks(procs, sample, parents, time.perf_counter() - t0)
         for fig, value in sums.items():
             old = peaks[fig]
             peaks[fig] = None if value is None or old is None else max(old, value)
@@ -150,22 +197,28 @@ def measure(cmd: list[str], interval: float = 0.2) -> dict[str, object]:
     wall = time.perf_counter() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-    return {"cmd": " ".join(cmd), "rc": proc.returncode, "wall_s": round(wall, 2), "cpu_s": round(cpu, 1),
-            **{f"peak_{fig}_sum_mb": None if v is None else round(v, 1) for fig, v in peaks.items()},
-            "peak_processes": peak_n, "samples": samples, "interval_s": interval,
-            "load_before": load_before, "load_after": _load()}
+    result: dict[str, object] = {
+        "cmd": " ".join(cmd), "rc": proc.returncode, "wall_s": round(wall, 2), "cpu_s": round(cpu, 1),
+        **{f"peak_{fig}_sum_mb": None if v is None else round(v, 1) for fig, v in peaks.items()},
+        "peak_processes": peak_n, "samples": samples, "interval_s": interval,
+        "load_before": load_before, "load_after": _load()}
+    if per_process:
+        result["per_process"] = sorted(procs.values(), key=lambda r: int(r["pid"]))  # type: ignore[call-overload]
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--interval", type=float, default=0.2, help="seconds between samples")
     p.add_argument("--json", default="", help="append the result as one JSON line to this file")
+    p.add_argument("--per-process", action="store_true",
+                   help="also report each process's own peaks (pid, ppid, depth, first/last seen, command)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- command ...")
     args = p.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         p.error("no command given (put it after --)")
-    result = measure(cmd, args.interval)
+    result = measure(cmd, args.interval, args.per_process)
     line = json.dumps(result)
     print(line, file=sys.stderr)
     if args.json:
