@@ -1,5 +1,5 @@
 """Loader samples/s with worker processes forked from a process tuned like a training rank, with and
-without the glibc reset of ``_worker_init`` (``reset_malloc_defaults``), interleaved rounds.
+without the glibc reset of ``_worker_init`` (``apply_worker_malloc_settings``), interleaved rounds.
 
 The main process calls ``tune_host_allocator()`` first, as ``ctnocvr train`` does on every rank, then
 iterates :func:`ctnocvr_rec.data.dataset.make_dataloader` over one split with ``--workers`` worker

@@ -79,7 +79,7 @@ from ctnocvr_rec.data.batching import ID_COLUMNS, LABEL_COLUMNS, BatchRows, feat
 
 # re-exported: these helpers used to live here (prepared.py keeps them free of torch)
 from ctnocvr_rec.data.prepared import PreparedSet, read_manifest, resolve_schema, split_files  # noqa: F401
-from ctnocvr_rec.data.rawfiles import reset_malloc_defaults
+from ctnocvr_rec.data.rawfiles import apply_worker_malloc_settings
 from ctnocvr_rec.data.requests import RequestStore
 from ctnocvr_rec.data.schema import FieldSchema
 from ctnocvr_rec.data.units import RangeReader, Unit
@@ -369,7 +369,7 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
     # forked from a rank that raised glibc's heap limits for its step (train/allocator.py): a worker's
     # batches live for one hand-over each, so give freed memory back as glibc does by default
-    reset_malloc_defaults()
+    apply_worker_malloc_settings()
 
 
 class ResumableDataLoader:

@@ -120,7 +120,7 @@ def release_free_memory() -> bool:
 WORKER_MALLOPT = {-3: 32 << 20, -1: 64 << 20, -2: 0}
 
 
-def reset_malloc_defaults() -> bool:
+def apply_worker_malloc_settings() -> bool:
     """Put glibc's mmap threshold, trim threshold and top pad back to glibc's own (steady-state)
     behaviour, :data:`WORKER_MALLOPT`, and return the free heap to the OS; False without glibc ``mallopt``.
 
