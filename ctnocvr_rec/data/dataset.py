@@ -367,8 +367,17 @@ class ParquetBatchDataset(IterableDataset):
 def _worker_init(_: int) -> None:
     # loader workers decode Arrow data; torch's intra-op threads would only compete for the cores
     torch.set_num_threads(1)
-    # forked from a rank that raised glibc's heap limits for its step (train/allocator.py): a worker's
-    # batches live for one hand-over each, so give freed memory back as glibc does by default
+
+
+def _worker_init_releasing(worker_id: int) -> None:
+    """``_worker_init`` + glibc's steady-state heap limits instead of the ones inherited from a rank
+    that raised them for its step (``train/allocator.py``). For evaluation loaders: their batches
+    (``eval_batch_size``, 4x the training batch by default) make the workers the largest processes
+    of a full-shape evaluation, and each batch lives for one hand-over. 2-rank epoch on the 1/10
+    full-shape set: 8.45 -> 6.97-7.06 GB peak RSS summed. Not for training loaders: there the same
+    settings cost 6-15% of training samples/s on 2 cores (more page faults in the workers, on the
+    ranks' cores; docs/train.md)."""
+    _worker_init(worker_id)
     apply_worker_malloc_settings()
 
 
@@ -379,9 +388,12 @@ class ResumableDataLoader:
     right for any number of workers; ``load_state_dict`` makes the next iteration continue there.
     """
 
-    def __init__(self, dataset: ParquetBatchDataset, num_workers: int = 0, prefetch_factor: int = 2) -> None:
+    def __init__(self, dataset: ParquetBatchDataset, num_workers: int = 0, prefetch_factor: int = 2,
+                 release_worker_memory: bool = False) -> None:
         self.dataset = dataset
         self.num_workers = num_workers
+        #: workers under glibc's steady-state heap limits (:func:`_worker_init_releasing`)
+        self.release_worker_memory = release_worker_memory
         self.prefetch_factor = prefetch_factor
         self._yielded = 0
         self._start = 0
@@ -428,7 +440,8 @@ class ResumableDataLoader:
             batch_size=None,  # the dataset yields whole batches
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
-            worker_init_fn=_worker_init if self.num_workers > 0 else None,
+            worker_init_fn=(_worker_init_releasing if self.release_worker_memory else _worker_init)
+            if self.num_workers > 0 else None,
             persistent_workers=False,
         )
         for batch in loader:
@@ -448,13 +461,15 @@ def make_dataloader(
     seed: int = 0,
     shuffle_window_batches: int = 4,
     drop_remainder: bool = False,
+    release_worker_memory: bool = False,
 ) -> ResumableDataLoader:
-    """A :class:`ResumableDataLoader` over a new :class:`ParquetBatchDataset` (same arguments)."""
+    """A :class:`ResumableDataLoader` over a new :class:`ParquetBatchDataset` (same arguments);
+    ``release_worker_memory``: workers run under glibc's steady-state heap limits (evaluation loaders)."""
     dataset = ParquetBatchDataset(
         prepared_dir, split, batch_size, schema=schema, rank=rank, world_size=world_size, shuffle=shuffle,
         seed=seed, shuffle_window_batches=shuffle_window_batches, drop_remainder=drop_remainder,
     )
-    return ResumableDataLoader(dataset, num_workers=num_workers)
+    return ResumableDataLoader(dataset, num_workers=num_workers, release_worker_memory=release_worker_memory)
 
 
 def benchmark_loader(

@@ -47,6 +47,7 @@ def _dataset(cfg: RunConfig, ctx: DistContext, split: str, training: bool,
         seed=cfg.data.shuffle_seed,
         shuffle_window_batches=cfg.data.shuffle_buffer_batches,
         drop_remainder=training,
+        release_worker_memory=not training,  # evaluation batches are the big ones (data/dataset.py)
     )
 
 
