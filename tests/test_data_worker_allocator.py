@@ -92,7 +92,7 @@ def test_evaluation_loader_worker_runs_under_glibc_default_heap_limits() -> None
         assert inherited["block_48mib"] == "heap" and int(inherited["keepcost"]) >= 128 << 20, (mode, inherited)  # type: ignore[call-overload]
 
 
-def test_only_evaluation_loaders_release_worker_memory(tmp_path: Path) -> None:
+def test_only_evaluation_loaders_release_worker_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The trainer's evaluation loaders run their workers under the releasing init, its training
     loader under the plain one (which keeps the rank's tuned heap: faster steps on few cores)."""
     import torch
@@ -118,11 +118,7 @@ def test_only_evaluation_loaders_release_worker_memory(tmp_path: Path) -> None:
 
     import ctnocvr_rec.data.dataset as dataset_mod
 
-    original = dataset_mod.DataLoader
-    dataset_mod.DataLoader = Recording  # type: ignore[misc,assignment]
-    try:
-        list(TrainData(cfg, ctx).epoch_batches(0))
-        list(open_eval_batches(cfg, ctx, "test"))  # type: ignore[arg-type]
-    finally:
-        dataset_mod.DataLoader = original  # type: ignore[misc]
+    monkeypatch.setattr(dataset_mod, "DataLoader", Recording)
+    list(TrainData(cfg, ctx).epoch_batches(0))
+    list(open_eval_batches(cfg, ctx, "test"))  # type: ignore[arg-type]
     assert seen == [_worker_init, _worker_init_releasing], seen

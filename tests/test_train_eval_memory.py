@@ -145,7 +145,8 @@ def test_metrics_over_the_whole_split_need_few_temporary_bytes_per_row() -> None
 def test_giving_freed_heap_back_forks_no_child(monkeypatch: pytest.MonkeyPatch) -> None:
     """evaluate() trims the heap twice per pass; ``find_library`` would fork ``ldconfig`` from a
     process holding the split's columns each time."""
-    rawfiles._libc_function.cache_clear()
+    rawfiles.libc_function.cache_clear()
+    rawfiles._libc.cache_clear()
 
     def no_child(name: str) -> str:
         raise AssertionError("find_library runs ldconfig in a child process")
@@ -154,7 +155,9 @@ def test_giving_freed_heap_back_forks_no_child(monkeypatch: pytest.MonkeyPatch) 
     try:
         assert rawfiles.release_free_memory()
     finally:
-        rawfiles._libc_function.cache_clear()
+        rawfiles.libc_function.cache_clear()
+        rawfiles._libc.cache_clear()
+    rawfiles._libc.cache_clear()
 
 
 def test_bf16_predictions_are_kept_as_float32() -> None:

@@ -114,10 +114,12 @@ def release_free_memory() -> bool:
     return True
 
 
-#: what a worker sets (bytes) for ``mallopt``'s M_MMAP_THRESHOLD, M_TRIM_THRESHOLD and M_TOP_PAD
-#: (<malloc.h> parameter numbers -3, -1, -2): where glibc's dynamic thresholds end up in a process
-#: that frees large blocks (mmap threshold at its 32 MiB ceiling, trim threshold twice that), no pad
-WORKER_MALLOPT = {-3: 32 << 20, -1: 64 << 20, -2: 0}
+#: ``mallopt`` parameter numbers from glibc's <malloc.h>
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+
+#: what a worker sets (bytes): where glibc's dynamic thresholds end up in a process that frees large
+#: blocks (mmap threshold at its 32 MiB ceiling, trim threshold twice that), no pad
+WORKER_MALLOPT = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20, M_TOP_PAD: 0}
 
 
 def apply_worker_malloc_settings() -> bool:
@@ -141,7 +143,7 @@ def apply_worker_malloc_settings() -> bool:
     rows/s on 2 cores; lowering only the trim threshold (32 MiB, mmap threshold left at 1 GiB) kept
     as much as before or more (one run): the memory is heap fragments, not a free heap top.
     """
-    mallopt = _libc_function("mallopt")
+    mallopt = libc_function("mallopt")
     if mallopt is None:
         return False
     ok = all(mallopt(param, value) == 1 for param, value in WORKER_MALLOPT.items())
@@ -151,7 +153,7 @@ def apply_worker_malloc_settings() -> bool:
 
 def _malloc_trim() -> Any:
     """glibc's ``malloc_trim`` (None without glibc)."""
-    return _libc_function("malloc_trim")
+    return libc_function("malloc_trim")
 
 
 #: C signatures (argument types, result type) of the glibc functions used here
@@ -162,20 +164,25 @@ _LIBC_SIGNATURES: dict[str, tuple[list[Any], Any]] = {
 
 
 @functools.cache
-def _libc_function(symbol: str) -> Any:
-    """``symbol`` of glibc with its C signature (None without it), looked up once:
-    ``ctypes.util.find_library`` runs ``ldconfig`` in a child process, which a big process should not
-    fork at every call."""
-    for name in ("libc.so.6", "find"):
-        if name == "find":  # not the usual glibc soname: ask the system (runs ldconfig)
-            name = ctypes.util.find_library("c")
-            if not name:
-                break
-        try:
-            fn = getattr(ctypes.CDLL(name), symbol, None)
-        except OSError:
-            continue
-        if fn is not None:
-            fn.argtypes, fn.restype = _LIBC_SIGNATURES[symbol]
-            return fn
-    return None
+def _libc() -> ctypes.CDLL | None:
+    """The C library, opened once: ``ctypes.util.find_library``, the fall-back for a libc not named
+    ``libc.so.6``, runs ``ldconfig`` in a child process, which a big process should not fork at
+    every call."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+@functools.cache
+def libc_function(symbol: str) -> Any:
+    """glibc's ``symbol`` (``malloc_trim``, ``mallopt``) with its C signature; None without it
+    (musl and other C libraries have neither)."""
+    fn = getattr(_libc(), symbol, None)
+    if fn is not None:
+        fn.argtypes, fn.restype = _LIBC_SIGNATURES[symbol]
+    return fn

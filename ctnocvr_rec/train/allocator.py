@@ -17,17 +17,13 @@ process instead of going back to the OS, bounded by the peak the step needed any
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import sys
 
+from ctnocvr_rec.data.rawfiles import M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD, libc_function
+
 log = logging.getLogger(__name__)
 
-# mallopt parameter numbers from glibc's <malloc.h>
-_M_TRIM_THRESHOLD = -1
-_M_TOP_PAD = -2
-_M_MMAP_THRESHOLD = -3
 # mallopt takes a C int
 _INT_MAX = 2**31 - 1
 
@@ -51,23 +47,18 @@ def tune_host_allocator(
         trim_threshold: free bytes at the heap top before glibc returns memory to the OS.
         top_pad: extra bytes requested whenever the heap grows.
     """
-    settings = {"M_MMAP_THRESHOLD": (_M_MMAP_THRESHOLD, mmap_threshold),
-                "M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, trim_threshold),
-                "M_TOP_PAD": (_M_TOP_PAD, top_pad)}
+    settings = {"M_MMAP_THRESHOLD": (M_MMAP_THRESHOLD, mmap_threshold),
+                "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, trim_threshold),
+                "M_TOP_PAD": (M_TOP_PAD, top_pad)}
     for name, (_, value) in settings.items():
         if not 0 <= value <= _INT_MAX:
             raise ValueError(f"{name} must be in [0, {_INT_MAX}] bytes (a C int), got {value}")
     if not sys.platform.startswith("linux"):
         return False
-    libc_name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(libc_name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
-        log.debug("no mallopt in %s; host allocator left as is", libc_name)
+    mallopt = libc_function("mallopt")
+    if mallopt is None:  # musl and other C libraries have no mallopt
+        log.debug("no mallopt in this C library; host allocator left as is")
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     accepted = {name: bool(mallopt(param, value)) for name, (param, value) in settings.items()}
     if not all(accepted.values()):
         log.warning("mallopt rejected %s; host allocator partly tuned", [n for n, ok in accepted.items() if not ok])
