@@ -350,13 +350,14 @@ def test_round_trip_synth_prepare_load_keeps_every_row_and_value(tmp_path):
         vocab[spec.name] = dict(zip(v["raw_id"], v["mapped_id"]))
     seen = set()
     request_of_key: dict[str, int] = {}
-    # prepare stores int32 ids; the loader hands the KJT int64 ids, int32 lengths, float32 weights
+    # prepare stores int32 ids; the loader hands the KJT int32 ids (the kernels' id dtype,
+    # plan.sharding.id_dtype), int32 lengths, float32 weights
     assert pq.read_schema(next((out / "train").glob("*.parquet"))).field("205").type.value_type == pa.int32()
     for split in ("train", "valid", "test"):
         for batch in ParquetBatchDataset(out, split, batch_size=128, schema=schema, rank=0, world_size=1,
                                          shuffle=split == "train", shuffle_window_batches=2):
             for kjt in (batch.sparse_features, batch.weighted_features):
-                assert (kjt.values().dtype, kjt.lengths().dtype) == (torch.int64, torch.int32)
+                assert (kjt.values().dtype, kjt.lengths().dtype) == (torch.int32, torch.int32)
             per_key = _per_key(batch, schema)
             lengths = {k: jt.lengths().tolist() for k, jt in per_key.items()}
             offsets = {k: np.concatenate([[0], np.cumsum(v)]) for k, v in lengths.items()}

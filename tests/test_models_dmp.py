@@ -60,7 +60,11 @@ def _check_arch(rank: int, arch: str) -> None:
     )
 
     cpu = torch.device("cpu")
-    arch, at, comm = arch.partition("@")  # "@fp16": the pooled all-to-alls in fp16 (plan.comm_*_precision)
+    # "@fp16": the pooled all-to-alls in fp16 (plan.comm_*_precision); "@int32": int32 ids in the
+    # batches and the kernels (plan.sharding.id_dtype), against the unsharded model fed int64 ids
+    arch, at, comm = arch.partition("@")
+    ids32 = comm == "int32"
+    comm = "" if ids32 else comm
     arch, plus, extra = arch.partition("+")
     schema = tiny_dense_schema(3) if plus and extra == "dense" else tiny_schema()
     arch, _, method = arch.partition("/")
@@ -77,12 +81,14 @@ def _check_arch(rank: int, arch: str) -> None:
             fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.05}
         )
     ]
-    if comm:  # the trainer's own sharder builder, with the comms precision of the plan config
+    if comm or ids32:  # the trainer's own sharder builder, with the comms precision of the plan config
         from ctnocvr_rec.config import OptimConfig, PlanConfig
         from ctnocvr_rec.plan.sharding import make_sharders
 
+        precision = comm or "fp32"
         sharders = make_sharders(OptimConfig(sparse_lr=0.05), "cpu",
-                                 PlanConfig(comm_forward_precision=comm, comm_backward_precision=comm))
+                                 PlanConfig(comm_forward_precision=precision, comm_backward_precision=precision),
+                                 ids=torch.int32 if ids32 else torch.int64)
     constraints = {
         "t_user": ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value]),
         "t_item": ParameterConstraints(sharding_types=[ShardingType.COLUMN_WISE.value]),
@@ -116,9 +122,14 @@ def _check_arch(rank: int, arch: str) -> None:
     )
     optimizer = CombinedOptimizer([("fused", dmp.fused_optimizer), ("dense", dense)])
     stream = SyntheticStream(schema, TINY_SIZES, batch_size=32, seed=100 + rank)
-    batches = [stream.next_batch() for _ in range(5)]
+    batches = [stream.next_batch() for _ in range(5)]  # int64 ids: what the reference is fed
+    dmp_batches = [_with_int32_ids(b) for b in batches] if ids32 else batches
+    # the id dtype every fused kernel is handed (TorchRec keeps the lookups out of named_modules)
+    kernel_ids = {emb._embedding_table_index_type for ebc in (plain_ebc, weighted_ebc) for lookup in ebc._lookups
+                  for emb in getattr(lookup, "module", lookup)._emb_modules}  # .module: DDP-wrapped (DP tables)
+    assert kernel_ids == {torch.int32 if ids32 else torch.int64}, kernel_ids
     with torch.no_grad():  # the pooled embeddings, through the sharded EBCs' all-to-alls
-        pooled = dmp.module.sparse_arch(batches[0].sparse_features, batches[0].weighted_features)
+        pooled = dmp.module.sparse_arch(dmp_batches[0].sparse_features, dmp_batches[0].weighted_features)
         pooled_diff = (pooled - reference.sparse_arch(batches[0].sparse_features,
                                                       batches[0].weighted_features)).abs().max().item()
     print(f"rank {rank} {arch}{at}{comm}: pooled embeddings differ by {pooled_diff:.3g}")
@@ -126,7 +137,7 @@ def _check_arch(rank: int, arch: str) -> None:
     assert (pooled_diff > 1e-6) if comm == "fp16" else (pooled_diff < 1e-6), (rank, comm, pooled_diff)
     pipeline = TrainPipelineSparseDist(dmp, optimizer, device=cpu)
 
-    it = iter(batches)
+    it = iter(dmp_batches)
     first = pipeline.progress(it)
     # both sharded EBCs get their input distribution pipelined (fed by getattr on the batch)
     pipelined = {id(m) for m in pipeline._pipelined_modules}
@@ -154,6 +165,24 @@ def _check_arch(rank: int, arch: str) -> None:
     assert len(losses) == len(batches) and all(map(torch.isfinite, torch.tensor(losses)))
 
 
+def _with_int32_ids(batch):
+    """``batch`` with its KJTs' ids (values) as int32, lengths and weights unchanged."""
+    import dataclasses
+
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    def int32_ids(kjt):
+        if kjt is None:
+            return None
+        return KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values().to(torch.int32), lengths=kjt.lengths(),
+                                 weights=kjt.weights_or_none(), stride=kjt.stride())
+
+    out = dataclasses.replace(batch, sparse_features=int32_ids(batch.sparse_features),
+                              weighted_features=int32_ids(batch.weighted_features))
+    assert out.sparse_features.values().dtype == torch.int32
+    return out
+
+
 @pytest.mark.slow
 def test_two_rank_dmp_pipeline_matches_unsharded_loss():
     # PLE (the deepest dense part, three tasks) and ESMM (towers on the embedding) in one spawn, and two
@@ -173,3 +202,11 @@ def test_two_rank_dmp_pipeline_with_dense_features():
 def test_two_rank_dmp_pipeline_with_fp16_embedding_comms():
     # plan.comm_*_precision=fp16: TorchRec's fp16 codec on the table-/column-wise all-to-alls (gloo)
     mp.spawn(_worker, args=(_free_port(), ["mmoe@fp16", "mmoe@fp32"]), nprocs=WORLD_SIZE, join=True)
+
+
+@pytest.mark.slow
+def test_two_rank_dmp_pipeline_with_int32_ids():
+    # int32 ids in the batch (the loader's, data/batching.py) and in fbgemm's table-wise, column-wise
+    # and data-parallel kernels (the sharders' embedding_table_index_type): the same losses and
+    # outputs as the unsharded model fed int64 ids
+    mp.spawn(_worker, args=(_free_port(), ["mmoe@int32"]), nprocs=WORLD_SIZE, join=True)

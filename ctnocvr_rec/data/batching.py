@@ -112,8 +112,8 @@ class BatchRows:
     Without ``order`` the arrays are zero-copy views of the Arrow buffers. With ``order`` (row
     indices, the rows of batch after batch) every field is gathered once into that order: one
     ``repeat`` and one ``index_select`` per field for the whole window, instead of a gather per
-    batch. :meth:`batch` then copies contiguous slices into the KJT's key-major buffers (casting the
-    ids to int64), a constant number of numpy calls per field.
+    batch. :meth:`batch` then copies contiguous slices into the KJT's key-major buffers, a constant
+    number of numpy calls per field.
     """
 
     def __init__(self, table: pa.Table, schema: FieldSchema, order: np.ndarray | None = None,
@@ -174,20 +174,24 @@ class BatchRows:
         """Rows ``[lo, hi)`` of the fields ``field_index`` (schema positions) as one KJT.
 
         ``lengths`` int32, key-major (``[F * B]``: all rows of the first field, then the next ...);
-        ``values`` int64 ids; with ``weighted``, ``weights`` float32: the stored weight for weighted
-        fields and 1.0 for plain fields of a weighted table. Without, no weights array at all.
+        ``values`` the ids as stored: int32 (what the writer stores for tables under 2**31 rows, and
+        the kernels' id dtype then, ``plan.sharding.id_dtype``: half the bytes of int64 through the
+        workers' queues and the input all-to-all), int64 if any field stores int64; with ``weighted``,
+        ``weights`` float32: the stored weight for weighted fields and 1.0 for plain fields of a
+        weighted table. Without, no weights array at all.
         """
         b = hi - lo
         fields = [self.fields[i] for i in field_index]
         bounds = [(int(off[lo]), int(off[hi])) for off, _, _ in fields]
         total = sum(e - s for s, e in bounds)
-        values = np.empty(total, dtype=np.int64)
+        id_type = np.int32 if all(ids.dtype == np.int32 for _, ids, _ in fields) else np.int64
+        values = np.empty(total, dtype=id_type)
         weights = np.empty(total, dtype=np.float32) if weighted else None
         lengths = np.empty(len(fields) * b, dtype=np.int32)
         pos = 0
         for f, ((off, ids, wts), (s, e)) in enumerate(zip(fields, bounds)):
             np.subtract(off[lo + 1:hi + 1], off[lo:hi], out=lengths[f * b:(f + 1) * b], casting="unsafe")
-            values[pos:pos + e - s] = ids[s:e]  # the int32 -> int64 cast rides on the copy
+            values[pos:pos + e - s] = ids[s:e]  # (an int32 -> int64 cast, if any, rides on the copy)
             if weights is not None:
                 weights[pos:pos + e - s] = 1.0 if wts is None else wts[s:e]
             pos += e - s

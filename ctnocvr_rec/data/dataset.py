@@ -169,7 +169,8 @@ class ParquetBatchDataset(IterableDataset):
         self.drop_remainder = drop_remainder
         self.prefetch_batches = max(1, prefetch_batches)
         ids_per_row = sum(prepared.ids_per_row(split).values())
-        #: estimated bytes of one batch: int64 id + float32 weight per id, the dense row, 5 scalars
+        #: estimated bytes of one batch (an upper bound): int64 id + float32 weight per id, the dense
+        #: row, 5 scalars (ids travel as int32 below 2**31 table rows: data/batching.py)
         self.batch_bytes = int(batch_size * (12 * ids_per_row + 4 * len(self.schema.dense) + 40))
         self.prefetch_batches = max(1, min(self.prefetch_batches, READ_AHEAD_BYTES // max(1, self.batch_bytes)))
         self.files = prepared.files(split)

@@ -92,7 +92,9 @@ def what_if_plan(
         hbm_gb=cluster.hbm_gb or plan_cfg.hbm_gb,
         ddr_gb=cluster.ddr_gb or plan_cfg.ddr_gb,
     )
-    sharders = sharding.make_sharders(cfg.train.optim, cluster.device, plan_cfg)
+    sharders = sharding.make_sharders(
+        cfg.train.optim, cluster.device, plan_cfg, ids=sharding.id_dtype(sizes.num_embeddings.values())
+    )
     constraints = sharding.make_constraints(
         plan_cfg, cluster.device, table_names=shapes, default_pooling_factors=default_pooling
     )

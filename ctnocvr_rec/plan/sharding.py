@@ -110,8 +110,27 @@ def _check_device_type(device_type: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def fused_params(optim: OptimConfig, device_type: str) -> dict[str, Any]:
-    """The fbgemm ``fused_params`` of the sparse optimiser (validated for the device)."""
+#: tables with fewer rows than this are looked up with int32 ids (:func:`id_dtype`)
+INT32_ID_ROWS = 2**31
+
+
+def id_dtype(num_embeddings: Iterable[int]) -> torch.dtype:
+    """The id dtype of the batches and of fbgemm's lookups: int32 when every table has fewer than
+    2**31 rows (then every valid id fits), else int64.
+
+    int32 halves the ids' bytes wherever they move: the loader workers' batches, the KJT all-to-all
+    of the input distribution (the biggest transfer of a step at Ali-CCP's ~500 history ids per row)
+    and the kernels' index reads. An int64 KJT still works (TorchRec casts it before the lookup).
+
+    >>> id_dtype([400_001, 14]), id_dtype([2**31])
+    (torch.int32, torch.int64)
+    """
+    return torch.int32 if max(num_embeddings, default=0) < INT32_ID_ROWS else torch.int64
+
+
+def fused_params(optim: OptimConfig, device_type: str, ids: torch.dtype = torch.int64) -> dict[str, Any]:
+    """The fbgemm ``fused_params`` of the sparse optimiser (validated for the device); ``ids``: the
+    index and offset dtype TorchRec hands the kernels (:func:`id_dtype`)."""
     _check_device_type(device_type)
     name = optim.sparse.lower()
     if name not in SPARSE_OPTIMISERS:
@@ -124,11 +143,17 @@ def fused_params(optim: OptimConfig, device_type: str) -> dict[str, Any]:
             f"train.optim.sparse={optim.sparse!r} has no CPU kernel in fbgemm-gpu-cpu; on CPU use one of "
             f"{list(CPU_SPARSE_OPTIMISERS)} (the others run on CUDA only)"
         )
+    if ids not in (torch.int32, torch.int64):
+        raise ValueError(f"ids must be torch.int32 or torch.int64, got {ids}")
     # train.optim.weight_decay is the dense optimiser's (train/optim.py); the tables get none
     return {
         "optimizer": SPARSE_OPTIMISERS[name],
         "learning_rate": float(optim.sparse_lr),
         "eps": float(optim.sparse_eps),
+        # TorchRec casts the KJT's values / offsets to these before the lookup (a no-op when the
+        # batch already has them; fbgemm itself then runs its int32 or int64 kernels)
+        "embedding_table_index_type": ids,
+        "embedding_table_offset_type": ids,
     }
 
 
@@ -157,13 +182,13 @@ def qcomm_codecs(forward: str, backward: str, device_type: str) -> dict[str, Any
 
 
 def make_sharders(
-    optim: OptimConfig, device_type: str, plan_cfg: PlanConfig | None = None
+    optim: OptimConfig, device_type: str, plan_cfg: PlanConfig | None = None, ids: torch.dtype = torch.int64
 ) -> list[ModuleSharder[nn.Module]]:
-    """The one sharder list (fused sparse optimiser and the comms precision of ``plan_cfg`` included)
-    for both planner and DMP."""
+    """The one sharder list (fused sparse optimiser, the comms precision of ``plan_cfg`` and the
+    kernels' id dtype ``ids``, :func:`id_dtype` of the table sizes, included) for both planner and DMP."""
     plan_cfg = plan_cfg or PlanConfig()
     sharder = EmbeddingBagCollectionSharder(
-        fused_params=fused_params(optim, device_type),
+        fused_params=fused_params(optim, device_type, ids),
         qcomm_codecs_registry=qcomm_codecs(
             plan_cfg.comm_forward_precision, plan_cfg.comm_backward_precision, device_type
         ),

@@ -57,7 +57,9 @@ def build_sharded_model(cfg: RunConfig, ctx: DistContext, plan_file: str | None 
     prepared = PreparedSet.open(cfg.data.prepared_dir, cfg.data.schema)
     schema, num_embeddings = prepared.schema, prepared.table_sizes()
     model = build_model(cfg.model, schema, num_embeddings, device=torch.device("meta"))
-    sharders = sharding.make_sharders(cfg.train.optim, ctx.device_type, cfg.plan)
+    sharders = sharding.make_sharders(
+        cfg.train.optim, ctx.device_type, cfg.plan, ids=sharding.id_dtype(num_embeddings.values())
+    )
     topology = sharding.make_topology(
         ctx.world_size, ctx.local_world_size, ctx.device_type, cfg.plan.hbm_gb, cfg.plan.ddr_gb
     )
