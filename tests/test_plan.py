@@ -261,6 +261,20 @@ def test_cpu_sparse_optimiser_rule() -> None:
     )
 
 
+def test_id_dtype_rule() -> None:
+    """int32 ids (batches and kernels) while every table has fewer than 2**31 rows, int64 beyond;
+    the sharders hand fbgemm that dtype for indices and offsets alike."""
+    import torch
+
+    assert sharding.id_dtype([3, 2**31 - 1]) == torch.int32
+    assert sharding.id_dtype([3, 2**31]) == torch.int64
+    for ids in (torch.int32, torch.int64):
+        params = sharding.make_sharders(OptimConfig(), "cpu", ids=ids)[0].fused_params
+        assert params["embedding_table_index_type"] == params["embedding_table_offset_type"] == ids
+    with pytest.raises(ValueError, match="ids must be torch.int32 or torch.int64"):
+        sharding.fused_params(OptimConfig(), "cpu", torch.int16)
+
+
 def test_comm_precision_rule() -> None:
     """plan.comm_*_precision: fp32 sends nothing through a codec, fp16 encodes the pooled all-to-all,
     bf16 is refused on CPU (gloo has none; TorchRec would silently send fp16), unknown names are named."""

@@ -9,8 +9,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from _prepared_fixture import aliccp_schema, fixture_num_embeddings, write_prepared
 
+from ctnocvr_rec.data.batching import table_to_batch
 from ctnocvr_rec.data.prepared import FORMAT, PreparedSet, read_manifest, write_manifest
 from ctnocvr_rec.data.schema import FieldSchema
 from ctnocvr_rec.data.shards import SCALAR_COLUMNS, FieldValues, shard_table, write_shard
@@ -91,6 +93,11 @@ def test_shard_layout(tmp_path):
     write_shard(table, tmp_path / "s.parquet")
     back = pq.read_table(tmp_path / "s.parquet")
     assert back.equals(table) and back.column("101").to_pylist() == [[4], []]
+    # the loader's KJTs carry the ids as stored: int32 for the small table, int64 for the huge one
+    batch = table_to_batch(back, schema)
+    assert batch.sparse_features.values().dtype == torch.int32 and batch.sparse_features.values().tolist() == [4]
+    assert batch.weighted_features.values().dtype == torch.int64
+    assert batch.weighted_features.values().tolist() == [1, 2, 3]
     meta = pq.ParquetFile(tmp_path / "s.parquet").metadata.row_group(0)
     dictionary = {meta.column(i).path_in_schema.split(".")[0]: "RLE_DICTIONARY" in meta.column(i).encodings
                   for i in range(meta.num_columns)}

@@ -4,6 +4,7 @@
     python tools/bench_paired.py --compare plan --bag-ids 0.75  # planner told ids per row vs + a per-row cost
     python tools/bench_paired.py --compare comms                # fp32 vs fp16 pooled all-to-alls
     python tools/bench_paired.py --compare overlap              # the two EBCs' all-to-alls overlapped vs not
+    python tools/bench_paired.py --compare ids                  # int32 ids (batches + kernels) vs int64
 
 On a shared host the speed drifts by 2x within minutes, so separate runs of tools/bench_train.py
 (one variant per process, minutes apart) cannot resolve a few-percent change. Here every variant is
@@ -15,6 +16,8 @@ window) is reported with its median.
 ``--compare comms``: the pooled all-to-alls in fp32 (default) vs fp16 (``plan.comm_*_precision``).
 ``--compare overlap``: FieldEmbedding as it is (both EBCs called before either result is read, so one
 EBC's all-to-all overlaps the other's lookup) vs ``serial`` (the weighted EBC's result waited for first).
+``--compare ids``: the ids as the trainer has them (int32 in the batches and fbgemm's kernels,
+``plan.sharding.id_dtype``) vs ``int64`` (both, as before 2026-12-01).
 ``--compare loop``: ``none`` (bare ``TrainPipelineSparseDist.progress``), ``two`` (the loop before
 2026-12-01: an all-reduce per batch handed out and one for the non-finite check) and ``one`` (the
 loop's ``LockstepBatches``), on one model. ``--compare plan``: two DMP models, planned with each
@@ -53,13 +56,21 @@ def build_steps(ctx, args: argparse.Namespace, workload: dict[str, Any]) -> dict
 
     data = [bt.our_batch(raw, workload) for raw in bt.workload_batches(workload, args, seed=ctx.rank)]
 
-    def pipeline_for(extra_ids: float, comm: str = "fp32", serial: bool = False):
+    def pipeline_for(extra_ids: float, comm: str = "fp32", serial: bool = False, ids64: bool = False):
+        from ctnocvr_rec.plan import sharding
+
+        id_dtype = sharding.id_dtype
+        if ids64:  # the kernels as before 2026-12-01: int64 whatever the table sizes
+            sharding.id_dtype = lambda sizes: torch.int64
         with tempfile.TemporaryDirectory() as tmp:
             cfg = bt.our_config(Path(tmp) / f"r{ctx.rank}", args.model, args.size, workload)
             for spec in cfg.plan.constraints.values():
                 spec["pooling_factors"] = [spec["pooling_factors"][0] + extra_ids]
             cfg.plan.comm_forward_precision = cfg.plan.comm_backward_precision = comm
-            sharded = build_sharded_model(cfg, ctx)
+            try:
+                sharded = build_sharded_model(cfg, ctx)
+            finally:
+                sharding.id_dtype = id_dtype
         if serial:  # FieldEmbedding before 2026-12-01: the weighted EBC's result read before the other is called
             sparse_arch = sharded.model.module.sparse_arch
             sparse_arch.weighted_embedding_bag_collection = Eager(sparse_arch.weighted_embedding_bag_collection)
@@ -80,12 +91,29 @@ def build_steps(ctx, args: argparse.Namespace, workload: dict[str, Any]) -> dict
         "plan": {"ids": {}, f"ids+{args.bag_ids:g}": {"extra_ids": args.bag_ids}},
         "comms": {"fp32": {}, "fp16": {"comm": "fp16"}},
         "overlap": {"overlap": {}, "serial": {"serial": True}},
+        "ids": {"int32": {}, "int64": {"ids64": True}},
     }[args.compare]
     steps = {}
     for name, kwargs in variants.items():
-        pipeline, source = pipeline_for(**{"extra_ids": 0.0, **kwargs}), itertools.cycle(data)
+        batches = [with_int64_ids(b) for b in data] if kwargs.get("ids64") else data
+        pipeline, source = pipeline_for(**{"extra_ids": 0.0, **kwargs}), itertools.cycle(batches)
         steps[name] = lambda p=pipeline, s=source: p.progress(s)
     return steps
+
+
+def with_int64_ids(batch):
+    """``batch`` with its KJTs' ids widened to int64 (the loader's batches before 2026-12-01)."""
+    import dataclasses
+
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    def widen(kjt):
+        return None if kjt is None else KeyedJaggedTensor(
+            keys=kjt.keys(), values=kjt.values().to(torch.int64), lengths=kjt.lengths(),
+            weights=kjt.weights_or_none(), stride=kjt.stride())
+
+    return dataclasses.replace(batch, sparse_features=widen(batch.sparse_features),
+                               weighted_features=widen(batch.weighted_features))
 
 
 class Eager(torch.nn.Module):
@@ -126,7 +154,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--compare", choices=["loop", "plan", "comms", "overlap"], required=True)
+    parser.add_argument("--compare", choices=["loop", "plan", "comms", "overlap", "ids"], required=True)
     parser.add_argument("--bag-ids", type=float, default=0.75,
                         help="plan: the extra pooling factor per table and row of the second variant")
     parser.add_argument("--model", default="mmoe", choices=list(bt.OUR_MODELS))
@@ -136,6 +164,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per window")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--distinct-batches", type=int, default=8)
+    parser.add_argument("--fit-on", help="prepared set to fit the Zipf exponents and list lengths on "
+                        "(default: as tools/bench_train.py)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workload-file", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -145,7 +175,7 @@ def main() -> None:
         return
     from bench_workload import aliccp_workload, make_fit_set
 
-    workload = aliccp_workload(make_fit_set(bt.REPO / "artifacts" / "bench-fit"))
+    workload = aliccp_workload(Path(args.fit_on) if args.fit_on else make_fit_set(bt.REPO / "artifacts" / "bench-fit"))
     with tempfile.TemporaryDirectory() as tmp:
         wfile, out = Path(tmp) / "workload.json", Path(tmp) / "rates.json"
         wfile.write_text(json.dumps(workload))
