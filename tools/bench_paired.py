@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_train as bt  # noqa: E402
+from bench_workload import add_fit_arguments, aliccp_workload, fit_prepared  # noqa: E402
 
 
 def build_steps(ctx, args: argparse.Namespace, workload: dict[str, Any]) -> dict[str, Callable[[], Any]]:
@@ -164,8 +165,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per window")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--distinct-batches", type=int, default=8)
-    parser.add_argument("--fit-on", help="prepared set to fit the Zipf exponents and list lengths on "
-                        "(default: as tools/bench_train.py)")
+    add_fit_arguments(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workload-file", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -173,9 +173,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    from bench_workload import aliccp_workload, make_fit_set
-
-    workload = aliccp_workload(Path(args.fit_on) if args.fit_on else make_fit_set(bt.REPO / "artifacts" / "bench-fit"))
+    workload = aliccp_workload(fit_prepared(args))
     with tempfile.TemporaryDirectory() as tmp:
         wfile, out = Path(tmp) / "workload.json", Path(tmp) / "rates.json"
         wfile.write_text(json.dumps(workload))

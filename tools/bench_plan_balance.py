@@ -98,11 +98,12 @@ def main() -> None:
     parser.add_argument("--bag-ids", type=float, nargs="+", default=[0.0])
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions per rank (median reported)")
     parser.add_argument("--steps", type=int, default=4, help="steps per repetition")
+    from bench_workload import add_fit_arguments, aliccp_workload, fit_prepared, make_batches
+
+    add_fit_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from bench_workload import aliccp_workload, make_batches, make_fit_set
-
-    workload = aliccp_workload(make_fit_set(bt.REPO / "artifacts" / "bench-fit"))
+    workload = aliccp_workload(fit_prepared(args))
     batches = [bt.our_batch(raw, workload) for raw in make_batches(workload, 4, args.ranks * bt.BATCH, seed=1)]
     for bag_ids in args.bag_ids:
         split = plan_tables(workload, args.ranks, bag_ids)

@@ -7,9 +7,12 @@
 
 Workloads (--ids, tools/bench_workload.py): ``aliccp`` (default) is Ali-CCP-shaped: the 23 fields of
 the Ali-CCP schema with the table sizes of the ``aliccp-full`` plan preset (9.0 M rows), ids drawn
-per field from a Zipf law fitted on a prepared set (default: a synthetic one made once under
-artifacts/bench-fit; --fit-on DIR for another), hot ids scattered over each table, and per-field list
-lengths drawn from that set (the four weighted 14-day histories carry ~69 ids per row in all);
+per field from a Zipf law fitted on a prepared set, hot ids scattered over each table, and per-field
+list lengths drawn from that set. The set (--fit-set): ``fullshape`` (default, made once under
+artifacts/bench-fit-fullshape by tools/make_fullshape.py at 1/200 scale) has Ali-CCP's per-request
+shape: ~528 ids per row, the four weighted 14-day histories 509 of them; ``synth`` (the learning
+generator, artifacts/bench-fit) has ~87 (histories ~69), the workload of the figures before
+2026-12-01; --fit-on DIR fits on a prepared set of your own;
 ``uniform`` is the earlier workload (23 single-id unweighted fields, 20,000 rows each, uniform ids).
 Sizes (batch 4096, embedding 18, towers 200/80, 3 tasks CTR/CVR/CTnoCVR):
   paper: 8 experts of 16 units (CGC/PLE: 4 shared + 4 per task) -- embedding-bound
@@ -54,10 +57,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench_workload import (  # noqa: E402,I001
     RawBatch,
+    add_fit_arguments,
     aliccp_workload,
     describe,
+    fit_prepared,
     make_batches,
-    make_fit_set,
     to_table,
     uniform_workload,
 )
@@ -527,7 +531,7 @@ def rechub_importable(path: str) -> bool:
 def build_workload(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     if kind == "uniform":
         return uniform_workload()
-    prepared = Path(args.fit_on) if args.fit_on else make_fit_set(REPO / "artifacts" / "bench-fit")
+    prepared = fit_prepared(args)
     return aliccp_workload(prepared, args.preset, args.zipf_exponent, scatter=args.hot_ids == "scattered")
 
 
@@ -625,8 +629,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ids", nargs="+", default=["aliccp", "uniform"], choices=["aliccp", "uniform"],
                         help="workloads, each printed as its own table (see tools/bench_workload.py)")
-    parser.add_argument("--fit-on", help="prepared set to fit the Zipf exponents and list lengths on "
-                        "(default: a synthetic one made once in artifacts/bench-fit)")
+    add_fit_arguments(parser)
     parser.add_argument("--preset", default="aliccp-full", help="plan preset giving the table sizes")
     parser.add_argument("--zipf-exponent", type=float, help="one exponent for every field instead of the fits")
     parser.add_argument("--hot-ids", choices=["scattered", "sorted"], default="scattered",

@@ -10,9 +10,12 @@ processes) rebuilds the same batches from it:
   ids scattered over the table by a random permutation; per field, list lengths drawn from the
   length distribution of that prepared set (the weighted 14-day histories ``109_14, 110_14, 127_14,
   150_14`` with their lists, ``210`` multi-valued, absent fields as empty lists) with history weights
-  drawn like ``log(1 + count)``. By default the prepared set is a synthetic one made once by
-  ``ctnocvr data synth`` + ``ctnocvr data prepare`` (``artifacts/bench-fit``): its fit reflects the
-  synthetic generator's popularity laws, not real Ali-CCP's.
+  drawn like ``log(1 + count)``. By default the prepared set is a 1/200-scale full-shape one
+  (``tools/make_fullshape.py`` + ``ctnocvr data prepare``, made once in
+  ``artifacts/bench-fit-fullshape``): Ali-CCP's list lengths (~528 ids per row, 509 of them history
+  ids), with the ids' Zipf exponent that tool draws (1.05), so the fits report ~1.0. ``synth``
+  (``artifacts/bench-fit``, ``ctnocvr data synth``) fits the learning generator instead: its
+  ~30-item histories give ~87 ids per row, the workload of the figures before 2026-12-01.
 * ``uniform``: today's benchmark: 23 single-id unweighted fields of 20,000 rows, ids uniform.
 """
 
@@ -46,19 +49,47 @@ def uniform_workload() -> dict[str, Any]:
     }
 
 
-def make_fit_set(folder: Path) -> Path:
-    """A synthetic prepared set to fit on (made once, then reused): ``FIT_ROWS`` train rows."""
+#: the prepared sets a workload can be fitted on (``make_fit_set``): where each is made
+FIT_SETS: dict[str, str] = {"fullshape": "bench-fit-fullshape", "synth": "bench-fit"}
+
+
+def make_fit_set(artifacts: Path, kind: str = "fullshape") -> Path:
+    """A prepared set to fit on, made once in ``artifacts/<FIT_SETS[kind]>`` and then reused.
+
+    ``fullshape`` (default): ``tools/make_fullshape.py`` at 1/200 of real Ali-CCP (~211 k train rows,
+    ~3.7 k requests): the real data's per-request shape, i.e. the four 14-day histories at ~509 ids
+    per row in all (85 / 170 / 140 / 113) and ids Zipf(1.05) over the ``aliccp-full`` sizes.
+    ``synth``: ``ctnocvr data synth`` (``FIT_ROWS`` rows), the learning-experiment generator: its
+    histories hold ~30 items (~87 ids per row in all), far shorter than Ali-CCP's; the workload of
+    this benchmark before 2026-12-01.
+    """
+    folder = artifacts / FIT_SETS[kind]
     prepared = folder / "prepared"
     if (prepared / "manifest.json").is_file():
         return prepared
     raw = folder / "raw"
     cli = [sys.executable, "-m", "ctnocvr_rec.cli", "data"]
-    for cmd in (["synth", "--out", str(raw), "--rows-train", str(FIT_ROWS), "--rows-test", "2000"],
-                ["prepare", "--raw-dir", str(raw), "--out", str(prepared), "--no-progress"]):
-        proc = subprocess.run(cli + cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    make = ([sys.executable, str(REPO / "tools" / "make_fullshape.py"), "--out", str(raw), "--scale", "0.005",
+             "--test-scale", "0.0002"] if kind == "fullshape" else
+            cli + ["synth", "--out", str(raw), "--rows-train", str(FIT_ROWS), "--rows-test", "2000"])
+    for cmd in (make, cli + ["prepare", "--raw-dir", str(raw), "--out", str(prepared), "--no-progress"]):
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise SystemExit(f"making the fit set failed: {' '.join(cmd[:1])}\n{proc.stderr[-3000:]}")
+            raise SystemExit(f"making the {kind} fit set failed: {' '.join(cmd[:4])}\n{proc.stderr[-3000:]}")
     return prepared
+
+
+def add_fit_arguments(parser: Any) -> None:
+    """``--fit-set`` / ``--fit-on``: the prepared set the Ali-CCP-shaped workload is fitted on."""
+    parser.add_argument("--fit-set", choices=list(FIT_SETS), default="fullshape",
+                        help="made once under artifacts/: fullshape (default; Ali-CCP's list lengths) or synth "
+                        "(the learning generator's short histories, the figures before 2026-12-01)")
+    parser.add_argument("--fit-on", help="a prepared set of your own to fit on instead of --fit-set")
+
+
+def fit_prepared(args: Any) -> Path:
+    """The prepared set ``--fit-on`` names, else the ``--fit-set`` one (made if missing)."""
+    return Path(args.fit_on) if args.fit_on else make_fit_set(REPO / "artifacts", args.fit_set)
 
 
 def aliccp_workload(prepared: Path, preset: str = "aliccp-full", exponent: float | None = None,
