@@ -75,6 +75,17 @@ def launch_local_ranks(cfg: RunConfig, nproc: int, max_restarts: int = 0, resume
         return subprocess.run(cmd, env=env, pass_fds=lock.pass_fds, check=False).returncode
 
 
+def enable_rank_stacks() -> None:
+    """Python stacks of every thread on stderr (torchrun's log of the rank) when it is needed most:
+    ``kill -USR1 <pid>`` prints them from a stuck rank (where it waits), and a fatal signal from
+    native code (a segfault, or ``std::terminate``'s SIGABRT from a collective library's thread)
+    prints them before the rank dies, instead of a bare exit code -6 / -11."""
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if not faulthandler.is_enabled():
+        faulthandler.enable(all_threads=True)
+
+
 def run_in_process(cfg: RunConfig, resume: bool = False, plan_file: str | None = None) -> dict[str, Any] | None:
     """Train on this process's rank (every rank of a torchrun job calls this)."""
     from ctnocvr_rec.train.allocator import tune_host_allocator
@@ -91,9 +102,7 @@ def run_in_process(cfg: RunConfig, resume: bool = False, plan_file: str | None =
             f"({run_dir / divergence.MARKER}); this restarted attempt does not train again]",
             int(earlier.get("step", -1)),
         )
-    if hasattr(signal, "SIGUSR1"):
-        # `kill -USR1 <pid>` prints every thread's Python stack: where a stuck rank waits
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    enable_rank_stacks()
     if cfg.train.tune_host_allocator:
         tune_host_allocator()
     ctx = init_distributed(cfg.train.device)
