@@ -130,8 +130,10 @@ class Eager(torch.nn.Module):
 
 def worker(args: argparse.Namespace) -> None:
     from ctnocvr_rec.train.allocator import tune_host_allocator
+    from ctnocvr_rec.train.api import enable_rank_stacks
     from ctnocvr_rec.train.distributed import barrier, init_distributed, shutdown
 
+    enable_rank_stacks()
     tune_host_allocator()
     ctx = init_distributed("cpu")
     steps = build_steps(ctx, args, json.loads(Path(args.workload_file).read_text()))

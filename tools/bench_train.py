@@ -440,8 +440,10 @@ def tune_allocator_if_asked(args: argparse.Namespace) -> None:
 
 def worker(args: argparse.Namespace) -> None:
     """One rank of a torchrun job: our models at the requested sizes; rank 0 writes JSON."""
+    from ctnocvr_rec.train.api import enable_rank_stacks
     from ctnocvr_rec.train.distributed import init_distributed, shutdown
 
+    enable_rank_stacks()  # as a trainer rank: a native crash prints the Python stacks first
     tune_allocator_if_asked(args)  # as `ctnocvr train` does (train.tune_host_allocator)
     ctx = init_distributed("cpu")
     workload = load_workload(args)
