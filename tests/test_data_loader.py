@@ -380,18 +380,22 @@ def test_round_trip_synth_prepare_load_keeps_every_row_and_value(tmp_path):
     assert len(set(request_of_key.values())) == len(request_of_key)  # one request id per common key
 
 
-def test_gather_index_matches_repeat_arange():
+def test_csr_gather_index_matches_a_row_by_row_gather():
+    """The loader's window gather (``data/csr.py``): any row order, empty rows first and last, and the
+    one-value-per-row shortcut."""
+    from ctnocvr_rec.data.csr import csr_gather_index
+
     rng = np.random.default_rng(3)
-    for n in (1, 7, 300):
-        row_lengths = rng.integers(0, 5, n)
-        row_lengths[rng.random(n) < 0.3] = 0  # empty rows, also first and last
+    for n, max_len in ((1, 5), (7, 5), (300, 5), (50, 1), (50, 2)):
+        row_lengths = rng.integers(0 if max_len > 1 else 1, max_len + 1, n)
+        if max_len > 1:
+            row_lengths[rng.random(n) < 0.3] = 0
         src_offsets = np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int32)
         order = rng.permutation(n)
-        starts, lengths = src_offsets[order], row_lengths[order].astype(np.int32)
-        out_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-        want = np.concatenate([np.arange(s, s + k) for s, k in zip(starts, lengths)] + [np.zeros(0, int)])
-        got = batching_mod._gather_index(starts, lengths, out_offsets)
-        assert got.tolist() == want.tolist()
+        want = [i for r in order for i in range(src_offsets[r], src_offsets[r + 1])]
+        offsets, got = csr_gather_index(src_offsets, order)
+        assert got.tolist() == want and got.dtype == np.int32
+        assert offsets.tolist() == np.concatenate([[0], np.cumsum(row_lengths[order])]).tolist()
 
 
 def test_loader_splits_weighted_tables_including_a_shared_table_with_one_weighted_field(tmp_path):

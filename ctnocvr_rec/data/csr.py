@@ -59,7 +59,8 @@ class Csr:
 
 
 def csr_gather_index(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Offsets and value index of the CSR rows ``rows``: ``values[index]`` are their values in order."""
+    """Offsets (int64 ``[len(rows) + 1]``) and value index of the CSR rows ``rows`` (any order,
+    repeats allowed): ``values[index]`` are their values in order."""
     starts = offsets[rows]
     lengths = offsets[rows + 1] - starts
     new_offsets = np.zeros(len(rows) + 1, np.int64)
@@ -67,6 +68,8 @@ def csr_gather_index(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray,
     total = int(new_offsets[-1])
     # index = start of the value's row + its position inside the row (int32 when it fits: less traffic)
     dtype = np.int32 if len(offsets) and int(offsets[-1]) < 2**31 and total < 2**31 else np.int64
+    if total == len(rows) and (lengths == 1).all():  # one value per row (most fields): the starts
+        return new_offsets, starts.astype(dtype)
     index = np.arange(total, dtype=dtype)
     index += np.repeat((starts - new_offsets[:-1]).astype(dtype), lengths)
     return new_offsets, index
