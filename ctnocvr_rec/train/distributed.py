@@ -12,6 +12,7 @@ group on CPU tensors (``DistContext.cpu_group``), so they never block a CUDA str
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -122,8 +123,16 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 1800.0)
 
 
 def shutdown(ctx: DistContext) -> None:
-    """Destroy the process group if :func:`init_distributed` created it."""
+    """Destroy the process group if :func:`init_distributed` created it.
+
+    Garbage is collected first: a sharded model, its pipeline and the pipeline's in-flight
+    all-to-all awaitables sit in reference cycles, and they hold the process groups (TorchRec keeps
+    them in its modules). Left to interpreter teardown, a group's gloo threads and buffers go down
+    with the interpreter half gone, which now and then ended a finished 2-rank run with SIGABRT
+    ("terminate called without an active exception", no Python frame left: 3 in ~45 benchmark runs).
+    """
     if ctx.owns_group and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
