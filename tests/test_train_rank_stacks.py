@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ SETUP = "from ctnocvr_rec.train.api import enable_rank_stacks; enable_rank_stack
 
 def _run(body: str) -> subprocess.CompletedProcess[str]:
     # -X faulthandler off / PYTHONFAULTHANDLER unset: the child starts without it, as a rank does
-    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONFAULTHANDLER"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
     return subprocess.run([sys.executable, "-c", SETUP + body], capture_output=True, text=True, env=env,
                           timeout=120, check=False)
 

@@ -107,7 +107,7 @@ def release_free_memory() -> bool:
     the heap, which is only trimmed at its top). Measured on the 1/10 full-shape set: the parent held
     ~1.5 GB of such pages going into pass 2, which every forked worker then counted too.
     """
-    trim = _malloc_trim()
+    trim = libc_function("malloc_trim")
     if trim is None:
         return False
     trim(0)
@@ -149,11 +149,6 @@ def apply_worker_malloc_settings() -> bool:
     ok = all(mallopt(param, value) == 1 for param, value in WORKER_MALLOPT.items())
     release_free_memory()
     return ok
-
-
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim`` (None without glibc)."""
-    return libc_function("malloc_trim")
 
 
 #: C signatures (argument types, result type) of the glibc functions used here

@@ -149,7 +149,6 @@ def _concatenate_releasing(parts: dict[str, list[np.ndarray]]) -> dict[str, np.n
     for name in list(parts):
         chunks = parts.pop(name)
         out[name] = np.concatenate(chunks) if chunks else np.empty(0)
-        del chunks
     return out
 
 

@@ -178,13 +178,11 @@ def task_metrics(columns: dict[str, np.ndarray], gauc: bool = True) -> dict[str,
         out[f"logloss_{task}"] = log_loss(labels, preds)
         out[f"calib_{task}"] = calibration(labels, preds)
     if gauc and "user_id" in columns and "p_ctr" in columns:
-        users = np.asarray(columns["user_id"])
+        users, clicks, scores = (np.asarray(columns[k]) for k in ("user_id", "click", "p_ctr"))
         known = users >= 0
-        if known.all():  # no copies of the whole split's columns when every user is known
-            out["gauc_ctr"] = grouped_auc(users, np.asarray(columns["click"]), np.asarray(columns["p_ctr"]))
-        else:
-            out["gauc_ctr"] = grouped_auc(users[known], np.asarray(columns["click"])[known],
-                                          np.asarray(columns["p_ctr"])[known])
+        if not known.all():  # (no copies of the whole split's columns when every user is known)
+            users, clicks, scores = users[known], clicks[known], scores[known]
+        out["gauc_ctr"] = grouped_auc(users, clicks, scores)
     return out
 
 
